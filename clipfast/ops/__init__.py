@@ -1,0 +1,3 @@
+"""The registration point: every clipfast op as a torch.library custom op (fake, autograd, kernels)."""
+
+from clipfast.ops import contrastive  # noqa: F401  (registers clipfast::contrastive_loss and friends)

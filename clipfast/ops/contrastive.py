@@ -1,0 +1,242 @@
+"""Registration of the fused contrastive losses as PyTorch custom ops, with fakes and autograd.
+
+Ops (all ``mutates_args=()``, shapes of every output known from input shapes alone):
+
+- ``clipfast::contrastive_loss(image, text, logit_scale, logit_bias, label_offset, symmetric,
+  label_smoothing) -> (loss, row_lse, col_lse)``: InfoNCE. ``loss`` is a 0-d tensor, ``row_lse``
+  ``(N,)`` and ``col_lse`` ``(M,)`` (``(0,)`` when not symmetric) are the log-sum-exps of the
+  unbiased logits ``S = s * A @ B.T`` that backward needs. ``logit_bias`` is accepted and ignored:
+  softmax is shift-invariant, so the loss does not depend on it and its gradient is exactly zero.
+- ``clipfast::contrastive_loss_backward(...) -> (grad_image, grad_text, grad_logit_scale)``.
+- ``clipfast::siglip_loss(image, text, logit_scale, logit_bias, label_offset, negative_only) -> loss``.
+- ``clipfast::siglip_loss_backward(...) -> (grad_image, grad_text, grad_logit_scale, grad_logit_bias)``.
+
+Each op body does the O(N*M*D) work through the selected backend's kernels (see
+:mod:`clipfast.backends`) and the O((N+M)*D) rest here, once for every backend:
+
+InfoNCE. With ``r = row_lse``, ``c = col_lse``, label smoothing ``eps``, positives
+``p_i = s <a_i, b_{o+i}>`` (``o`` = label_offset) and ``T = s <sum_i a_i, sum_j b_j>`` (the sum of all
+logits), the row loss is ``sum_i (r_i - (1-eps) p_i) / N - eps T / (N M)`` and the column loss
+``sum_j (c_j - (1-eps) p_j) / M - eps T / (N M)``. Its gradient w.r.t. the logits is
+``G = w_r (P - (1-eps) I_o - eps/M) + w_c (Q - (1-eps) I - eps/N)`` with row/column softmaxes P, Q
+and weights ``w_r = 1/N`` (1/(2N) when symmetric), ``w_c = 1/(2M)`` (0 otherwise). The kernels
+return ``Abar = (w_r P + w_c Q) @ B`` and ``Bbar = (w_r P + w_c Q).T @ A``; the label and smoothing
+terms are subtracted here in the computation dtype after accumulation (never folded into the tile
+as ``P_ii - 1``, which cancels in low precision); then ``dA = g s Abar``, ``dB = g s Bbar``,
+``ds = g sum_i <a_i, Abar_i>``.
+
+SigLIP. ``loss = (sum_ij softplus(x_ij) - [positives] sum_i x_{i,o+i}) / N`` with
+``x = s A B.T + beta``; ``G = (sigmoid(X) - I_o) / N``; the kernels return ``sigmoid(X) @ B``,
+``sigmoid(X).T @ A`` and the row sums of ``sigmoid(X)`` (for ``d beta``).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from clipfast import backends
+from clipfast.reference import contrastive as reference
+
+OP = "contrastive"
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(backend: str) -> SimpleNamespace:
+    """The four N x M kernels of ``backend`` (same contract as ``clipfast.reference.contrastive``)."""
+    if backend == "reference":
+        return SimpleNamespace(lse=reference.contrastive_lse_reference,
+                               grad=reference.contrastive_grad_reference,
+                               softplus=reference.siglip_softplus_reference,
+                               siglip_grad=reference.siglip_grad_reference)
+    if backend == "triton":
+        from clipfast.triton_kernels import contrastive as triton_contrastive
+
+        return SimpleNamespace(lse=triton_contrastive.contrastive_lse_triton,
+                               grad=triton_contrastive.contrastive_grad_triton,
+                               softplus=triton_contrastive.siglip_softplus_triton,
+                               siglip_grad=triton_contrastive.siglip_grad_triton)
+    if backend in ("cpu", "cuda"):  # one native op, dispatched on the tensors' device
+        native = torch.ops.clipfast_C
+        return SimpleNamespace(lse=native.contrastive_lse, grad=native.contrastive_grad,
+                               softplus=native.siglip_softplus, siglip_grad=native.siglip_grad)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _kernels_for(t: torch.Tensor) -> SimpleNamespace:
+    return kernels(backends.select(OP, t.device, t.dtype))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_scalar_values(logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor]) -> None:
+    """Value checks the Python layer cannot do without a host sync: on the CPU they raise ValueError,
+    on a GPU they become asynchronous device asserts (no sync; a failure surfaces at the next sync)."""
+    if logit_scale.device.type == "cpu":
+        value = float(logit_scale.reshape(()))
+        if not (value >= 0.0 and value != float("inf")):
+            raise ValueError(f"logit_scale must be finite and >= 0 (it is already exponentiated), got {value}")
+        if logit_bias is not None and not torch.isfinite(logit_bias).all():
+            raise ValueError(f"logit_bias must be finite, got {float(logit_bias.reshape(()))}")
+    else:
+        torch._assert_async(torch.isfinite(logit_scale).all() & (logit_scale >= 0).all(),
+                            "clipfast: logit_scale must be finite and >= 0")
+        if logit_bias is not None:
+            torch._assert_async(torch.isfinite(logit_bias).all(), "clipfast: logit_bias must be finite")
+
+
+# ---------------------------------------------------------------------------------------------------
+# InfoNCE
+# ---------------------------------------------------------------------------------------------------
+
+def _infonce_weights(n: int, m: int, symmetric: bool) -> tuple[float, float]:
+    return (0.5 / n, 0.5 / m) if symmetric else (1.0 / n, 0.0)
+
+
+@torch.library.custom_op("clipfast::contrastive_loss", mutates_args=())
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                     logit_bias: Optional[torch.Tensor], label_offset: int, symmetric: bool,
+                     label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_scalar_values(logit_scale, logit_bias)
+    a, b = image.contiguous(), text.contiguous()
+    n, m = a.shape[0], b.shape[0]
+    dtype = _compute_dtype(a)
+    s = logit_scale.reshape(()).to(dtype)
+    row_lse, col_lse = _kernels_for(a).lse(a, b, logit_scale, symmetric)
+    positives = s * (a.to(dtype) * b[label_offset:label_offset + n].to(dtype)).sum()
+    smooth = (label_smoothing * s * (a.to(dtype).sum(0) @ b.to(dtype).sum(0)) / (n * m)
+              if label_smoothing else 0.0)
+    loss = (row_lse.sum() - (1 - label_smoothing) * positives) / n - smooth
+    if symmetric:
+        col_loss = (col_lse.sum() - (1 - label_smoothing) * positives) / m - smooth
+        loss = (loss + col_loss) / 2
+    return loss, row_lse, col_lse
+
+
+@contrastive_loss.register_fake
+def _(image, text, logit_scale, logit_bias, label_offset, symmetric, label_smoothing):
+    dtype = _compute_dtype(image)
+    return (image.new_empty((), dtype=dtype), image.new_empty(image.shape[0], dtype=dtype),
+            image.new_empty(text.shape[0] if symmetric else 0, dtype=dtype))
+
+
+@torch.library.custom_op("clipfast::contrastive_loss_backward", mutates_args=())
+def contrastive_loss_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
+                              logit_scale: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
+                              label_offset: int, symmetric: bool,
+                              label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, b = image.contiguous(), text.contiguous()
+    n, m = a.shape[0], b.shape[0]
+    dtype = _compute_dtype(a)
+    w_row, w_col = _infonce_weights(n, m, symmetric)
+    a_bar, b_bar = _kernels_for(a).grad(a, b, logit_scale, row_lse, col_lse, w_row, w_col)
+    a_c, b_c = a.to(dtype), b.to(dtype)
+    # Labels: the one-hot part of G, weight (1 - eps)(w_r + w_c) on the positive pairs.
+    label_weight = (1 - label_smoothing) * (w_row + w_col)
+    a_bar[:n] -= label_weight * b_c[label_offset:label_offset + n]
+    b_bar[label_offset:label_offset + n] -= label_weight * a_c
+    if label_smoothing:  # uniform part of G: eps (w_r / M + w_c / N) on every pair
+        uniform = label_smoothing * (w_row / m + w_col / n)
+        a_bar -= uniform * b_c.sum(0)
+        b_bar -= uniform * a_c.sum(0)
+    g = grad_loss.to(dtype)
+    gs = g * logit_scale.reshape(()).to(dtype)
+    grad_scale = (g * (a_c * a_bar).sum()).reshape(logit_scale.shape).to(logit_scale.dtype)
+    return (gs * a_bar).to(image.dtype), (gs * b_bar).to(text.dtype), grad_scale
+
+
+@contrastive_loss_backward.register_fake
+def _(grad_loss, image, text, logit_scale, row_lse, col_lse, label_offset, symmetric, label_smoothing):
+    return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
+
+
+def _contrastive_setup_context(ctx, inputs, output):
+    image, text, logit_scale, logit_bias, label_offset, symmetric, label_smoothing = inputs
+    _, row_lse, col_lse = output
+    ctx.save_for_backward(image, text, logit_scale, row_lse, col_lse)
+    ctx.args = (label_offset, symmetric, label_smoothing)
+    ctx.bias_meta = None if logit_bias is None else (logit_bias.shape, logit_bias.dtype, logit_bias.device)
+    ctx.mark_non_differentiable(row_lse, col_lse)
+
+
+def _contrastive_backward(ctx, grad_loss, grad_row_lse, grad_col_lse):
+    image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
+    grad_image, grad_text, grad_scale = contrastive_loss_backward(
+        grad_loss, image, text, logit_scale, row_lse, col_lse, *ctx.args)
+    # The loss does not depend on the bias (softmax is shift-invariant): an exact zero gradient.
+    grad_bias = None if ctx.bias_meta is None else torch.zeros(
+        ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=ctx.bias_meta[2])
+    return grad_image, grad_text, grad_scale, grad_bias, None, None, None
+
+
+contrastive_loss.register_autograd(_contrastive_backward, setup_context=_contrastive_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SigLIP
+# ---------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("clipfast::siglip_loss", mutates_args=())
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                label_offset: int, negative_only: bool) -> torch.Tensor:
+    _check_scalar_values(logit_scale, logit_bias)
+    a, b = image.contiguous(), text.contiguous()
+    n = a.shape[0]
+    dtype = _compute_dtype(a)
+    total = _kernels_for(a).softplus(a, b, logit_scale, logit_bias).sum()
+    if not negative_only:  # softplus(-x) = softplus(x) - x on the positive pairs
+        s, beta = logit_scale.reshape(()).to(dtype), logit_bias.reshape(()).to(dtype)
+        total = total - (s * (a.to(dtype) * b[label_offset:label_offset + n].to(dtype)).sum() + n * beta)
+    return total / n
+
+
+@siglip_loss.register_fake
+def _(image, text, logit_scale, logit_bias, label_offset, negative_only):
+    return image.new_empty((), dtype=_compute_dtype(image))
+
+
+@torch.library.custom_op("clipfast::siglip_loss_backward", mutates_args=())
+def siglip_loss_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
+                         logit_scale: torch.Tensor, logit_bias: torch.Tensor, label_offset: int,
+                         negative_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, b = image.contiguous(), text.contiguous()
+    n = a.shape[0]
+    dtype = _compute_dtype(a)
+    a_bar, b_bar, row_sum = _kernels_for(a).siglip_grad(a, b, logit_scale, logit_bias)
+    a_c = a.to(dtype)
+    sigmoid_total = row_sum.sum()
+    if not negative_only:  # the -I_o part of G, after accumulation
+        a_bar[:n] -= b[label_offset:label_offset + n].to(dtype)
+        b_bar[label_offset:label_offset + n] -= a_c
+        sigmoid_total = sigmoid_total - n
+    g = grad_loss.to(dtype) / n
+    gs = g * logit_scale.reshape(()).to(dtype)
+    grad_scale = (g * (a_c * a_bar).sum()).reshape(logit_scale.shape).to(logit_scale.dtype)
+    grad_bias = (g * sigmoid_total).reshape(logit_bias.shape).to(logit_bias.dtype)
+    return (gs * a_bar).to(image.dtype), (gs * b_bar).to(text.dtype), grad_scale, grad_bias
+
+
+@siglip_loss_backward.register_fake
+def _(grad_loss, image, text, logit_scale, logit_bias, label_offset, negative_only):
+    return (torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale),
+            torch.empty_like(logit_bias))
+
+
+def _siglip_setup_context(ctx, inputs, output):
+    image, text, logit_scale, logit_bias, label_offset, negative_only = inputs
+    ctx.save_for_backward(image, text, logit_scale, logit_bias)
+    ctx.args = (label_offset, negative_only)
+
+
+def _siglip_backward(ctx, grad_loss):
+    image, text, logit_scale, logit_bias = ctx.saved_tensors
+    grads = siglip_loss_backward(grad_loss, image, text, logit_scale, logit_bias, *ctx.args)
+    return (*grads, None, None)
+
+
+siglip_loss.register_autograd(_siglip_backward, setup_context=_siglip_setup_context)

@@ -1,0 +1,106 @@
+"""Reference (specification) of the contrastive losses, in plain PyTorch.
+
+Notation: image features ``A: (N, D)``, text features ``B: (M, D)``, scale ``s`` (already
+exponentiated, as open_clip passes it), bias ``beta``; logits ``X = s * A @ B.T + beta`` of shape
+``(N, M)``. These functions materialise ``X``: they are the readable definition every backend is
+tested against (in float64), and the fallback kernels of the ``reference`` backend.
+
+Losses (labels ``y_i = label_offset + i``):
+
+- InfoNCE rows:  ``L_row = mean_i CE(X_i, y_i)``, with ``CE`` = ``torch.nn.functional.cross_entropy``
+  (including its ``label_smoothing``).
+- CLIP (symmetric, N == M, offset 0): ``L = (L_row + L_col) / 2``, ``L_col = mean_j CE(X[:, j], j)``.
+- SigLIP: ``L = -sum_ij logsigmoid(z_ij * X_ij) / N`` with ``z_ij = +1`` on positive pairs
+  ``(i, y_i)`` and ``-1`` elsewhere (all ``-1`` for a negatives-only block).
+
+The kernel-level functions at the bottom (``*_reference``) have the same contract as the native and
+Triton kernels used by :mod:`clipfast.ops.contrastive`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+            logit_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    logits = logit_scale.reshape(()) * image @ text.T
+    if logit_bias is not None:
+        logits = logits + logit_bias.reshape(())
+    return logits
+
+
+def clip_loss_reference(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                        logit_bias: Optional[torch.Tensor] = None, *, label_smoothing: float = 0.0,
+                        label_offset: int = 0, symmetric: bool = True) -> torch.Tensor:
+    """CLIP's InfoNCE. ``symmetric=True``: mean of image->text and text->image cross-entropies with
+    labels ``arange(N)`` (N == M). ``symmetric=False``: the rows direction only, labels
+    ``label_offset + arange(N)`` into the M columns."""
+    logits = _logits(image, text, logit_scale, logit_bias)
+    labels = torch.arange(image.shape[0], device=image.device) + label_offset
+    row = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if not symmetric:
+        return row
+    col = F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)
+    return (row + col) / 2
+
+
+def siglip_loss_reference(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                          logit_bias: torch.Tensor, *, label_offset: int = 0,
+                          negative_only: bool = False) -> torch.Tensor:
+    """SigLIP's sigmoid loss over all pairs, divided by the number of image rows N."""
+    logits = _logits(image, text, logit_scale, logit_bias)
+    n, m = logits.shape
+    signs = -torch.ones(n, m, dtype=logits.dtype, device=logits.device)
+    if not negative_only:
+        rows = torch.arange(n, device=logits.device)
+        signs[rows, rows + label_offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel contract (shared with csrc/cpu/contrastive.cpp, csrc/cuda/contrastive.cu and
+# triton_kernels/contrastive.py). x: (N, D), y: (M, D), S = scale * x @ y.T; outputs in the
+# computation dtype (float64 for float64 inputs, float32 otherwise).
+# ---------------------------------------------------------------------------------------------------
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _scores(x, y, scale):
+    dtype = _compute_dtype(x)
+    return scale.reshape(()).to(dtype) * (x.to(dtype) @ y.to(dtype).T), dtype
+
+
+def contrastive_lse_reference(x, y, scale, with_cols: bool):
+    """``row_lse = logsumexp(S, 1)``: (N,); ``col_lse = logsumexp(S, 0)``: (M,) or empty (0,)."""
+    s, dtype = _scores(x, y, scale)
+    col = torch.logsumexp(s, 0) if with_cols else s.new_empty(0)
+    return torch.logsumexp(s, 1), col
+
+
+def contrastive_grad_reference(x, y, scale, row_lse, col_lse, row_weight: float, col_weight: float):
+    """``G = row_weight * exp(S - row_lse[:, None]) + col_weight * exp(S - col_lse[None, :])`` (the
+    column term only when ``col_lse`` is non-empty and ``col_weight != 0``); returns ``(G @ y, G.T @ x)``."""
+    s, dtype = _scores(x, y, scale)
+    g = row_weight * torch.exp(s - row_lse.to(dtype)[:, None])
+    if col_lse.numel() > 0 and col_weight != 0.0:
+        g = g + col_weight * torch.exp(s - col_lse.to(dtype)[None, :])
+    return g @ y.to(dtype), g.T @ x.to(dtype)
+
+
+def siglip_softplus_reference(x, y, scale, bias):
+    """``row_sum = softplus(S + bias).sum(1)``: (N,)."""
+    s, dtype = _scores(x, y, scale)
+    return F.softplus(s + bias.reshape(()).to(dtype)).sum(1)
+
+
+def siglip_grad_reference(x, y, scale, bias):
+    """``G = sigmoid(S + bias)``; returns ``(G @ y, G.T @ x, G.sum(1))``."""
+    s, dtype = _scores(x, y, scale)
+    g = torch.sigmoid(s + bias.reshape(()).to(dtype))
+    return g @ y.to(dtype), g.T @ x.to(dtype), g.sum(1)

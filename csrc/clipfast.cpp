@@ -1,0 +1,24 @@
+// The schemas of every native clipfast op, in one place (one TORCH_LIBRARY block per namespace is
+// allowed per process). Kernels register themselves per dispatch key in csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>_binding.cpp. The user-facing ops live in the `clipfast` namespace (Python,
+// clipfast/ops/); these `clipfast_C` ops are the device kernels they call.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(clipfast_C, m) {
+  // contrastive (clipfast/ops/contrastive.py): S = scale * x @ y^T is never materialised.
+  m.def("contrastive_lse(Tensor x, Tensor y, Tensor scale, bool with_cols) -> (Tensor row_lse, Tensor col_lse)");
+  m.def(
+      "contrastive_grad(Tensor x, Tensor y, Tensor scale, Tensor row_lse, Tensor col_lse, float row_weight, "
+      "float col_weight) -> (Tensor grad_x, Tensor grad_y)");
+  m.def("siglip_softplus(Tensor x, Tensor y, Tensor scale, Tensor bias) -> Tensor row_sum");
+  m.def(
+      "siglip_grad(Tensor x, Tensor y, Tensor scale, Tensor bias) -> (Tensor grad_x, Tensor grad_y, "
+      "Tensor grad_row_sum)");
+}
+
+// `from clipfast import _C` loads this library (and so runs the registrations above) without pybind11.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "clipfast native kernels", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
