@@ -193,12 +193,14 @@ class use_backend:
 
 def capability_table() -> list[dict]:
     """One row per (op, backend, device type): whether it runs here and why not."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    gpu = torch.cuda.is_available()
     rows = []
     for op in OPS:
         for backend in BACKENDS:
-            for device in devices:
+            for device in (torch.device("cpu"), torch.device("cuda")):
                 reason = refusal_reason(op, backend, device)
+                if reason is None and device.type == "cuda" and not gpu:
+                    reason = "no CUDA device visible (the kernels are present)"
                 rows.append({"op": op, "backend": backend, "device": device.type,
                              "available": reason is None, "reason": reason or ""})
     return rows

@@ -66,6 +66,24 @@ def kernels(backend: str) -> SimpleNamespace:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def _register_native_fakes() -> None:
+    """Fakes of the native kernels (clipfast_C::*), for opcheck and for tracing them directly."""
+    def out(x, *shape):
+        return x.new_empty(shape, dtype=_compute_dtype(x))
+
+    torch.library.register_fake("clipfast_C::contrastive_lse")(
+        lambda x, y, scale, with_cols: (out(x, x.shape[0]), out(x, y.shape[0] if with_cols else 0)))
+    torch.library.register_fake("clipfast_C::contrastive_grad")(
+        lambda x, y, scale, row_lse, col_lse, row_weight, col_weight: (out(x, *x.shape), out(x, *y.shape)))
+    torch.library.register_fake("clipfast_C::siglip_softplus")(lambda x, y, scale, bias: out(x, x.shape[0]))
+    torch.library.register_fake("clipfast_C::siglip_grad")(
+        lambda x, y, scale, bias: (out(x, *x.shape), out(x, *y.shape), out(x, x.shape[0])))
+
+
+if backends.native_available():
+    _register_native_fakes()
+
+
 def _kernels_for(t: torch.Tensor) -> SimpleNamespace:
     return kernels(backends.select(OP, t.device, t.dtype))
 

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m clipfast.bench`; cases shared with benchmarks/bench_*.py."""

@@ -1,0 +1,83 @@
+"""`python -m clipfast.bench [--op contrastive] [--quick] [--device cpu] [--losses clip siglip]`
+
+Runs every case of the op (providers x N, fp32, D = 512, forward + backward), prints the table and
+the targets, and writes bench-results/contrastive.csv and PNG plots. The full run takes about
+15 minutes on 2 cores (open_clip at N = 16384 and clipfast at N = 65536 dominate); --quick stops at
+N = 4096 and takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+
+from clipfast.bench import cases as bench_cases
+from clipfast.bench import measure as bench_measure
+from clipfast.bench import report
+
+# The ceiling matmul at N = 65536 would need a 16 GiB output; larger N reuse the largest measured one.
+CEILING_MAX_N = 16384
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tuple[list[report.Row], bool]:
+    ceilings = {}
+    for n in sorted(sizes):
+        if n <= CEILING_MAX_N:
+            t = bench_measure.measure(bench_cases.matmul_step(n, device=device), device, reps=3)
+            ceilings[n] = 2.0 * n * n * bench_cases.DIM / t.p50 / 1e9
+            log(f"  torch.mm {n}x{bench_cases.DIM} @ {bench_cases.DIM}x{n}: {ceilings[n]:.0f} GFLOP/s")
+    rows = []
+    for case in bench_cases.contrastive_cases(device, sizes, losses):
+        if case.provider in exclude:
+            continue
+        warmup = 0 if case.n >= 16384 and case.provider != "reference_compiled" else 1
+        timing = bench_measure.measure(bench_cases.make_step(case), device, bench_measure.reps_for(case.n), warmup)
+        ceiling_n = max((n for n in ceilings if n <= case.n), default=None)
+        rows.append(report.Row(case.loss, case.provider, case.n, case.d, str(case.dtype)[6:], case.mode,
+                               timing.p50, timing.p20, timing.p80, timing.peak_extra_bytes,
+                               case.flops / timing.p50 / 1e9, ceilings.get(ceiling_n), ceiling_n))
+        log(f"  {case.id}: {timing.p50:.3f} s, {timing.peak_extra_bytes / report.MIB:.0f} MiB extra")
+    rows.sort(key=lambda r: (r.loss, r.n))
+    os.makedirs(out_dir, exist_ok=True)
+    report.write_csv(rows, os.path.join(out_dir, "contrastive.csv"), _device_name(device))
+    plots = report.plot(rows, out_dir)
+    clipfast_provider = next((p for p in bench_cases.providers(device) if p.startswith("clipfast-")), None)
+    text, met = report.targets(rows, clipfast_provider) if clipfast_provider else ("", False)
+    print()
+    print(f"clipfast contrastive benchmark, {_device_name(device)}, torch {torch.__version__}")
+    print(report.table(rows))
+    print()
+    print("Targets (from this run):")
+    print(text)
+    print(f"\nCSV and plots: {os.path.join(out_dir, 'contrastive.csv')}, " + ", ".join(os.path.basename(p) for p in plots))
+    return rows, met
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipfast.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--op", default="contrastive", choices=["contrastive"])
+    parser.add_argument("--quick", action="store_true", help=f"N in {bench_cases.QUICK_SIZES} only")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--losses", nargs="+", default=list(bench_cases.LOSSES), choices=bench_cases.LOSSES)
+    parser.add_argument("--sizes", nargs="+", type=int, help="override the N values")
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    sizes = args.sizes or (bench_cases.QUICK_SIZES if args.quick else bench_cases.SIZES)
+    print(f"clipfast.bench: op={args.op} device={args.device} N={list(sizes)} losses={args.losses}", flush=True)
+    _, met = run(args.device, sizes, args.losses, args.out, log=lambda m: print(m, flush=True))
+    return 1 if args.fail_on_miss and not met else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Benchmark cases and providers, shared by ``python -m clipfast.bench`` and ``benchmarks/bench_*.py``.
+
+A provider turns a case into a ``step()`` callable over inputs it creates once: forward only
+(``mode="fwd"``) or forward + backward (``mode="fwd_bwd"``), the way a training step calls the loss
+(``logit_scale`` is a learnable log-scale exponentiated inside the step, as in open_clip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import torch
+
+import clipfast
+from clipfast import backends
+from clipfast.reference import clip_loss_reference, siglip_loss_reference
+
+LOSSES = ("clip", "siglip")
+SIZES = (1024, 4096, 16384, 65536)
+QUICK_SIZES = (1024, 4096)
+DIM = 512
+
+# Largest N each baseline runs at: open_clip needs ~4 N^2 floats (16 GiB and minutes on 2 CPU cores at
+# N = 32768), the references as much; on the CPU the reference curves stop earlier to keep `make bench`
+# short, on a GPU every baseline stops at 32768 (64 GiB each at 65536).
+BASELINE_MAX_N = {
+    "cpu": {"open_clip": 16384, "reference": 4096, "reference_compiled": 4096},
+    "cuda": {"open_clip": 32768, "reference": 32768, "reference_compiled": 32768},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str  # clipfast op stem
+    loss: str  # "clip" | "siglip"
+    provider: str
+    n: int
+    d: int = DIM
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    mode: str = "fwd_bwd"
+
+    @property
+    def flops(self) -> float:
+        """The fused cost model: 4 GEMMs of N x N x D (1 forward, 3 backward), 2 FLOPs per FMA."""
+        units = 4 if self.mode == "fwd_bwd" else 1
+        return units * 2.0 * self.n * self.n * self.d
+
+    @property
+    def id(self) -> str:
+        return f"{self.loss}-{self.provider}-N{self.n}-D{self.d}-{str(self.dtype)[6:]}-{self.mode}"
+
+
+def _open_clip_loss(loss: str):
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    return ClipLoss() if loss == "clip" else SigLipLoss()
+
+
+def _clipfast(backend: str) -> Callable:
+    def fn(loss, image, text, scale, bias):
+        with clipfast.use_backend(backend):
+            if loss == "clip":
+                return clipfast.clip_loss(image, text, scale)
+            return clipfast.siglip_loss(image, text, scale, bias)
+    return fn
+
+
+def _reference(loss, image, text, scale, bias):
+    return clip_loss_reference(image, text, scale) if loss == "clip" else siglip_loss_reference(image, text, scale, bias)
+
+
+_compiled_reference = None
+
+
+def _reference_compiled(loss, image, text, scale, bias):
+    global _compiled_reference
+    if _compiled_reference is None:
+        _compiled_reference = torch.compile(_reference, fullgraph=True, dynamic=False)
+    return _compiled_reference(loss, image, text, scale, bias)
+
+
+def _open_clip(loss, image, text, scale, bias):
+    module = _open_clip_loss(loss)
+    return module(image, text, scale) if loss == "clip" else module(image, text, scale, bias)
+
+
+def providers(device: str) -> list[str]:
+    """Providers that can run on ``device`` here, baselines first."""
+    names = []
+    try:
+        import open_clip.loss  # noqa: F401
+        names.append("open_clip")
+    except ImportError:
+        pass
+    names += ["reference", "reference_compiled"]
+    clipfast_backends = [b for b in backends.available_backends("contrastive", device) if b != "reference"]
+    if device == "cpu":  # Triton on CPU is the interpreter: a test vehicle, not a benchmark
+        clipfast_backends = [b for b in clipfast_backends if b != "triton"]
+    return names + [f"clipfast-{b}" for b in clipfast_backends]
+
+
+def _loss_fn(provider: str) -> Callable:
+    if provider == "open_clip":
+        return _open_clip
+    if provider == "reference":
+        return _reference
+    if provider == "reference_compiled":
+        return _reference_compiled
+    if provider.startswith("clipfast-"):
+        return _clipfast(provider.split("-", 1)[1])
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def contrastive_cases(device: str = "cpu", sizes=SIZES, losses=LOSSES, mode: str = "fwd_bwd") -> list[Case]:
+    cases = []
+    for loss in losses:
+        for provider in providers(device):
+            for n in sizes:
+                if n > BASELINE_MAX_N["cuda" if device.startswith("cuda") else "cpu"].get(provider, math.inf):
+                    continue
+                cases.append(Case("contrastive", loss, provider, n, device=device, mode=mode))
+    return cases
+
+
+def make_step(case: Case, seed: int = 0) -> Callable[[], Optional[torch.Tensor]]:
+    """Inputs for ``case`` (unit-norm features, CLIP's initial scale 1/0.07, SigLIP's bias -10) and the
+    step that runs the loss (and its backward in ``fwd_bwd`` mode)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def features():
+        x = torch.nn.functional.normalize(torch.randn(case.n, case.d, generator=g), dim=-1)
+        return x.to(device=case.device, dtype=case.dtype).requires_grad_(case.mode == "fwd_bwd")
+
+    image, text = features(), features()
+    init_scale = math.log(1 / 0.07) if case.loss == "clip" else math.log(10.0)
+    log_scale = torch.tensor(init_scale, device=case.device, requires_grad=case.mode == "fwd_bwd")
+    bias = torch.tensor(-10.0, device=case.device, requires_grad=case.mode == "fwd_bwd")
+    fn = _loss_fn(case.provider)
+
+    def step():
+        loss = fn(case.loss, image, text, log_scale.exp(), bias)
+        if case.mode == "fwd_bwd":
+            loss.backward()
+            for t in (image, text, log_scale, bias):
+                t.grad = None
+        return loss
+
+    return step
+
+
+def matmul_step(n: int, d: int = DIM, dtype=torch.float32, device="cpu") -> Callable:
+    """The machine's own ceiling for the same problem: one N x D by D x N product, written into a
+    preallocated output so that it measures the GEMM, not page faults of a fresh N x N buffer."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    return lambda: torch.mm(a, b.T, out=out)

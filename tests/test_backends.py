@@ -1,0 +1,82 @@
+"""Backend selection, forced backends, refusal messages and the info CLI."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import clipfast
+from clipfast import backends
+
+
+def test_default_cpu_backend():
+    expected = "cpu" if backends.native_available() else "reference"
+    assert backends.select("contrastive", torch.device("cpu"), torch.float32) == expected
+
+
+def test_use_backend_as_call_and_context():
+    handle = clipfast.use_backend("reference")
+    try:
+        assert backends.select("contrastive", torch.device("cpu")) == "reference"
+    finally:
+        handle.restore()
+    with clipfast.use_backend("reference"):
+        assert backends.forced_backend() == "reference"
+    assert backends.forced_backend() is None
+
+
+def test_forced_backend_that_cannot_run_lists_every_reason():
+    with clipfast.use_backend("cuda"):
+        with pytest.raises(clipfast.BackendUnavailableError) as info:
+            clipfast.clip_loss(torch.randn(4, 3), torch.randn(4, 3), torch.tensor(1.0))
+    message = str(info.value)
+    for backend in backends.BACKENDS:
+        assert f"{backend}:" in message
+    assert "needs CUDA tensors" in message
+
+
+def test_env_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv("CLIPFAST_BACKEND", "reference")
+    assert backends.select("contrastive", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("CLIPFAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="CLIPFAST_BACKEND"):
+        backends.select("contrastive", torch.device("cpu"))
+
+
+def test_unknown_names_raise():
+    with pytest.raises(ValueError, match="unknown backend"):
+        clipfast.use_backend("tpu")
+    with pytest.raises(ValueError, match="unknown op"):
+        backends.refusal_reason("conv", "cpu", torch.device("cpu"))
+
+
+def test_dtype_refusal():
+    assert "does not compute torch.float64" in backends.refusal_reason(
+        "contrastive", "triton", torch.device("cpu"), torch.float64)
+
+
+def test_info_cli_reports_every_backend():
+    out = subprocess.run([sys.executable, "-m", "clipfast.info"], capture_output=True, text=True, check=True).stdout
+    assert "native library" in out
+    for backend in backends.BACKENDS:
+        assert f"contrastive  {backend}" in out
+
+
+def test_import_without_native_library_falls_back_with_a_warning(tmp_path):
+    """CLIPFAST's pure-Python path: hide _C and check the reference serves CPU tensors."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'clipfast._C': raise ImportError('hidden for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, clipfast\n"
+        "assert not clipfast.backends.native_available()\n"
+        "assert clipfast.backends.select('contrastive', torch.device('cpu')) == 'reference'\n"
+        "print(float(clipfast.clip_loss(torch.eye(3), torch.eye(3), 1.0)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "could not be loaded" in result.stderr
+    assert abs(float(result.stdout) - 0.5514) < 1e-3
