@@ -1,0 +1,371 @@
+"""Triton contrastive / SigLIP launchers against a float64 torch computation.
+
+The reference materialises S = scale * x @ y.T in float64 from the *same* (already rounded)
+inputs, so every difference is error made by the kernel.
+
+Tolerances
+* fp32 inputs, input_precision="ieee": LSE rtol = atol = 1e-5; gradients rtol 1e-4 with
+  atol 1e-4 * max|ref| (relative to the tensor's scale, so that SigLIP gradients of size
+  ~1e-4 at bias -10 are still checked); softplus sums rtol 1e-5 with a tiny atol, which a
+  naive log(1 + exp(-|z|)) would fail (it loses ~1e-3 relative accuracy at z ~ -10).
+* fp16 / bf16 inputs, FlashAttention-style: max|out - ref| <= 2 * max|torch - ref| +
+  eps(dtype) * max|ref|, where ``torch`` is the plain torch computation in the input dtype
+  (logits, softmax/sigmoid and products rounded to that dtype) - the accuracy users get
+  today. The floor of one dtype epsilon relative to the output size keeps the rule
+  meaningful if the torch error happens to be ~0. Statistics that the kernel keeps in fp32
+  end to end (LSE, softplus sums, sigmoid row sums) are additionally held to fp32
+  tolerances; only the gradients pass G through the input dtype for the second GEMM.
+
+Gradients are also checked for exact linearity in tiny weights (~1/N, as the loss layer
+passes them), which fp16 would flush to zero if the weights were folded into G.
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 when CUDA is unavailable). Shapes are small (N, M <= 130, D <= 96) because
+the interpreter is ~1000x slower than a GPU; the one exception, D = 300, is the smallest
+size that splits the gradient over several D-chunks with the real block sizes.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+except ImportError:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from clipfast.triton_kernels import contrastive as K
+from clipfast.triton_kernels.interpreter_patches import patch_bf16_dot
+
+DEVICE = "cpu" if triton.knobs.runtime.interpret else "cuda"
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+SCALES = (1.0, 14.3, 100.0)
+SHAPES = ((67, 45, 37), (1, 45, 37), (45, 1, 96), (128, 96, 64))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_bf16_dot():
+    patch_bf16_dot()
+
+
+def _features(n, d, dtype, seed):
+    """(n, d) rows of unit norm (so |S| <= scale) rounded to ``dtype``, on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype).to(DEVICE)
+
+
+def _pair(n, m, d, dtype=torch.float32, seed=0):
+    return _features(n, d, dtype, seed), _features(m, d, dtype, seed + 1)
+
+
+def _scalar(value):
+    return torch.tensor(value, dtype=torch.float32, device=DEVICE)
+
+
+def _logits64(x, y, scale):
+    """S = scale * x @ y.T: (N, M) float64 on CPU."""
+    return scale * (x.cpu().double() @ y.cpu().double().T)
+
+
+def _close(out, ref, rtol, atol_rel=None, atol=None):
+    """assert_close on CPU float64 with atol either absolute or relative to max|ref|."""
+    ref = ref.cpu().double()
+    if atol is None:
+        atol = atol_rel * max(ref.abs().max().item(), 1e-30) if ref.numel() else 0.0
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=rtol, atol=atol)
+
+
+def _fa_rule(out, ref, low, dtype, name):
+    """max|out - ref| <= 2 max|low - ref| + eps(dtype) max|ref| (see module docstring)."""
+    ref = ref.cpu().double()
+    err = (out.cpu().double() - ref).abs().max().item()
+    err_torch = (low.cpu().double() - ref).abs().max().item()
+    bound = 2 * err_torch + torch.finfo(dtype).eps * ref.abs().max().item()
+    assert err <= bound, f"{name}: kernel error {err:.3e} > bound {bound:.3e} (torch {dtype} error {err_torch:.3e})"
+
+
+def _softmax_grad64(s, row_weight, col_weight):
+    """G = row_weight * softmax_rows(S) + col_weight * softmax_cols(S), float64."""
+    return row_weight * torch.softmax(s, 1) + col_weight * torch.softmax(s, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# fp32, input_precision="ieee"
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_lse_fp32(shape, scale):
+    n, m, d = shape
+    x, y = _pair(n, m, d)
+    row, col = K.contrastive_lse_triton(x, y, _scalar(scale), True)
+    s = _logits64(x, y, scale)
+    assert row.dtype == col.dtype == torch.float32 and row.shape == (n,) and col.shape == (m,)
+    _close(row, s.logsumexp(1), rtol=1e-5, atol=1e-5)
+    _close(col, s.logsumexp(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multiple_d_chunks(dtype):
+    # D larger than the grad kernel's BLOCK_D (128 for fp32, 256 for 16-bit), with a ragged
+    # last chunk, so several programs share a row block and only chunk 0 writes the row sum.
+    n, m, d = 20, 30, 300
+    assert K.kernel_configs(d, dtype)["grad"]["BLOCK_D"] < d
+    x, y = _pair(n, m, d, dtype)
+    s = _logits64(x, y, 14.3)
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, _scalar(14.3), True)
+    _close(row_lse, s.logsumexp(1), rtol=1e-5, atol=1e-5)
+    gx, gy = K.contrastive_grad_triton(x, y, _scalar(14.3), row_lse, col_lse, 0.5, 0.5)
+    gx_s, gy_s, g_sum = K.siglip_grad_triton(x, y, _scalar(14.3), _scalar(-10.0))
+    g, p = _softmax_grad64(s, 0.5, 0.5), torch.sigmoid(s - 10.0)
+    xd, yd = x.cpu().double(), y.cpu().double()
+    # 16-bit: G is rounded to the input dtype for the second GEMM (see module docstring).
+    rtol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    for out, ref in ((gx, g @ yd), (gy, g.T @ xd), (gx_s, p @ yd), (gy_s, p.T @ xd)):
+        _close(out, ref, rtol=rtol, atol_rel=rtol)
+    _close(g_sum, p.sum(1), rtol=1e-5, atol_rel=1e-6)
+
+
+def test_lse_without_cols_returns_empty():
+    x, y = _pair(67, 45, 37)
+    row, col = K.contrastive_lse_triton(x, y, _scalar(14.3), False)
+    assert col.shape == (0,) and col.dtype == torch.float32
+    _close(row, _logits64(x, y, 14.3).logsumexp(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (1.0, 0.0), (0.25, 1.0)])
+def test_contrastive_grad_fp32(shape, scale, weights):
+    n, m, d = shape
+    x, y = _pair(n, m, d)
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, _scalar(scale), True)
+    gx, gy = K.contrastive_grad_triton(x, y, _scalar(scale), row_lse, col_lse, *weights)
+    g = _softmax_grad64(_logits64(x, y, scale), *weights)
+    assert gx.dtype == gy.dtype == torch.float32 and gx.shape == (n, d) and gy.shape == (m, d)
+    _close(gx, g @ y.cpu().double(), rtol=1e-4, atol_rel=1e-4)
+    _close(gy, g.T @ x.cpu().double(), rtol=1e-4, atol_rel=1e-4)
+
+
+def test_contrastive_grad_empty_col_lse_drops_column_term():
+    x, y = _pair(67, 45, 37)
+    row_lse, _ = K.contrastive_lse_triton(x, y, _scalar(14.3), False)
+    empty = torch.empty(0, dtype=torch.float32, device=DEVICE)
+    gx, gy = K.contrastive_grad_triton(x, y, _scalar(14.3), row_lse, empty, 1.0, 0.7)
+    g = _softmax_grad64(_logits64(x, y, 14.3), 1.0, 0.0)
+    _close(gx, g @ y.cpu().double(), rtol=1e-4, atol_rel=1e-4)
+    _close(gy, g.T @ x.cpu().double(), rtol=1e-4, atol_rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+def test_contrastive_grad_tiny_weights(dtype):
+    # Callers pass weights ~1/N (0.5 / 32768 ~ 1.5e-5); weight * probability then lies below
+    # fp16's smallest subnormal (6e-8). Gradients must still be linear in the weights.
+    x, y = _pair(67, 45, 37, dtype)
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, _scalar(14.3), True)
+    unit = K.contrastive_grad_triton(x, y, _scalar(14.3), row_lse, col_lse, 0.5, 0.25)
+    tiny = K.contrastive_grad_triton(x, y, _scalar(14.3), row_lse, col_lse, 0.5e-6, 0.25e-6)
+    for a, b in zip(unit, tiny):
+        torch.testing.assert_close(b, a * 1e-6, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("bias", [0.0, -10.0])
+def test_siglip_fp32(shape, scale, bias):
+    n, m, d = shape
+    x, y = _pair(n, m, d)
+    z = _logits64(x, y, scale) + bias
+    row_sum = K.siglip_softplus_triton(x, y, _scalar(scale), _scalar(bias))
+    assert row_sum.dtype == torch.float32 and row_sum.shape == (n,)
+    _close(row_sum, F.softplus(z).sum(1), rtol=1e-5, atol=1e-30)
+    gx, gy, g_sum = K.siglip_grad_triton(x, y, _scalar(scale), _scalar(bias))
+    g = torch.sigmoid(z)
+    assert gx.shape == (n, d) and gy.shape == (m, d) and g_sum.shape == (n,)
+    _close(gx, g @ y.cpu().double(), rtol=1e-4, atol_rel=1e-4)
+    _close(gy, g.T @ x.cpu().double(), rtol=1e-4, atol_rel=1e-4)
+    _close(g_sum, g.sum(1), rtol=1e-5, atol_rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# fp16 / bf16
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("shape", [(67, 45, 37), (130, 70, 96)])
+def test_low_precision(dtype, scale, shape):
+    n, m, d = shape
+    x, y = _pair(n, m, d, dtype)
+    xc, yc = x.cpu(), y.cpu()
+    s = _logits64(x, y, scale)
+    s_low = (xc @ yc.T) * torch.tensor(scale, dtype=dtype)  # plain torch in the input dtype
+    sc = _scalar(scale)
+
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, sc, True)
+    for out, ref, low, name in ((row_lse, s.logsumexp(1), s_low.logsumexp(1), "row_lse"),
+                                (col_lse, s.logsumexp(0), s_low.logsumexp(0), "col_lse")):
+        _fa_rule(out, ref, low, dtype, name)
+        _close(out, ref, rtol=1e-5, atol=1e-5)
+
+    gx, gy = K.contrastive_grad_triton(x, y, sc, row_lse, col_lse, 0.5, 0.5)
+    g, g_low = _softmax_grad64(s, 0.5, 0.5), 0.5 * torch.softmax(s_low, 1) + 0.5 * torch.softmax(s_low, 0)
+    _fa_rule(gx, g @ yc.double(), g_low @ yc, dtype, "grad_x")
+    _fa_rule(gy, g.T @ xc.double(), g_low.T @ xc, dtype, "grad_y")
+
+    bias = -10.0
+    z, z_low = s + bias, s_low + torch.tensor(bias, dtype=dtype)
+    row_sum = K.siglip_softplus_triton(x, y, sc, _scalar(bias))
+    _fa_rule(row_sum, F.softplus(z).sum(1), F.softplus(z_low).sum(1), dtype, "softplus")
+    _close(row_sum, F.softplus(z).sum(1), rtol=1e-5, atol=1e-30)
+
+    sgx, sgy, g_sum = K.siglip_grad_triton(x, y, sc, _scalar(bias))
+    p, p_low = torch.sigmoid(z), torch.sigmoid(z_low)
+    _fa_rule(sgx, p @ yc.double(), p_low @ yc, dtype, "siglip grad_x")
+    _fa_rule(sgy, p.T @ xc.double(), p_low.T @ xc, dtype, "siglip grad_y")
+    _fa_rule(g_sum, p.sum(1), p_low.sum(1), dtype, "siglip row sum")
+    _close(g_sum, p.sum(1), rtol=1e-5, atol_rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Layout, scalars, edge cases
+# ----------------------------------------------------------------------------------------
+
+
+def _strided_copies(t):
+    """Same values as ``t`` in two non-contiguous layouts: column-major and a strided slice."""
+    transposed = t.T.contiguous().T  # strides (1, rows)
+    big = torch.zeros(2 * t.shape[0], 3 * t.shape[1], dtype=t.dtype, device=t.device)
+    big[::2, ::3] = t
+    return transposed, big[::2, ::3]  # strides (6 * cols, 3)
+
+
+def _all_outputs(x, y, scale, bias):
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, scale, True)
+    return (row_lse, col_lse, *K.contrastive_grad_triton(x, y, scale, row_lse, col_lse, 0.5, 0.5),
+            K.siglip_softplus_triton(x, y, scale, bias), *K.siglip_grad_triton(x, y, scale, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs(dtype):
+    x, y = _pair(67, 45, 37, dtype)
+    scale, bias = _scalar(14.3), _scalar(-10.0)
+    expected = _all_outputs(x, y, scale, bias)
+    x_t, x_s = _strided_copies(x)
+    y_t, y_s = _strided_copies(y)
+    assert not (x_t.is_contiguous() or x_s.is_contiguous() or y_t.is_contiguous() or y_s.is_contiguous())
+    for xv, yv in ((x_t, y_s), (x_s, y_t)):
+        # Same values, same tile order: only the addressing differs.
+        for out, exp in zip(_all_outputs(xv, yv, scale, bias), expected):
+            torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-6)
+    s = _logits64(x_t, y_s, 14.3)
+    _close(expected[0], s.logsumexp(1), rtol=1e-5, atol=1e-5)
+
+
+def test_scale_and_bias_accept_one_element_tensors():
+    x, y = _pair(67, 45, 37)
+    s0 = K.contrastive_lse_triton(x, y, _scalar(14.3), True)
+    s1 = K.contrastive_lse_triton(x, y, _scalar(14.3).reshape(1), True)
+    s64 = K.contrastive_lse_triton(x, y, torch.tensor([14.3], dtype=torch.float64, device=DEVICE), True)
+    for a, b, c in zip(s0, s1, s64):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    b0 = K.siglip_softplus_triton(x, y, _scalar(14.3), _scalar(-10.0))
+    b1 = K.siglip_softplus_triton(x, y, _scalar(14.3).reshape(1), _scalar(-10.0).reshape(1))
+    assert torch.equal(b0, b1)
+
+
+def test_deterministic():
+    x, y = _pair(67, 45, 37)
+    first = _all_outputs(x, y, _scalar(14.3), _scalar(-10.0))
+    second = _all_outputs(x, y, _scalar(14.3), _scalar(-10.0))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tf32_precision_accepted(dtype):
+    # On GPUs tf32 rounds fp32 operands to 10 mantissa bits (|S| error ~ 1e-3 * |S|); 16-bit
+    # inputs ignore the flag. The interpreter computes in full precision either way.
+    x, y = _pair(67, 45, 37, dtype)
+    row, col = K.contrastive_lse_triton(x, y, _scalar(1.0), True, input_precision="tf32")
+    s = _logits64(x, y, 1.0)
+    _close(row, s.logsumexp(1), rtol=5e-3, atol=5e-3)
+    _close(col, s.logsumexp(0), rtol=5e-3, atol=5e-3)
+    gx, _ = K.contrastive_grad_triton(x, y, _scalar(1.0), row, col, 0.5, 0.5, input_precision="tf32")
+    _close(gx, _softmax_grad64(s, 0.5, 0.5) @ y.cpu().double(), rtol=1e-2, atol_rel=1e-2)
+    gx, _, _ = K.siglip_grad_triton(x, y, _scalar(1.0), _scalar(-10.0), input_precision="tf32")
+    _close(gx, torch.sigmoid(s - 10.0) @ y.cpu().double(), rtol=1e-2, atol_rel=1e-2)
+
+
+@pytest.mark.parametrize("n,m", [(0, 5), (5, 0), (0, 0)])
+def test_empty_batches(n, m):
+    x, y = _pair(n, m, 37)
+    sc, bias = _scalar(14.3), _scalar(-10.0)
+    row, col = K.contrastive_lse_triton(x, y, sc, True)
+    # logsumexp over an empty set is -inf.
+    assert row.shape == (n,) and col.shape == (m,)
+    assert torch.all(row == -math.inf) and torch.all(col == -math.inf)
+    assert K.contrastive_lse_triton(x, y, sc, False)[1].shape == (0,)
+    gx, gy = K.contrastive_grad_triton(x, y, sc, row, col, 0.5, 0.5)
+    assert gx.shape == (n, 37) and gy.shape == (m, 37) and not gx.any() and not gy.any()
+    row_sum = K.siglip_softplus_triton(x, y, sc, bias)
+    assert row_sum.shape == (n,) and not row_sum.any()
+    sgx, sgy, g_sum = K.siglip_grad_triton(x, y, sc, bias)
+    assert sgx.shape == (n, 37) and sgy.shape == (m, 37) and g_sum.shape == (n,)
+    assert not (sgx.any() or sgy.any() or g_sum.any())
+    for out in (row, col, gx, gy, row_sum, sgx, sgy, g_sum):
+        assert out.dtype == torch.float32
+
+
+def test_zero_feature_dim():
+    # D = 0 makes every logit 0: LSE = log(M), softplus sum = M * softplus(bias).
+    x, y = _pair(3, 4, 0)
+    row, col = K.contrastive_lse_triton(x, y, _scalar(14.3), True)
+    _close(row, torch.full((3,), math.log(4)), rtol=1e-6, atol=1e-6)
+    _close(col, torch.full((4,), math.log(3)), rtol=1e-6, atol=1e-6)
+    _close(K.siglip_softplus_triton(x, y, _scalar(1.0), _scalar(-2.0)),
+           torch.full((3,), 4 * F.softplus(torch.tensor(-2.0, dtype=torch.float64)).item()), rtol=1e-6, atol=0)
+    gx, gy, g_sum = K.siglip_grad_triton(x, y, _scalar(1.0), _scalar(-2.0))
+    assert gx.shape == (3, 0) and gy.shape == (4, 0)
+    _close(g_sum, torch.full((3,), 4 * torch.sigmoid(torch.tensor(-2.0, dtype=torch.float64)).item()),
+           rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------------------
+
+
+def test_invalid_inputs():
+    x, y = _pair(4, 5, 8)
+    sc = _scalar(1.0)
+    lse = K.contrastive_lse_triton
+    with pytest.raises(ValueError, match="2-D"):
+        lse(x[0], y, sc, True)
+    with pytest.raises(ValueError, match="feature dimensions"):
+        lse(x, y[:, :4], sc, True)
+    with pytest.raises(TypeError, match="same dtype"):
+        lse(x, y.half(), sc, True)
+    with pytest.raises(TypeError, match="dtype"):
+        lse(x.double(), y.double(), sc, True)
+    with pytest.raises(ValueError, match="same device"):
+        lse(x, y.to("meta"), sc, True)
+    with pytest.raises(TypeError, match="scale"):
+        lse(x, y, 1.0, True)
+    with pytest.raises(ValueError, match="scale"):
+        lse(x, y, torch.ones(2, device=DEVICE), True)
+    with pytest.raises(ValueError, match="scale"):
+        lse(x, y, sc.to("meta"), True)
+    with pytest.raises(ValueError, match="input_precision"):
+        lse(x, y, sc, True, input_precision="tf32x3")
+    with pytest.raises(TypeError, match="bias"):
+        K.siglip_softplus_triton(x, y, sc, -10.0)
+    row, col = lse(x, y, sc, True)
+    with pytest.raises(ValueError, match="row_lse"):
+        K.contrastive_grad_triton(x, y, sc, col, col, 0.5, 0.5)
+    with pytest.raises(TypeError, match="col_lse"):
+        K.contrastive_grad_triton(x, y, sc, row, col.double(), 0.5, 0.5)

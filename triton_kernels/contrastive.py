@@ -1,0 +1,535 @@
+"""Triton kernels for CLIP-style contrastive (softmax) and SigLIP (sigmoid) losses.
+
+Notation: ``x: (N, D)`` and ``y: (M, D)`` are the two embedding batches (same float dtype),
+``scale`` and ``bias`` are 0-d or ``[1]``-shaped device tensors, and the logits are
+
+    S = scale * x @ y.T                                     (N, M), never materialised.
+
+Algorithm
+---------
+* Forward reductions. A program owns ``BLOCK_M`` rows of ``x`` and sweeps ``y`` in column
+  tiles of ``BLOCK_N``; each ``(BLOCK_M, BLOCK_N)`` logit tile is produced by a K-loop over
+  ``D`` in ``BLOCK_K`` chunks (``tl.dot``, fp32 accumulation) and folded at once into a
+  per-row running statistic:
+    - softmax (``SIGMOID=False``): online log-sum-exp, i.e. running max ``m`` and running
+      ``sum exp(S - m)`` rescaled whenever ``m`` grows, as in FlashAttention
+      (Dao et al., arXiv:2205.14135) and Inf-CL (Cheng et al., arXiv:2410.17243);
+    - sigmoid (``SIGMOID=True``): running ``sum_j softplus(S_ij + bias)``.
+  Column statistics (``logsumexp`` over ``i``) reuse the same kernel with ``x`` and ``y``
+  swapped, because ``S.T = scale * y @ x.T``.
+* Backward. ``G = dF/dS`` for F = row_weight * sum_i row_lse_i + col_weight * sum_j col_lse_j
+  (softmax: G_ij = row_weight * exp(S_ij - row_lse_i) + col_weight * exp(S_ij - col_lse_j))
+  or F = sum_ij softplus(S_ij + bias) (sigmoid: G = sigmoid(S + bias)). The kernel recomputes
+  each logit tile from x and y, forms that G tile in registers from the saved LSE vectors
+  and contracts it at once: ``grad_x = G @ y``; launching the same kernel with the roles of
+  x and y swapped gives ``grad_y = G.T @ x``. (dF/dx = scale * grad_x: the caller applies
+  ``scale`` and any loss-specific terms.) The output dimension D is split over a second
+  grid axis, which recomputes S once per D-chunk (see ``_contrastive_grad_kernel``).
+* Determinism. Every output element (LSE entry, softplus sum, gradient row chunk) is owned
+  by exactly one program and accumulated in a fixed loop order: no atomics, so results are
+  bitwise reproducible run to run.
+* Memory. The N x M logit / probability matrices exist only as on-chip tiles of
+  BLOCK_M x BLOCK_N; the only extra global memory beyond the inputs and gradients is
+  O(N + M) (the LSE / row-sum vectors), against O(N M) for a materialised implementation.
+
+References: CLIP (Radford et al., arXiv:2103.00020); SigLIP (Zhai et al., arXiv:2303.15343);
+FlashAttention (arXiv:2205.14135); Inf-CL (arXiv:2410.17243).
+
+All launchers accept CUDA tensors, or CPU tensors when Triton runs under its interpreter
+(``TRITON_INTERPRET=1`` set before this module is imported). Inputs may be float32, float16
+or bfloat16 with arbitrary strides; outputs are float32. ``scale``/``bias`` are read by the
+kernels through a pointer, so no host synchronisation happens.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "contrastive_grad_triton",
+    "contrastive_lse_triton",
+    "kernel_configs",
+    "siglip_grad_triton",
+    "siglip_softplus_triton",
+]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INPUT_PRECISIONS = ("ieee", "tf32")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logit_tile(
+    x_ptr,
+    y_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_yn,
+    stride_yd,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Unscaled logit tile ``x[rows] @ y[cols].T``: (BLOCK_M, BLOCK_N) fp32.
+
+    ``rows``/``cols`` are int64 so that ``index * stride`` cannot overflow 32 bits. Masked
+    rows/columns load zeros, so their logits are exactly 0 and callers mask them afterwards.
+    """
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    x_rows = x_ptr + rows[:, None] * stride_xn
+    y_cols = y_ptr + cols[None, :] * stride_yn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < D
+        x_tile = tl.load(x_rows + ks[None, :] * stride_xd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        y_tile = tl.load(y_cols + ks[:, None] * stride_yd, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(x_tile, y_tile, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _softplus(z):
+    """Stable softplus(z) = max(z, 0) + log1p(exp(-|z|)) in fp32.
+
+    Triton's core language has no log1p, and log(1 + t) loses all relative accuracy once
+    t = exp(-|z|) drops below fp32 epsilon (|z| > ~16), exactly the regime of SigLIP's
+    negative pairs with bias = -10. Goldberg's identity log1p(t) = log(u) * t / (u - 1),
+    u = 1 + t, cancels the rounding of u and is accurate to a few ulp; when u rounds to 1,
+    log1p(t) = t to working precision.
+    """
+    t = tl.exp(-tl.abs(z))
+    u = 1.0 + t
+    um1 = u - 1.0
+    log1p_t = tl.where(um1 == 0.0, t, tl.log(u) * (t / tl.where(um1 == 0.0, 1.0, um1)))
+    return tl.maximum(z, 0.0) + log1p_t
+
+
+@triton.jit
+def _contrastive_row_reduce_kernel(
+    x_ptr,
+    y_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    M,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_yn,
+    stride_yd,
+    SIGMOID: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[i] = logsumexp_j S_ij (SIGMOID=False) or sum_j softplus(S_ij + bias) (SIGMOID=True).
+
+    x: (N, D), y: (M, D), out: (N,) fp32 contiguous. Grid: (cdiv(N, BLOCK_M),).
+    ``bias_ptr`` is only read when SIGMOID. Requires M >= 1 (the launcher handles M == 0).
+
+    exp uses tl.exp: for fp32 the NVIDIA backend already lowers it to a log2(e) multiply plus
+    ex2.approx, so pre-scaling by log2(e) by hand would save nothing worth the base-2
+    bookkeeping in the natural-log LSE outputs.
+    """
+    tl.static_assert(BLOCK_K >= 16)  # tl.dot needs K >= 16
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < N
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    scale = tl.load(scale_ptr).to(tl.float32)
+
+    if SIGMOID:
+        bias = tl.load(bias_ptr).to(tl.float32)
+        acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    for n0 in range(0, M, BLOCK_N):
+        cols = n0 + offs_n
+        col_mask = cols < M
+        s = _logit_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_yn,
+                        stride_yd, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K) * scale
+        if SIGMOID:
+            acc += tl.sum(tl.where(col_mask[None, :], _softplus(s + bias), 0.0), axis=1)
+        else:
+            s = tl.where(col_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row whose max is still -inf (only reachable through -inf logits) would give
+            # (-inf) - (-inf) = NaN below; shifting by 0 instead keeps exp() at exactly 0.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_shift) + tl.sum(tl.exp(s - m_shift[:, None]), axis=1)
+            m_i = m_new
+
+    if SIGMOID:
+        out = acc
+    else:
+        out = m_i + tl.log(l_i)
+    tl.store(out_ptr + rows, out, mask=row_mask)
+
+
+@triton.jit
+def _contrastive_grad_kernel(
+    x_ptr,
+    y_ptr,
+    scale_ptr,
+    bias_ptr,
+    row_lse_ptr,
+    col_lse_ptr,
+    grad_ptr,
+    row_sum_ptr,
+    N,
+    M,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_yn,
+    stride_yd,
+    stride_gn,
+    stride_gd,
+    row_weight,
+    col_weight,
+    out_scale,
+    SIGMOID: tl.constexpr,
+    ROW_TERM: tl.constexpr,
+    COL_TERM: tl.constexpr,
+    WRITE_ROW_SUM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad[i, d] = out_scale * sum_j G_ij y[j, d]; optionally row_sum[i] = sum_j G_ij.
+
+    x: (N, D), y: (M, D), grad: (N, D) fp32, row_sum: (N,) fp32 contiguous.
+    SIGMOID=False: G_ij = row_weight * exp(S_ij - row_lse[i]) [ROW_TERM]
+                        + col_weight * exp(S_ij - col_lse[j]) [COL_TERM].
+    SIGMOID=True:  G_ij = sigmoid(S_ij + bias).
+    Grid: (cdiv(N, BLOCK_M), cdiv(D, BLOCK_D)); program (r, c) owns grad[r-block, c-chunk].
+
+    The second grid axis splits the *output* feature dimension: a program keeps a
+    (BLOCK_M, BLOCK_D) fp32 accumulator in registers, which would not fit for the whole of
+    D = 512..1152 without spilling. The price is that every D-chunk program recomputes the
+    full-D logit tile, i.e. the S recompute costs ceil(D / BLOCK_D) times one GEMM.
+    """
+    tl.static_assert(BLOCK_K >= 16)  # tl.dot needs K >= 16
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < N
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    d_mask = dd < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+
+    if SIGMOID:
+        bias = tl.load(bias_ptr).to(tl.float32)
+        if WRITE_ROW_SUM:
+            g_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    elif ROW_TERM:
+        row_lse = tl.load(row_lse_ptr + rows, mask=row_mask, other=0.0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        cols = n0 + offs_n
+        col_mask = cols < M
+        s = _logit_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_yn,
+                        stride_yd, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K) * scale
+        if SIGMOID:
+            g = tl.sigmoid(s + bias)
+        else:
+            g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if ROW_TERM:
+                g += row_weight * tl.exp(s - row_lse[:, None])
+            if COL_TERM:
+                col_lse = tl.load(col_lse_ptr + cols, mask=col_mask, other=0.0)
+                g += col_weight * tl.exp(s - col_lse[None, :])
+        # Padding columns must contribute nothing, neither to the row sum nor (0 * inf) to acc.
+        g = tl.where(col_mask[None, :], g, 0.0)
+        if SIGMOID and WRITE_ROW_SUM:
+            g_sum += tl.sum(g, axis=1)
+        y_chunk = tl.load(y_ptr + cols[:, None] * stride_yn + dd[None, :] * stride_yd,
+                          mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        # Rounding G to the input dtype lets the second GEMM run on 16-bit tensor cores, as
+        # FlashAttention does with P. The launcher keeps G within [0, 2] (weights normalised,
+        # undone by out_scale) so fp16 does not flush it to zero. No-op for fp32 inputs.
+        acc = tl.dot(g.to(y_chunk.dtype), y_chunk, acc, input_precision=INPUT_PRECISION)
+
+    tl.store(grad_ptr + rows[:, None] * stride_gn + dd[None, :] * stride_gd, acc * out_scale,
+             mask=row_mask[:, None] & d_mask[None, :])
+    if SIGMOID and WRITE_ROW_SUM:
+        if pid_d == 0:
+            tl.store(row_sum_ptr + rows, g_sum, mask=row_mask)
+
+
+# Decided when the decorators ran: under TRITON_INTERPRET=1 they return interpreter objects.
+_INTERPRETED = not isinstance(_contrastive_row_reduce_kernel, triton.runtime.JITFunction)
+
+
+# --------------------------------------------------------------------------------------------
+# Block-size policy
+# --------------------------------------------------------------------------------------------
+
+
+def kernel_configs(D: int, dtype: torch.dtype) -> dict:
+    """Launch configuration used for feature dimension ``D`` and input ``dtype``.
+
+    Returns ``{"row_reduce": {...}, "grad": {...}}``; each inner dict holds the kernel's
+    block-size constexprs plus ``num_warps``/``num_stages``, exactly as the launchers pass
+    them, so the AOT test compiles (and checks for spills) what actually runs.
+
+    Policy (fixed table, no ``triton.autotune``: that needs a GPU to benchmark). Sizes were
+    chosen by compiling for sm_80 and sm_90 and keeping the largest tiles with no register
+    spills (STACK 0) and shared memory within the sm_80 limit:
+    * 16-bit inputs (tensor-core ``tl.dot``): ``BLOCK_K`` = 64 elements = one 128 B line per
+      row. The row reduction uses 128 x 64 logit tiles (taller row blocks mean ``y`` is
+      re-streamed from L2 fewer times) on 8 warps with 3 pipeline stages. The gradient uses
+      64 x 64 logit tiles and a 64 x 256 fp32 accumulator on 8 warps (~200-220 registers per
+      thread), so D = 512 / 768 / 1152 needs 2 / 3 / 5 D-chunks.
+    * fp32 inputs: ``input_precision="ieee"`` lowers ``tl.dot`` to FMA loops that hold a
+      thread's whole operand slices (rows x K and K x cols) in registers, so K must stay
+      small: ``BLOCK_K`` = 16 for the logit GEMM and ``BLOCK_N`` = 32 for the gradient, whose
+      ``G @ y`` contracts over the column tile. The same tiles serve "tf32" (fewer registers).
+      Row reduction 64 x 64 on 8 warps; gradient accumulator 64 x 128 on 8 warps, so
+      D = 512 / 768 / 1152 needs 4 / 6 / 9 D-chunks (fp32 is the precision path, not the
+      fast one).
+    * Small D: ``BLOCK_K``/``BLOCK_D`` shrink to the next power of two of D (at least 16,
+      the ``tl.dot`` minimum) so no lanes are wasted on padding.
+    """
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
+    d_pow2 = max(triton.next_power_of_2(max(int(D), 1)), 16)
+    if dtype == torch.float32:
+        block_k = min(d_pow2, 16)
+        row = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        grad = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=block_k, BLOCK_D=min(d_pow2, 128), num_warps=8, num_stages=2)
+    else:
+        block_k = min(d_pow2, 64)
+        row = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        grad = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=min(d_pow2, 256), num_warps=8, num_stages=2)
+    return {"row_reduce": row, "grad": grad}
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_features(x, y):
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (rows, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_SUPPORTED_DTYPES}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: x is {tuple(x.shape)}, y is {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and _INTERPRETED):
+        raise ValueError(f"tensors on {x.device} are not supported: use CUDA tensors, or CPU tensors with "
+                         "TRITON_INTERPRET=1 set before this module is imported")
+
+
+def _check_scalar(name, t, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a 0-d or [1]-shaped tensor (read on device), got {type(t).__name__}")
+    if t.ndim > 1 or t.numel() != 1:
+        raise ValueError(f"{name} must be a 0-d or [1]-shaped tensor, got shape {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {device}")
+
+
+def _check_precision(input_precision, dtype):
+    """Validate ``input_precision``; it only affects fp32 operands, so 16-bit uses "ieee"."""
+    if input_precision not in _INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
+    return input_precision if dtype == torch.float32 else "ieee"
+
+
+def _row_reduce(x, y, scale, bias, sigmoid, precision):
+    """Launch the row kernel: (N,) fp32. Requires N >= 1 and M >= 1."""
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    cfg = kernel_configs(x.shape[1], x.dtype)["row_reduce"]
+    grid = (triton.cdiv(x.shape[0], cfg["BLOCK_M"]),)
+    _contrastive_row_reduce_kernel[grid](
+        x, y, scale, bias, out,
+        x.shape[0], y.shape[0], x.shape[1],
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        SIGMOID=sigmoid, INPUT_PRECISION=precision, **cfg,
+    )  # fmt: skip
+    return out
+
+
+def _grad(x, y, scale, bias, row_lse, col_lse, row_weight, col_weight, sigmoid, write_row_sum, precision):
+    """Launch the grad kernel for grad w.r.t. ``x``: ((N, D) fp32, (N,) fp32 row sum or None).
+
+    Requires N >= 1 and M >= 1. ``row_lse``/``col_lse`` are None when their term is absent.
+    """
+    n, d = x.shape
+    # G = weight * probability would underflow in fp16 for the usual weights ~1/N (fp16's
+    # smallest subnormal is 6e-8), so the kernel contracts G / w_max, in [0, 2], and scales
+    # the fp32 accumulator back by w_max.
+    out_scale = max((abs(float(w)) for w, lse in ((row_weight, row_lse), (col_weight, col_lse)) if lse is not None),
+                    default=1.0)
+    grad = torch.empty((n, d), dtype=torch.float32, device=x.device)
+    row_sum = torch.empty(n, dtype=torch.float32, device=x.device) if write_row_sum else grad
+    cfg = kernel_configs(d, x.dtype)["grad"]
+    # At least one D-chunk so that the row sum is still produced when D == 0.
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), max(triton.cdiv(d, cfg["BLOCK_D"]), 1))
+    # Unused pointer slots get any valid tensor; constexpr flags keep the kernel from reading them.
+    _contrastive_grad_kernel[grid](
+        x, y, scale, bias,
+        row_lse if row_lse is not None else scale,
+        col_lse if col_lse is not None else scale,
+        grad, row_sum,
+        n, y.shape[0], d,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0), grad.stride(1),
+        float(row_weight) / out_scale, float(col_weight) / out_scale, float(out_scale),
+        SIGMOID=sigmoid, ROW_TERM=row_lse is not None, COL_TERM=col_lse is not None,
+        WRITE_ROW_SUM=write_row_sum, INPUT_PRECISION=precision, **cfg,
+    )  # fmt: skip
+    return grad, (row_sum if write_row_sum else None)
+
+
+def contrastive_lse_triton(x, y, scale, with_cols, *, input_precision="ieee"):
+    """Row (and optionally column) log-sum-exp of the scaled logits.
+
+    Args:
+        x: (N, D) float32/float16/bfloat16, any strides.
+        y: (M, D) same dtype and device as x.
+        scale: 0-d or [1]-shaped float tensor on the same device; S = scale * x @ y.T.
+        with_cols: also compute the column LSE.
+        input_precision: "ieee" or "tf32" (fp32 inputs only; 16-bit always uses "ieee").
+
+    Returns:
+        row_lse: (N,) fp32, row_lse[i] = logsumexp_j S_ij (-inf when M == 0).
+        col_lse: (M,) fp32, col_lse[j] = logsumexp_i S_ij (-inf when N == 0), or an empty
+            fp32 tensor when ``with_cols`` is false.
+    """
+    _check_features(x, y)
+    _check_scalar("scale", scale, x.device)
+    precision = _check_precision(input_precision, x.dtype)
+    n, m = x.shape[0], y.shape[0]
+    empty = torch.empty(0, dtype=torch.float32, device=x.device)
+    if n == 0 or m == 0:
+        row_lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+        col_lse = torch.full((m,), float("-inf"), dtype=torch.float32, device=x.device) if with_cols else empty
+        return row_lse, col_lse
+    row_lse = _row_reduce(x, y, scale, scale, False, precision)
+    col_lse = _row_reduce(y, x, scale, scale, False, precision) if with_cols else empty
+    return row_lse, col_lse
+
+
+def _lse_term(name, lse, length, weight, device):
+    """Validated contiguous LSE vector, or None when its term is absent (empty or weight 0)."""
+    if not isinstance(lse, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(lse).__name__}")
+    if not isinstance(weight, (int, float)):
+        raise TypeError(f"the weight of {name} must be a Python number, got {type(weight).__name__}")
+    if lse.numel() == 0 or weight == 0:
+        return None
+    if lse.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},) or be empty, got {tuple(lse.shape)}")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {lse.dtype}")
+    if lse.device != device:
+        raise ValueError(f"{name} is on {lse.device} but the features are on {device}")
+    return lse.contiguous()
+
+
+def contrastive_grad_triton(x, y, scale, row_lse, col_lse, row_weight: float, col_weight: float, *,
+                            input_precision="ieee"):
+    """Gradients of the softmax-CE logits contracted with the features.
+
+    With S = scale * x @ y.T (N, M),
+        G_ij = row_weight * exp(S_ij - row_lse[i]) + col_weight * exp(S_ij - col_lse[j]),
+    returns ``grad_x = G @ y`` (N, D) fp32 and ``grad_y = G.T @ x`` (M, D) fp32. A term is
+    absent when its weight is 0 or its LSE tensor is empty.
+
+    Args:
+        x: (N, D), y: (M, D) float32/float16/bfloat16 (same dtype/device), any strides.
+        scale: 0-d or [1]-shaped float tensor on the same device.
+        row_lse: (N,) fp32 (or empty), col_lse: (M,) fp32 (or empty), as from
+            :func:`contrastive_lse_triton`.
+        row_weight, col_weight: Python floats (host values, no sync).
+        input_precision: "ieee" or "tf32" (fp32 inputs only).
+    """
+    _check_features(x, y)
+    _check_scalar("scale", scale, x.device)
+    precision = _check_precision(input_precision, x.dtype)
+    n, m = x.shape[0], y.shape[0]
+    row_lse = _lse_term("row_lse", row_lse, n, row_weight, x.device)
+    col_lse = _lse_term("col_lse", col_lse, m, col_weight, x.device)
+    if n == 0 or m == 0 or (row_lse is None and col_lse is None):
+        return (torch.zeros(x.shape, dtype=torch.float32, device=x.device),
+                torch.zeros(y.shape, dtype=torch.float32, device=x.device))
+    grad_x, _ = _grad(x, y, scale, scale, row_lse, col_lse, row_weight, col_weight, False, False, precision)
+    # G.T has the roles of rows and columns (and of their LSEs and weights) exchanged.
+    grad_y, _ = _grad(y, x, scale, scale, col_lse, row_lse, col_weight, row_weight, False, False, precision)
+    return grad_x, grad_y
+
+
+def siglip_softplus_triton(x, y, scale, bias, *, input_precision="ieee"):
+    """Row sums of softplus of the SigLIP logits.
+
+    Args:
+        x: (N, D), y: (M, D) float32/float16/bfloat16 (same dtype/device), any strides.
+        scale, bias: 0-d or [1]-shaped float tensors on the same device.
+        input_precision: "ieee" or "tf32" (fp32 inputs only).
+
+    Returns:
+        row_sum: (N,) fp32, row_sum[i] = sum_j softplus(scale * x_i . y_j + bias)
+        (0 when M == 0).
+    """
+    _check_features(x, y)
+    _check_scalar("scale", scale, x.device)
+    _check_scalar("bias", bias, x.device)
+    precision = _check_precision(input_precision, x.dtype)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    return _row_reduce(x, y, scale, bias, True, precision)
+
+
+def siglip_grad_triton(x, y, scale, bias, *, input_precision="ieee"):
+    """Sigmoid of the SigLIP logits contracted with the features.
+
+    With G = sigmoid(scale * x @ y.T + bias) (N, M), returns ``grad_x = G @ y`` (N, D),
+    ``grad_y = G.T @ x`` (M, D) and ``grad_row_sum = G.sum(1)`` (N,), all fp32.
+
+    Args:
+        x: (N, D), y: (M, D) float32/float16/bfloat16 (same dtype/device), any strides.
+        scale, bias: 0-d or [1]-shaped float tensors on the same device.
+        input_precision: "ieee" or "tf32" (fp32 inputs only).
+    """
+    _check_features(x, y)
+    _check_scalar("scale", scale, x.device)
+    _check_scalar("bias", bias, x.device)
+    precision = _check_precision(input_precision, x.dtype)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        return (torch.zeros(x.shape, dtype=torch.float32, device=x.device),
+                torch.zeros(y.shape, dtype=torch.float32, device=x.device),
+                torch.zeros(x.shape[0], dtype=torch.float32, device=x.device))
+    grad_x, row_sum = _grad(x, y, scale, bias, None, None, 1.0, 0.0, True, True, precision)
+    # sigmoid(S.T + bias) = G.T: the swapped launch needs no column sums.
+    grad_y, _ = _grad(y, x, scale, bias, None, None, 1.0, 0.0, True, False, precision)
+    return grad_x, grad_y, row_sum
