@@ -36,11 +36,10 @@ info: $(VENV)/.stamp-build
 
 # Every CUDA source for sm_80 and sm_90 with the ptxas report; any register spill is an error.
 check-cuda:
-	@for f in csrc/cuda/*.cu; do \
+	@set -e; for f in csrc/cuda/*.cu; do \
 	  echo "== $$f"; \
-	  $(NVCC) -O3 -std=c++17 -Icsrc/include -Xptxas=-v,--warn-on-spills,-Werror $(CUDA_ARCH_FLAGS) \
-	    -c $$f -o /dev/null 2>&1 | grep -E "Compiling|registers|spill|error" || exit 1; \
-	done
+	  $(NVCC) -O3 -std=c++17 -Icsrc/include -Xptxas=-v,--warn-on-spills,-Werror $(CUDA_ARCH_FLAGS) -c $$f -o /dev/null; \
+	done; echo "check-cuda: every kernel compiled for sm_80 and sm_90 without register spills"
 
 # For a machine with a GPU: build, GPU tests, GPU benchmark; short table last.
 gpu-check: $(VENV)/.stamp-build
