@@ -133,6 +133,17 @@ struct __align__(16) DotTileStaging {
 
 // staged[k][i] = matrix[first + i][k0 + k], zero outside the matrix (so ragged edges add nothing to the
 // dot products). Consecutive threads read consecutive k of one row: coalesced global loads.
+// One rank-1 update of a thread's 4 x 4 register tile: acc[r][c] += a[r] * b[c] (both operands come
+// from shared memory as float4, see the static_assert above).
+__device__ __forceinline__ void accumulate_outer_product(float4 a4, float4 b4, float (&acc)[kThreadRows][kThreadCols]) {
+  const float a[kThreadRows] = {a4.x, a4.y, a4.z, a4.w};
+  const float b[kThreadCols] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+  for (int r = 0; r < kThreadRows; ++r)
+#pragma unroll
+    for (int c = 0; c < kThreadCols; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+}
+
 template <int kExtent, typename T>
 __device__ __forceinline__ void stage_transposed_chunk(const T* __restrict__ matrix, int64_t n, int64_t dim,
                                                        int64_t first, int64_t k0, float (*staged)[kExtent + kPad]) {
@@ -163,14 +174,8 @@ __device__ __forceinline__ void compute_dot_tile(const PairwiseProblem<T>& p, in
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kDimChunk; ++k) {
-      const float4 x4 = *reinterpret_cast<const float4*>(&staging.x_chunk[k][thread_row * kThreadRows]);
-      const float4 y4 = *reinterpret_cast<const float4*>(&staging.y_chunk[k][thread_col * kThreadCols]);
-      const float xs[kThreadRows] = {x4.x, x4.y, x4.z, x4.w};
-      const float ys[kThreadCols] = {y4.x, y4.y, y4.z, y4.w};
-#pragma unroll
-      for (int r = 0; r < kThreadRows; ++r)
-#pragma unroll
-        for (int c = 0; c < kThreadCols; ++c) dots[r][c] = fmaf(xs[r], ys[c], dots[r][c]);
+      accumulate_outer_product(*reinterpret_cast<const float4*>(&staging.x_chunk[k][thread_row * kThreadRows]),
+                               *reinterpret_cast<const float4*>(&staging.y_chunk[k][thread_col * kThreadCols]), dots);
     }
     __syncthreads();
   }
@@ -372,15 +377,9 @@ __global__ void __launch_bounds__(kThreads, kGradientBlocksPerSm)
         __syncthreads();
 #pragma unroll 8
         for (int j = 0; j < kBlockCols; ++j) {
-          const float4 g4 =
-              *reinterpret_cast<const float4*>(&smem.g_panel[tile * kBlockCols + j][thread_row * kThreadRows]);
-          const float4 y4 = *reinterpret_cast<const float4*>(&smem.staging.y_chunk[j][thread_col * kThreadCols]);
-          const float gs[kThreadRows] = {g4.x, g4.y, g4.z, g4.w};
-          const float ys[kThreadCols] = {y4.x, y4.y, y4.z, y4.w};
-#pragma unroll
-          for (int r = 0; r < kThreadRows; ++r)
-#pragma unroll
-            for (int e = 0; e < kThreadCols; ++e) acc[r][e] = fmaf(gs[r], ys[e], acc[r][e]);
+          accumulate_outer_product(
+              *reinterpret_cast<const float4*>(&smem.g_panel[tile * kBlockCols + j][thread_row * kThreadRows]),
+              *reinterpret_cast<const float4*>(&smem.staging.y_chunk[j][thread_col * kThreadCols]), acc);
         }
         __syncthreads();  // y_chunk (and, after the last chunk, g_panel) may be overwritten
       }
