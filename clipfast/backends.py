@@ -84,6 +84,16 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_input_precision() -> str:
+    """``tl.dot`` precision of the Triton kernels for fp32 inputs: ``ieee`` (default, exact fp32) or
+    ``tf32`` (tensor cores, ~1e-3 relative error on the logits), from ``CLIPFAST_TRITON_PRECISION``.
+    16-bit inputs always multiply in their own dtype with fp32 accumulation."""
+    precision = os.environ.get("CLIPFAST_TRITON_PRECISION", "ieee").strip().lower()
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"CLIPFAST_TRITON_PRECISION={precision!r}; choose 'ieee' or 'tf32'")
+    return precision
+
+
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -80,3 +80,21 @@ def test_import_without_native_library_falls_back_with_a_warning(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "could not be loaded" in result.stderr
     assert abs(float(result.stdout) - 0.5514) < 1e-3
+
+
+def test_triton_precision_setting(monkeypatch):
+    assert backends.triton_input_precision() == "ieee"
+    monkeypatch.setenv("CLIPFAST_TRITON_PRECISION", "tf32")
+    assert backends.triton_input_precision() == "tf32"
+    monkeypatch.setenv("CLIPFAST_TRITON_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="CLIPFAST_TRITON_PRECISION"):
+        backends.triton_input_precision()
+
+
+@pytest.mark.skipif("triton" not in backends.available_backends("contrastive", "cpu"),
+                    reason="Triton unavailable on CPU tensors here (needs triton and TRITON_INTERPRET=1)")
+def test_triton_backend_receives_the_precision(monkeypatch):
+    monkeypatch.setenv("CLIPFAST_TRITON_PRECISION", "tf32")
+    from clipfast.ops import contrastive as ops
+
+    assert ops.kernels("triton").lse.keywords == {"input_precision": "tf32"}

@@ -44,7 +44,6 @@ from clipfast.reference import contrastive as reference
 OP = "contrastive"
 
 
-@functools.lru_cache(maxsize=None)
 def kernels(backend: str) -> SimpleNamespace:
     """The four N x M kernels of ``backend`` (same contract as ``clipfast.reference.contrastive``)."""
     if backend == "reference":
@@ -55,10 +54,11 @@ def kernels(backend: str) -> SimpleNamespace:
     if backend == "triton":
         from clipfast.triton_kernels import contrastive as triton_contrastive
 
-        return SimpleNamespace(lse=triton_contrastive.contrastive_lse_triton,
-                               grad=triton_contrastive.contrastive_grad_triton,
-                               softplus=triton_contrastive.siglip_softplus_triton,
-                               siglip_grad=triton_contrastive.siglip_grad_triton)
+        precision = {"input_precision": backends.triton_input_precision()}
+        return SimpleNamespace(lse=functools.partial(triton_contrastive.contrastive_lse_triton, **precision),
+                               grad=functools.partial(triton_contrastive.contrastive_grad_triton, **precision),
+                               softplus=functools.partial(triton_contrastive.siglip_softplus_triton, **precision),
+                               siglip_grad=functools.partial(triton_contrastive.siglip_grad_triton, **precision))
     if backend in ("cpu", "cuda"):  # one native op, dispatched on the tensors' device
         native = torch.ops.clipfast_C
         return SimpleNamespace(lse=native.contrastive_lse, grad=native.contrastive_grad,
