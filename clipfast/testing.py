@@ -48,3 +48,49 @@ def unit_features(n: int, d: int, *, dtype=torch.float32, seed: int = 0, device=
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     return torch.nn.functional.normalize(x, dim=-1).to(device=device, dtype=dtype)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo(worker, world_size: int, args: tuple = (), timeout: float = 180.0) -> None:
+    """Run ``worker(rank, world_size, *args)`` in ``world_size`` fresh processes that share a gloo process
+    group on 127.0.0.1 (a free port), and wait at most ``timeout`` seconds. The group is created before
+    and destroyed after ``worker``. Any failure or the timeout raises here; processes are always
+    terminated. ``worker`` must be importable by module name (spawned processes unpickle it)."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_gloo_entry, args=(worker, world_size, free_port(), args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world_size} gloo processes did not finish within {timeout:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+
+
+def _gloo_entry(rank, worker, world_size, port, args):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # W processes share the machine's cores
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        worker(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()

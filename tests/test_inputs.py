@@ -61,12 +61,21 @@ def test_python_float_scale_is_accepted():
     assert torch.equal(clipfast.clip_loss(A, B, 10.0), ref)
 
 
-def test_modules_reject_multi_process_and_horovod():
-    with pytest.raises(NotImplementedError, match="world_size=2"):
-        clipfast.nn.ClipLoss(world_size=2)
+def test_modules_reject_bad_configurations():
     with pytest.raises(NotImplementedError, match="Horovod"):
         clipfast.nn.ClipLoss(use_horovod=True)
-    with pytest.raises(NotImplementedError, match="world_size=4"):
-        clipfast.nn.SigLipLoss(world_size=4)
     with pytest.raises(ValueError, match="dist_impl"):
         clipfast.nn.SigLipLoss(dist_impl="ring")
+    with pytest.raises(ValueError, match="dist_impl"):
+        clipfast.nn.ClipLoss(dist_impl="bidir")
+    with pytest.raises(ValueError, match="local_loss=True, gather_with_grad=True"):
+        clipfast.nn.ClipLoss(world_size=2, dist_impl="ring")
+    with pytest.raises(ValueError, match="inconsistent"):
+        clipfast.nn.ClipLoss(rank=2, world_size=2)
+
+
+def test_multi_process_module_without_process_group_raises():
+    with pytest.raises(RuntimeError, match="is the process group initialised"):
+        clipfast.nn.ClipLoss(rank=1, world_size=2)(A, B, S)
+    with pytest.raises(RuntimeError, match="is the process group initialised"):
+        clipfast.nn.SigLipLoss(rank=0, world_size=4)(A, B, S, BIAS)

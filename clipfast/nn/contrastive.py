@@ -1,8 +1,9 @@
 """Drop-in replacements for open_clip's ``ClipLoss`` and ``SigLipLoss`` (open-clip-torch 3.3.0).
 
 Same constructor arguments, same ``forward`` signatures and return conventions (a 0-d tensor, or
-``{"contrastive_loss": loss}`` with ``output_dict=True``), same numbers and gradients, computed by the
-fused ops (no N x N logits). This release covers a single process (``world_size == 1``).
+``{"contrastive_loss": loss}`` with ``output_dict=True``), same numbers and gradients per rank,
+computed by the fused ops (no logits block is ever materialised). With ``world_size > 1`` the
+features travel over ``torch.distributed`` (initialise the process group first; gloo and NCCL).
 """
 
 from __future__ import annotations
@@ -12,30 +13,49 @@ from typing import Optional
 import torch
 from torch import nn
 
-from clipfast import functional
+from clipfast import distributed, functional
 
 
-def _single_process_only(cls_name: str, world_size: int) -> None:
-    if world_size != 1:
-        raise NotImplementedError(
-            f"clipfast.nn.{cls_name}: world_size={world_size} is not supported yet; this release computes "
-            "the loss of one process (world_size=1). Use open_clip's loss for multi-process training for now.")
+def _check_process_group(cls_name: str, rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"clipfast.nn.{cls_name}: rank={rank} and world_size={world_size} are inconsistent")
+
+
+def _require_process_group(cls_name: str, rank: int, world_size: int) -> None:
+    actual = distributed.world_info()
+    if actual != (rank, world_size):
+        raise RuntimeError(
+            f"clipfast.nn.{cls_name} was built for rank {rank} of {world_size}, but torch.distributed reports "
+            f"rank {actual[0]} of {actual[1]}" + ("" if actual[1] > 1 else " (is the process group initialised?)"))
 
 
 class ClipLoss(nn.Module):
     """open_clip's ``ClipLoss`` (symmetric InfoNCE), fused; see :func:`clipfast.clip_loss`.
 
-    Args (as open_clip): local_loss, gather_with_grad (meaningful only with world_size > 1),
-    cache_labels (accepted; the fused op builds no label tensor), rank, world_size (must be 1 here),
-    use_horovod (accepted for signature compatibility; True raises).
+    Args (as open_clip): local_loss, gather_with_grad, cache_labels (accepted; the fused op builds
+    no label tensor), rank, world_size, use_horovod (accepted for signature compatibility; True raises).
+    dist_impl: None (open_clip's all-gather semantics chosen by local_loss / gather_with_grad, all four
+    combinations exact) or "ring": blocks travel rank to rank, no rank holds the gathered features;
+    per-rank loss and gradients equal open_clip's ``local_loss=True, gather_with_grad=True`` (the
+    production setting), which the ring requires.
+
+    With world_size > 1 each rank gets its own loss; feature gradients follow open_clip (summed into
+    the owner by the gather's backward), ``logit_scale`` gets the rank-local gradient that DDP averages.
+    Every rank must hold the same number n of (n, D) image and text features.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False):
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, dist_impl: Optional[str] = None):
         super().__init__()
         if use_horovod:
             raise NotImplementedError("clipfast.nn.ClipLoss does not support Horovod (open_clip removed it too)")
-        _single_process_only("ClipLoss", world_size)
+        if dist_impl not in (None, "ring"):
+            raise ValueError(f"dist_impl must be None (all-gather, as open_clip) or 'ring', got {dist_impl!r}")
+        _check_process_group("ClipLoss", rank, world_size)
+        if dist_impl == "ring" and world_size > 1 and not (local_loss and gather_with_grad):
+            raise ValueError("dist_impl='ring' computes open_clip's local_loss=True, gather_with_grad=True loss; "
+                             "set both (the other combinations run with dist_impl=None)")
+        self.dist_impl = dist_impl
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -44,16 +64,36 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False):
-        """image_features, text_features: (N, D); logit_scale: exponentiated, 0-d or [1]."""
-        loss = functional.clip_loss(image_features, text_features, logit_scale, logit_bias)
+        """image_features, text_features: (n, D) this rank's features; logit_scale: exponentiated, 0-d or [1]."""
+        if self.world_size == 1:
+            loss = functional.clip_loss(image_features, text_features, logit_scale, logit_bias)
+        else:
+            loss = self._distributed_loss(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed_loss(self, image, text, logit_scale, logit_bias):
+        _require_process_group("ClipLoss", self.rank, self.world_size)
+        if self.dist_impl == "ring":
+            return distributed.ring_clip_loss(image, text, logit_scale, logit_bias)
+        distributed.check_consistent_features(image, text)
+        all_image, all_text = distributed.gather_features(
+            image, text, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad)
+        if not self.local_loss:  # every rank computes the global N x N loss (fused)
+            return functional.clip_loss(all_image, all_text, logit_scale, logit_bias)
+        offset = self.rank * image.shape[0]  # this rank's rows are global labels offset .. offset + n
+        image_to_text = functional.contrastive_cross_entropy(image, all_text, logit_scale, logit_bias,
+                                                             label_offset=offset)
+        text_to_image = functional.contrastive_cross_entropy(text, all_image, logit_scale, logit_bias,
+                                                             label_offset=offset)
+        return (image_to_text + text_to_image) / 2
 
 
 class SigLipLoss(nn.Module):
     """open_clip's ``SigLipLoss`` (pairwise sigmoid loss), fused; see :func:`clipfast.siglip_loss`.
 
-    Args (as open_clip): cache_labels (accepted), rank, world_size (must be 1 here), dist_impl
-    (one of None, "bidir", "shift", "reduce", "gather"; only used with world_size > 1).
+    Args (as open_clip): cache_labels (accepted), rank, world_size, dist_impl (None = "bidir",
+    "shift", "reduce", "gather": how the other ranks' text blocks arrive; the loss and gradients are
+    open_clip's for every choice: the local block with its positives, each remote block as negatives).
     """
 
     _DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
@@ -63,7 +103,7 @@ class SigLipLoss(nn.Module):
         super().__init__()
         if dist_impl not in self._DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {self._DIST_IMPLS}, got {dist_impl!r}")
-        _single_process_only("SigLipLoss", world_size)
+        _check_process_group("SigLipLoss", rank, world_size)
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
@@ -71,6 +111,12 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor, output_dict: bool = False):
-        """image_features, text_features: (N, D); logit_scale (exponentiated) and logit_bias: 0-d or [1]."""
-        loss = functional.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+        """image_features, text_features: (n, D) this rank's features; logit_scale (exponentiated) and
+        logit_bias: 0-d or [1]."""
+        if self.world_size == 1:
+            loss = functional.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+        else:
+            _require_process_group("SigLipLoss", self.rank, self.world_size)
+            loss = distributed.siglip_distributed_loss(image_features, text_features, logit_scale, logit_bias,
+                                                       self.dist_impl)
         return {"contrastive_loss": loss} if output_dict else loss

@@ -96,11 +96,11 @@ def _check_scalar_values(logit_scale: torch.Tensor, logit_bias: Optional[torch.T
     """Value checks the Python layer cannot do without a host sync: on the CPU they raise ValueError,
     on a GPU they become asynchronous device asserts (no sync; a failure surfaces at the next sync)."""
     if logit_scale.device.type == "cpu":
-        value = float(logit_scale.reshape(()))
+        value = float(logit_scale.detach().reshape(()))
         if not (value >= 0.0 and value != float("inf")):
             raise ValueError(f"logit_scale must be finite and >= 0 (it is already exponentiated), got {value}")
         if logit_bias is not None and not torch.isfinite(logit_bias).all():
-            raise ValueError(f"logit_bias must be finite, got {float(logit_bias.reshape(()))}")
+            raise ValueError(f"logit_bias must be finite, got {float(logit_bias.detach().reshape(()))}")
     else:
         torch._assert_async(torch.isfinite(logit_scale).all() & (logit_scale >= 0).all(),
                             "clipfast: logit_scale must be finite and >= 0")
