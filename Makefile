@@ -26,10 +26,10 @@ test: $(VENV)/.stamp-build
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable
 
 bench: $(VENV)/.stamp-build
-	$(PY) -m clipfast.bench
+	$(PY) -m clipfast.bench --op all
 
 bench-quick: $(VENV)/.stamp-build
-	$(PY) -m clipfast.bench --quick
+	$(PY) -m clipfast.bench --op all --quick
 
 info: $(VENV)/.stamp-build
 	$(PY) -m clipfast.info

@@ -69,7 +69,7 @@ setup(
     name=NAME,
     version="0.1.0",
     description="Fused kernels for CLIP-style vision-language models: contrastive losses and more.",
-    packages=["clipfast", "clipfast.reference", "clipfast.ops", "clipfast.nn", "clipfast.bench",
+    packages=["clipfast", "clipfast.reference", "clipfast.ops", "clipfast.nn", "clipfast.bench", "clipfast.integrations",
               "clipfast.triton_kernels"],
     package_dir={"clipfast.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",

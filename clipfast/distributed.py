@@ -68,17 +68,24 @@ def _global_rank(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
+def _all_gather_into(tensor: torch.Tensor, group) -> torch.Tensor:
+    """(n, ...) from every rank -> (W * n, ...) in rank order, written straight into one output (no
+    per-rank list and concatenation: at the sizes that matter every copy of the gathered block counts)."""
+    _, world = world_info(group)
+    tensor = tensor.detach().contiguous()
+    out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(out, tensor, group=group)
+    return out
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums every rank's gradient into the owner's slice
     (reduce-scatter), as open_clip's gather_with_grad."""
 
     @staticmethod
     def forward(ctx, tensor, group):
-        rank, world = world_info(group)
-        ctx.group, ctx.rank, ctx.rows = group, rank, tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts)
+        ctx.group, ctx.rank, ctx.rows = group, world_info(group)[0], tensor.shape[0]
+        return _all_gather_into(tensor, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -87,20 +94,15 @@ class _AllGatherWithGrad(torch.autograd.Function):
             out = grad.new_empty((ctx.rows, *grad.shape[1:]))
             dist.reduce_scatter_tensor(out, grad, group=ctx.group)
             return out, None
-        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter
+        # gloo has no reduce-scatter: sum everything in place (the incoming gradient is this node's own
+        # buffer), keep this rank's slice.
+        dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].clone(), None
 
 
 def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """(n, ...) on every rank -> (W * n, ...) in rank order, differentiable."""
     return _AllGatherWithGrad.apply(tensor, group)
-
-
-def all_gather_no_grad(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
-    _, world = world_info(group)
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.detach().contiguous(), group=group)
-    return parts
 
 
 def gather_features(image: torch.Tensor, text: torch.Tensor, *, local_loss: bool, gather_with_grad: bool,
@@ -110,11 +112,13 @@ def gather_features(image: torch.Tensor, text: torch.Tensor, *, local_loss: bool
     (``local_loss=False``) puts this rank's live tensors back in its own slot."""
     if gather_with_grad:
         return all_gather_with_grad(image, group), all_gather_with_grad(text, group)
+    all_image, all_text = _all_gather_into(image, group), _all_gather_into(text, group)
+    if local_loss:
+        return all_image, all_text
     rank, _ = world_info(group)
-    images, texts = all_gather_no_grad(image, group), all_gather_no_grad(text, group)
-    if not local_loss:
-        images[rank], texts[rank] = image, text
-    return torch.cat(images), torch.cat(texts)
+    rows = slice(rank * image.shape[0], (rank + 1) * image.shape[0])
+    return (torch.cat([all_image[:rows.start], image, all_image[rows.stop:]]),
+            torch.cat([all_text[:rows.start], text, all_text[rows.stop:]]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,38 +196,47 @@ class _RingInfoNCE(torch.autograd.Function):
         ring = _Ring(ctx.group)
         kernels = _ops.kernels(backends.select(_ops.OP, image.device, image.dtype))
         a, b = image.detach().contiguous(), text.detach().contiguous()
-        n, dim = a.shape
+        n = a.shape[0]
         dtype = _ops._compute_dtype(a)
         weight = 0.5 / n
-        empty = image_lse.new_empty(0)
-        own_a = torch.zeros(n, dim, dtype=dtype, device=a.device)  # d(image loss)/d(own images), unscaled
-        own_b = torch.zeros_like(own_a)  # d(text loss)/d(own texts), unscaled
-        pair = torch.cat([a, b])
-        travelling = torch.zeros(2 * n, dim, dtype=dtype, device=a.device)  # accumulators of the pair's rows
-        for step in range(ring.world):
-            pending = ring.start(pair) if step < ring.world - 1 else None
-            block_images, block_texts = pair[:n], pair[n:]
-            g_a, g_block_texts = kernels.grad(a, block_texts, logit_scale, image_lse, empty, weight, 0.0)
-            g_b, g_block_images = kernels.grad(b, block_images, logit_scale, text_lse, empty, weight, 0.0)
-            own_a += g_a
-            own_b += g_b
-            travelling[:n] += g_block_images
-            travelling[n:] += g_block_texts
-            # The accumulators follow their block; after the last step they take one more hop home.
-            travelling = ring.finish(ring.start(travelling))
-            if pending is not None:
-                pair = ring.finish(pending)
+        # Pass 1: text blocks travel for the image loss; pass 2: image blocks for the text loss. Two
+        # passes instead of one with (image, text) pairs halve what travels and is double-buffered.
+        own_a, texts_home = _ring_gradient_pass(ring, kernels, a, b, logit_scale, image_lse, weight)
+        own_b, images_home = _ring_gradient_pass(ring, kernels, b, a, logit_scale, text_lse, weight)
         a_c, b_c = a.to(dtype), b.to(dtype)
-        own_a -= weight * b_c  # the local positives: -1 on (i, i) in each direction
-        own_b -= weight * a_c
+        own_a.sub_(b_c, alpha=weight)  # the local positives: -1 on (i, i) in each direction
+        own_b.sub_(a_c, alpha=weight)
         g = grad_loss.to(dtype)
-        grad_scale = (g * ((a_c * own_a).sum() + (b_c * own_b).sum())).reshape(logit_scale.shape)
+        grad_scale = (g * (torch.vdot(a_c.flatten(), own_a.flatten())
+                           + torch.vdot(b_c.flatten(), own_b.flatten()))).reshape(logit_scale.shape)
         gs = g * logit_scale.reshape(()).to(dtype)
-        grad_image = gs * (own_a + travelling[:n] - weight * b_c)
-        grad_text = gs * (own_b + travelling[n:] - weight * a_c)
+        # d(own image rows) = own image-loss part + what every rank's text loss sent home + the own
+        # text loss's positive term (and symmetrically for texts).
+        grad_image = own_a.add_(images_home).sub_(b_c, alpha=weight).mul_(gs)
+        grad_text = own_b.add_(texts_home).sub_(a_c, alpha=weight).mul_(gs)
         # The loss is invariant to a bias on the logits (softmax is shift-invariant): exact zero gradient.
         return (grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale.to(logit_scale.dtype),
                 ctx.bias_like, None)
+
+
+def _ring_gradient_pass(ring: _Ring, kernels, queries, keys, logit_scale, query_lse, weight):
+    """One direction's gradient on the ring: G = weight * exp(s q k^T - lse_q) over all key blocks.
+
+    Returns (G @ K_all for this rank's queries, sum over ranks of G^T @ q for this rank's keys), both
+    unscaled, in the computation dtype. Each key block travels with the accumulator of its rows; after
+    W steps and W hops the accumulator is back home."""
+    empty = query_lse.new_empty(0)
+    block, own, travelling = keys, None, None
+    for step in range(ring.world):
+        pending = ring.start(block) if step < ring.world - 1 else None  # overlaps the kernel below
+        g_own, g_block = kernels.grad(queries, block, logit_scale, query_lse, empty, weight, 0.0)
+        own = g_own if own is None else own.add_(g_own)
+        travelling = g_block if travelling is None else travelling.add_(g_block)
+        del g_own, g_block
+        travelling = ring.finish(ring.start(travelling))
+        if pending is not None:
+            block = ring.finish(pending)
+    return own, travelling
 
 
 def ring_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,

@@ -1,9 +1,10 @@
-"""`python -m clipfast.bench [--op contrastive] [--quick] [--device cpu] [--losses clip siglip]`
+"""`python -m clipfast.bench [--op contrastive|distributed|all] [--quick] [--device cpu] [--losses clip siglip]`
 
-Runs every case of the op (providers x N, fp32, D = 512, forward + backward), prints the table and
-the targets, and writes bench-results/contrastive.csv and PNG plots. The full run takes about
-15 minutes on 2 cores (open_clip at N = 16384 and clipfast at N = 65536 dominate); --quick stops at
-N = 4096 and takes about a minute.
+contrastive: every case of the op (providers x N, fp32, D = 512, forward + backward), the table and
+the targets, bench-results/contrastive.csv and PNG plots; about 5 minutes on 2 cores (open_clip at
+N = 16384 and clipfast at N = 65536 dominate); --quick stops at N = 4096 (about a minute).
+distributed: open_clip's production distributed ClipLoss against clipfast's gather and ring variants
+on 2 gloo processes (see clipfast.bench.distributed); about a minute.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tupl
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipfast.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--op", default="contrastive", choices=["contrastive"])
+    parser.add_argument("--op", default="contrastive", choices=["contrastive", "distributed", "all"],
+                        help="contrastive (single process), distributed (2 gloo processes), or all")
     parser.add_argument("--quick", action="store_true", help=f"N in {bench_cases.QUICK_SIZES} only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--losses", nargs="+", default=list(bench_cases.LOSSES), choices=bench_cases.LOSSES)
@@ -73,9 +75,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
-    sizes = args.sizes or (bench_cases.QUICK_SIZES if args.quick else bench_cases.SIZES)
-    print(f"clipfast.bench: op={args.op} device={args.device} N={list(sizes)} losses={args.losses}", flush=True)
-    _, met = run(args.device, sizes, args.losses, args.out, log=lambda m: print(m, flush=True))
+    met = True
+    if args.op in ("contrastive", "all"):
+        sizes = args.sizes or (bench_cases.QUICK_SIZES if args.quick else bench_cases.SIZES)
+        print(f"clipfast.bench: op=contrastive device={args.device} N={list(sizes)} losses={args.losses}", flush=True)
+        _, met = run(args.device, sizes, args.losses, args.out, log=lambda m: print(m, flush=True))
+    if args.op in ("distributed", "all"):
+        from clipfast.bench import distributed
+
+        sizes = args.sizes or ((1024,) if args.quick else distributed.SIZES)
+        print(f"\nclipfast.bench: op=distributed n/rank={list(sizes)}", flush=True)
+        text, distributed_met = distributed.run(sizes)
+        print(text)
+        met &= distributed_met
     return 1 if args.fail_on_miss and not met else 0
 
 

@@ -154,18 +154,19 @@ def contrastive_loss_backward(grad_loss: torch.Tensor, image: torch.Tensor, text
     w_row, w_col = _infonce_weights(n, m, symmetric)
     a_bar, b_bar = _kernels_for(a).grad(a, b, logit_scale, row_lse, col_lse, w_row, w_col)
     a_c, b_c = a.to(dtype), b.to(dtype)
-    # Labels: the one-hot part of G, weight (1 - eps)(w_r + w_c) on the positive pairs.
+    # Labels: the one-hot part of G, weight (1 - eps)(w_r + w_c) on the positive pairs. In place
+    # throughout: the distributed losses run this on (N, D) blocks, where every copy counts.
     label_weight = (1 - label_smoothing) * (w_row + w_col)
-    a_bar[:n] -= label_weight * b_c[label_offset:label_offset + n]
-    b_bar[label_offset:label_offset + n] -= label_weight * a_c
+    a_bar[:n].sub_(b_c[label_offset:label_offset + n], alpha=label_weight)
+    b_bar[label_offset:label_offset + n].sub_(a_c, alpha=label_weight)
     if label_smoothing:  # uniform part of G: eps (w_r / M + w_c / N) on every pair
         uniform = label_smoothing * (w_row / m + w_col / n)
-        a_bar -= uniform * b_c.sum(0)
-        b_bar -= uniform * a_c.sum(0)
+        a_bar.sub_(b_c.sum(0), alpha=uniform)
+        b_bar.sub_(a_c.sum(0), alpha=uniform)
     g = grad_loss.to(dtype)
+    grad_scale = (g * torch.vdot(a_c.flatten(), a_bar.flatten())).reshape(logit_scale.shape).to(logit_scale.dtype)
     gs = g * logit_scale.reshape(()).to(dtype)
-    grad_scale = (g * (a_c * a_bar).sum()).reshape(logit_scale.shape).to(logit_scale.dtype)
-    return (gs * a_bar).to(image.dtype), (gs * b_bar).to(text.dtype), grad_scale
+    return a_bar.mul_(gs).to(image.dtype), b_bar.mul_(gs).to(text.dtype), grad_scale
 
 
 @contrastive_loss_backward.register_fake
@@ -229,14 +230,14 @@ def siglip_loss_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: tor
     a_c = a.to(dtype)
     sigmoid_total = row_sum.sum()
     if not negative_only:  # the -I_o part of G, after accumulation
-        a_bar[:n] -= b[label_offset:label_offset + n].to(dtype)
-        b_bar[label_offset:label_offset + n] -= a_c
+        a_bar[:n].sub_(b[label_offset:label_offset + n].to(dtype))
+        b_bar[label_offset:label_offset + n].sub_(a_c)
         sigmoid_total = sigmoid_total - n
     g = grad_loss.to(dtype) / n
-    gs = g * logit_scale.reshape(()).to(dtype)
-    grad_scale = (g * (a_c * a_bar).sum()).reshape(logit_scale.shape).to(logit_scale.dtype)
+    grad_scale = (g * torch.vdot(a_c.flatten(), a_bar.flatten())).reshape(logit_scale.shape).to(logit_scale.dtype)
     grad_bias = (g * sigmoid_total).reshape(logit_bias.shape).to(logit_bias.dtype)
-    return (gs * a_bar).to(image.dtype), (gs * b_bar).to(text.dtype), grad_scale, grad_bias
+    gs = g * logit_scale.reshape(()).to(dtype)
+    return a_bar.mul_(gs).to(image.dtype), b_bar.mul_(gs).to(text.dtype), grad_scale, grad_bias
 
 
 @siglip_loss_backward.register_fake

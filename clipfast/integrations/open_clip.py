@@ -1,0 +1,60 @@
+"""open_clip training-script integration: ``create_loss(args)`` returning clipfast's loss modules.
+
+Mirrors ``open_clip.factory.create_loss`` of open-clip-torch 3.3.0, which ``open_clip_train.main``
+calls with its parsed command-line arguments, so a training script switches with one line::
+
+    from clipfast.integrations.open_clip import create_loss   # instead of: from open_clip import create_loss
+    loss = create_loss(args)
+"""
+
+from __future__ import annotations
+
+from clipfast import nn
+
+
+def create_loss(args):
+    """open_clip's ``create_loss(args)``, building clipfast's ``ClipLoss`` or ``SigLipLoss``.
+
+    Reads the fields of open_clip_train's argument namespace, with open_clip's precedence
+    (distillation, then CoCa, then SigLIP, then CLIP):
+
+    - ``args.distill`` (default False) or a CoCa model (``"coca" in args.model.lower()``): not
+      supported by clipfast yet, raises.
+    - ``args.siglip`` (default False): ``SigLipLoss(rank=args.rank, world_size=args.world_size,
+      dist_impl=args.loss_dist_impl)`` (``loss_dist_impl`` defaults to None, i.e. "bidir").
+    - otherwise: ``ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
+      cache_labels=True, rank=args.rank, world_size=args.world_size, use_horovod=args.horovod)``.
+      As in open_clip, ``loss_dist_impl`` is not passed to ``ClipLoss``.
+
+    Fields that older namespaces may lack (``distill``, ``siglip``, ``horovod``, ``loss_dist_impl``)
+    default as in open_clip_train's parser; ``model``, ``local_loss``, ``gather_with_grad``, ``rank``
+    and ``world_size`` are required, as in open_clip.
+
+    Args:
+        args: an ``argparse.Namespace`` (or any object) with the fields above.
+
+    Returns:
+        A ``clipfast.nn.ClipLoss`` or ``clipfast.nn.SigLipLoss`` module.
+
+    Raises:
+        NotImplementedError: distillation or CoCa (use ``open_clip.create_loss(args)`` for those), or
+            ``args.horovod`` with SigLIP (open_clip rejects that combination too). ``ClipLoss`` and
+            ``SigLipLoss`` raise their own errors for settings they do not support.
+    """
+    if getattr(args, "distill", False):
+        raise NotImplementedError(
+            "clipfast has no distillation loss (open_clip's DistillClipLoss) yet; "
+            "use open_clip.create_loss(args) for --distill-model/--distill-pretrained runs")
+    if "coca" in args.model.lower():
+        raise NotImplementedError(
+            f"clipfast has no CoCa loss (open_clip's CoCaLoss, needed by model {args.model!r}) yet; "
+            "use open_clip.create_loss(args) for CoCa models")
+    horovod = getattr(args, "horovod", False)
+    if getattr(args, "siglip", False):
+        if horovod:
+            raise NotImplementedError("Horovod is not supported for SigLIP (open_clip rejects --horovod with "
+                                      "--siglip too); use torch.distributed")
+        return nn.SigLipLoss(rank=args.rank, world_size=args.world_size,
+                             dist_impl=getattr(args, "loss_dist_impl", None))
+    return nn.ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
+                       rank=args.rank, world_size=args.world_size, use_horovod=horovod)
