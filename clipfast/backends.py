@@ -31,10 +31,16 @@ from typing import Optional
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-OPS = ("contrastive",)
+OPS = ("contrastive", "schur_covariance")
 
 # Native library ops each clipfast op needs, per op stem (see csrc/clipfast.cpp).
-NATIVE_OPS = {"contrastive": ("contrastive_lse", "contrastive_grad", "siglip_softplus", "siglip_grad")}
+NATIVE_OPS = {
+    "contrastive": ("contrastive_lse", "contrastive_grad", "siglip_softplus", "siglip_grad"),
+    "schur_covariance": ("feature_gram", "feature_gram_backward"),
+}
+
+# Ops with Triton kernels (clipfast/triton_kernels/<op>.py).
+TRITON_OPS = ("contrastive",)
 
 # Feature dtypes each backend computes (all accumulate in fp32; float64 runs in float64 where listed).
 DTYPES = {
@@ -118,6 +124,8 @@ def refusal_reason(op: str, backend: str, device: torch.device,
             return "the native library has no CPU kernel for this op"
         return None
     if backend == "triton":
+        if op not in TRITON_OPS:
+            return "no Triton kernel for this op yet"
         if not triton_importable():
             return "triton is not installed"
         if device.type == "cuda":
@@ -131,6 +139,8 @@ def refusal_reason(op: str, backend: str, device: torch.device,
         if not _NATIVE_LOADED:
             return native_load_error
         if not _native_kernel_registered(op, "CUDA"):
+            if _native_kernel_registered("contrastive", "CUDA"):
+                return "no CUDA kernel for this op yet"
             return "clipfast._C was built without CUDA kernels (CPU-only torch or no nvcc at build time)"
         return None
 

@@ -15,6 +15,14 @@ TORCH_LIBRARY(clipfast_C, m) {
   m.def(
       "siglip_grad(Tensor x, Tensor y, Tensor scale, Tensor bias) -> (Tensor grad_x, Tensor grad_y, "
       "Tensor grad_row_sum)");
+
+  // schur_covariance (clipfast/ops/schur_covariance.py): the n x F feature matrices are never materialised.
+  m.def(
+      "feature_gram(Tensor text, Tensor image, str feature_map, Tensor? omegas) -> (Tensor s_tt, Tensor s_tx, "
+      "Tensor s_xx)");
+  m.def(
+      "feature_gram_backward(Tensor grad_tt, Tensor grad_tx, Tensor grad_xx, Tensor text, Tensor image, "
+      "str feature_map, Tensor? omegas) -> (Tensor grad_text, Tensor grad_image)");
 }
 
 // `from clipfast import _C` loads this library (and so runs the registrations above) without pybind11.

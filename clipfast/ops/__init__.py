@@ -1,3 +1,4 @@
 """The registration point: every clipfast op as a torch.library custom op (fake, autograd, kernels)."""
 
 from clipfast.ops import contrastive  # noqa: F401  (registers clipfast::contrastive_loss and friends)
+from clipfast.ops import schur_covariance  # noqa: F401  (registers clipfast::feature_gram)

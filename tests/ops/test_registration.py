@@ -1,5 +1,5 @@
-"""torch.library.opcheck on every registered op (clipfast:: and clipfast_C::), with and without
-requires_grad, and a meta-test that no registered op lacks a case."""
+"""torch.library.opcheck on every registered op of every clipfast op stem (clipfast:: and clipfast_C::),
+with and without requires_grad, and a meta-test that no registered op lacks a case."""
 
 import pytest
 import torch
@@ -41,6 +41,19 @@ def _public_cases(requires_grad):
         "siglip_loss_backward": [
             (torch.tensor(0.5), a.detach(), b.detach(), s.detach(), beta.detach(), 0, False),
         ],
+        **_schur_cases(requires_grad),
+    }
+
+
+def _schur_cases(requires_grad):
+    t, x = _features(20, 20, 6, requires_grad)
+    omegas = torch.randn(6, 5)
+    grads = [torch.randn(6, 6) for _ in range(3)]
+    rff_grads = [torch.randn(10, 10) for _ in range(3)]
+    return {
+        "feature_gram": [(t, x, "linear", None), (t, x, "row_normalized", None), (t, x, "rff", omegas)],
+        "feature_gram_backward": [(*grads, t.detach(), x.detach(), "row_normalized", None),
+                                  (*rff_grads, t.detach(), x.detach(), "rff", omegas)],
     }
 
 
@@ -53,11 +66,13 @@ def _native_cases():
         "contrastive_grad": [(a, b, s, row, col, 0.5, 0.25), (a, b, s, row, torch.empty(0), 1.0, 0.0)],
         "siglip_softplus": [(a, b, s, beta)],
         "siglip_grad": [(a, b, s, beta)],
+        "feature_gram": [(a, a, "rff", torch.randn(8, 3)), (a, a, "linear", None)],
+        "feature_gram_backward": [(*(torch.randn(8, 8) for _ in range(3)), a, a, "row_normalized", None)],
     }
 
 
 PUBLIC_OPS = sorted(_public_cases(False))
-NATIVE_OPS = sorted(backends.NATIVE_OPS["contrastive"])
+NATIVE_OPS = sorted(name for names in backends.NATIVE_OPS.values() for name in names)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
