@@ -12,12 +12,14 @@ Ops (``mutates_args=()``):
 so autograd reaches the embeddings through the registered op. ``omegas`` (the RFF frequencies) are
 data, not parameters: they get no gradient.
 
-Backends: ``cpu`` (C++, csrc/cpu/schur_covariance.cpp) and ``reference`` (plain PyTorch, any device);
-Triton and CUDA kernels for this op are not written yet, so CUDA tensors run the reference.
+Backends: ``cpu`` (C++, csrc/cpu/schur_covariance.cpp), ``triton`` (triton_kernels/schur_covariance.py),
+``cuda`` (csrc/cuda/schur_covariance.cu, opt-in) and ``reference`` (plain PyTorch, any device).
 """
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -30,6 +32,27 @@ OP = "schur_covariance"
 
 def _backend(t: torch.Tensor) -> str:
     return backends.select(OP, t.device, t.dtype)
+
+
+def _reference_gram(text, image, feature_map, omegas):
+    with torch.no_grad():
+        return tuple(g.contiguous() for g in reference.feature_gram_reference(text, image, feature_map, omegas))
+
+
+def kernels(backend: str) -> SimpleNamespace:
+    """``gram`` and ``gram_backward`` of ``backend`` (the contract of the ``clipfast_C`` ops)."""
+    if backend == "reference":
+        return SimpleNamespace(gram=_reference_gram, gram_backward=reference.feature_gram_backward_reference)
+    if backend == "triton":
+        from clipfast.triton_kernels import schur_covariance as triton_schur
+
+        precision = {"input_precision": backends.triton_input_precision()}
+        return SimpleNamespace(gram=functools.partial(triton_schur.feature_gram_triton, **precision),
+                               gram_backward=functools.partial(triton_schur.feature_gram_backward_triton, **precision))
+    if backend in ("cpu", "cuda"):  # one native op, dispatched on the tensors' device
+        return SimpleNamespace(gram=torch.ops.clipfast_C.feature_gram,
+                               gram_backward=torch.ops.clipfast_C.feature_gram_backward)
+    raise ValueError(f"unknown backend {backend!r}")
 
 
 def _check_feature_map(feature_map: str) -> None:
@@ -45,10 +68,7 @@ def _features(text: torch.Tensor, feature_map: str, omegas: Optional[torch.Tenso
 def feature_gram(text: torch.Tensor, image: torch.Tensor, feature_map: str,
                  omegas: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_feature_map(feature_map)
-    if _backend(text) == "cpu":
-        return torch.ops.clipfast_C.feature_gram(text, image, feature_map, omegas)
-    with torch.no_grad():
-        return tuple(g.contiguous() for g in reference.feature_gram_reference(text, image, feature_map, omegas))
+    return kernels(_backend(text)).gram(text, image, feature_map, omegas)
 
 
 @torch.library.custom_op("clipfast::feature_gram_backward", mutates_args=())
@@ -56,9 +76,7 @@ def feature_gram_backward(grad_tt: torch.Tensor, grad_tx: torch.Tensor, grad_xx:
                           text: torch.Tensor, image: torch.Tensor, feature_map: str,
                           omegas: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     _check_feature_map(feature_map)
-    if _backend(text) == "cpu":
-        return torch.ops.clipfast_C.feature_gram_backward(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas)
-    return reference.feature_gram_backward_reference(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas)
+    return kernels(_backend(text)).gram_backward(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas)
 
 
 @feature_gram_backward.register_fake

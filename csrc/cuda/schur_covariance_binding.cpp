@@ -1,0 +1,213 @@
+// CUDA implementations of the clipfast_C feature Gram ops (schemas in csrc/clipfast.cpp), on top of the
+// C ABI of csrc/cuda/schur_covariance.cu (csrc/include/clipfast/schur_covariance_cuda.h).
+//
+// Same algorithm as the CPU kernel (csrc/cpu/schur_covariance.cpp): the n rows are processed in tiles
+// of kTileRows; each tile's features go into fp32 scratch buffers allocated once per call through ATen
+// (the caching allocator makes this cheap), then feed rank-k updates of the three (F, F) sums (forward)
+// or the dphi products and the chain rule through phi (backward). Memory: O(F^2 + kTileRows * F).
+// Everything runs in fp32 on the current stream; nothing synchronises with the host.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "clipfast/checks.h"
+#include "clipfast/schur_covariance_cuda.h"
+
+namespace clipfast {
+namespace {
+
+constexpr int64_t kTileRows = 1024;
+
+void check_launch(int code, const char* op) {
+  TORCH_CHECK(code == 0, op, ": CUDA kernel launch failed: ", clipfast_schur_cuda_error_string(code));
+}
+
+int parse_feature_map(c10::string_view name) {
+  if (name == "linear") return CLIPFAST_SCHUR_LINEAR;
+  if (name == "row_normalized") return CLIPFAST_SCHUR_ROW_NORMALIZED;
+  if (name == "rff") return CLIPFAST_SCHUR_RFF;
+  TORCH_CHECK(false, "feature_gram: feature_map must be 'linear', 'row_normalized' or 'rff', got '", std::string(name),
+              "'");
+}
+
+struct Problem {
+  at::Tensor text, image;  // input dtype, contiguous
+  at::Tensor omegas;       // fp32, contiguous, on the inputs' device; RFF only
+  int map;                 // CLIPFAST_SCHUR_*
+  int dtype;               // CLIPFAST_SCHUR_F32/F16/BF16
+  int64_t n, dim, m, features;
+};
+
+Problem make_problem(const at::Tensor& text, const at::Tensor& image, c10::string_view feature_map,
+                     const std::optional<at::Tensor>& omegas, const char* op) {
+  check_feature_pair(text, image, "feature_gram");
+  TORCH_CHECK(text.size(0) == image.size(0), "feature_gram: text has ", text.size(0), " rows but image has ",
+              image.size(0), " (pairs are rows)");
+  TORCH_CHECK(text.is_cuda(), op, ": expected CUDA tensors, got text on ", text.device());
+  const at::ScalarType dtype = text.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": the CUDA kernels take float32, float16 or bfloat16 features, got ", dtype,
+              " (float64 runs on the CPU or reference backends)");
+  Problem p;
+  p.map = parse_feature_map(feature_map);
+  p.dtype = dtype == at::kFloat ? CLIPFAST_SCHUR_F32 : dtype == at::kHalf ? CLIPFAST_SCHUR_F16 : CLIPFAST_SCHUR_BF16;
+  p.text = text.detach().contiguous();
+  p.image = image.detach().contiguous();
+  p.n = text.size(0);
+  p.dim = text.size(1);
+  p.m = 0;
+  p.features = p.dim;
+  if (p.map == CLIPFAST_SCHUR_RFF) {
+    TORCH_CHECK(omegas.has_value() && omegas->dim() == 2 && omegas->size(0) == text.size(1),
+                "feature_gram: 'rff' needs omegas of shape (", text.size(1), ", m)");
+    TORCH_CHECK(omegas->size(1) > 0, "feature_gram: omegas needs at least one frequency");
+    TORCH_CHECK(omegas->device() == text.device(), op, ": omegas must be on ", text.device(),
+                " like the features, got ", omegas->device());
+    p.omegas = omegas->detach().to(at::kFloat).contiguous();
+    p.m = omegas->size(1);
+    p.features = 2 * p.m;
+  }
+  return p;
+}
+
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::TensorOptions fp32_like(const at::Tensor& x) { return x.options().dtype(at::kFloat); }
+
+const void* row_base(const at::Tensor& t) { return t.const_data_ptr(); }
+
+float* float_ptr(at::Tensor& t) { return t.mutable_data_ptr<float>(); }
+
+// phi of the rows [r0, r0 + rows) of z into the tile buffer phi (>= rows * F floats).
+void tile_features(const Problem& p, const at::Tensor& z, int64_t r0, int64_t rows, at::Tensor& phi, void* stream,
+                   const char* op) {
+  const float* omegas = p.map == CLIPFAST_SCHUR_RFF ? p.omegas.const_data_ptr<float>() : nullptr;
+  check_launch(clipfast_schur_features_cuda(row_base(z), p.dtype, r0, rows, p.dim, p.map, omegas, p.m, float_ptr(phi),
+                                            stream),
+               op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_gram_cuda(const at::Tensor& text, const at::Tensor& image,
+                                                                 c10::string_view feature_map,
+                                                                 const std::optional<at::Tensor>& omegas) {
+  constexpr const char* op = "feature_gram";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Problem p = make_problem(text, image, feature_map, omegas, op);  // checks first: text is a CUDA tensor
+  const c10::cuda::CUDAGuard device_guard(text.device());
+  const int64_t f = p.features;
+  at::Tensor s_tt = at::zeros({f, f}, fp32_like(p.text));
+  at::Tensor s_tx = at::zeros_like(s_tt), s_xx = at::zeros_like(s_tt);
+  if (p.n == 0 || f == 0) return {s_tt, s_tx, s_xx};  // empty sums
+  const int64_t tile = std::min(kTileRows, p.n);
+  at::Tensor phi_t = at::empty({tile, f}, fp32_like(p.text));
+  at::Tensor phi_x = at::empty({tile, f}, fp32_like(p.text));
+  void* stream = current_stream();
+  for (int64_t r0 = 0; r0 < p.n; r0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, p.n - r0);
+    tile_features(p, p.text, r0, rows, phi_t, stream, op);
+    tile_features(p, p.image, r0, rows, phi_x, stream, op);
+    check_launch(clipfast_schur_gram_accumulate_cuda(float_ptr(phi_t), float_ptr(phi_t), rows, f, float_ptr(s_tt),
+                                                     stream),
+                 op);
+    check_launch(clipfast_schur_gram_accumulate_cuda(float_ptr(phi_t), float_ptr(phi_x), rows, f, float_ptr(s_tx),
+                                                     stream),
+                 op);
+    check_launch(clipfast_schur_gram_accumulate_cuda(float_ptr(phi_x), float_ptr(phi_x), rows, f, float_ptr(s_xx),
+                                                     stream),
+                 op);
+  }
+  return {s_tt, s_tx, s_xx};
+}
+
+// dz for one tile from its features phi and dphi (both (rows, F) tile buffers), written to dz (rows, dim),
+// a slice of the fp32 gradient. For the linear map dphi already is dz (the caller writes it there).
+void tile_input_grad(const Problem& p, const at::Tensor& z, int64_t r0, int64_t rows, at::Tensor& phi,
+                     at::Tensor& dphi, at::Tensor& du, float* dz, void* stream, const char* op) {
+  if (p.map == CLIPFAST_SCHUR_ROW_NORMALIZED) {
+    check_launch(clipfast_schur_row_normalized_grad_cuda(row_base(z), p.dtype, r0, rows, p.dim, float_ptr(phi),
+                                                         float_ptr(dphi), dz, stream),
+                 op);
+  } else if (p.map == CLIPFAST_SCHUR_RFF) {
+    // du = (cos u * dphi_sin - sin u * dphi_cos) / sqrt(m), then dz = du W^T (W: (dim, m)).
+    check_launch(clipfast_schur_rff_du_cuda(float_ptr(phi), float_ptr(dphi), rows, p.m, float_ptr(du), stream), op);
+    check_launch(clipfast_schur_matmul_cuda(float_ptr(du), p.omegas.const_data_ptr<float>(), /*transpose_b=*/1, rows,
+                                            p.m, p.dim, /*accumulate=*/0, dz, stream),
+                 op);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_gram_backward_cuda(const at::Tensor& grad_tt, const at::Tensor& grad_tx,
+                                                              const at::Tensor& grad_xx, const at::Tensor& text,
+                                                              const at::Tensor& image, c10::string_view feature_map,
+                                                              const std::optional<at::Tensor>& omegas) {
+  constexpr const char* op = "feature_gram_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Problem p = make_problem(text, image, feature_map, omegas, op);  // checks first: text is a CUDA tensor
+  const c10::cuda::CUDAGuard device_guard(text.device());
+  const int64_t f = p.features;
+  for (const at::Tensor* g : {&grad_tt, &grad_tx, &grad_xx}) {
+    TORCH_CHECK(g->dim() == 2 && g->size(0) == f && g->size(1) == f, "feature_gram_backward: gradients must be (", f,
+                ", ", f, "), got ", g->sizes());
+    TORCH_CHECK(g->device() == text.device(), op, ": gradients must be on ", text.device(), " like the features, got ",
+                g->device());
+  }
+  at::Tensor d_text = at::empty({p.n, p.dim}, fp32_like(p.text));
+  at::Tensor d_image = at::empty({p.n, p.dim}, fp32_like(p.text));
+  if (p.n > 0 && p.dim > 0) {
+    if (f == 0) {  // no feature (cannot happen for RFF, whose m > 0): nothing flows back
+      d_text.zero_();
+      d_image.zero_();
+    } else {
+      const at::Tensor g_tt = grad_tt.detach().to(at::kFloat), g_xx = grad_xx.detach().to(at::kFloat);
+      const at::Tensor sym_tt = (g_tt + g_tt.t()).contiguous(), sym_xx = (g_xx + g_xx.t()).contiguous();
+      const at::Tensor g_tx = grad_tx.detach().to(at::kFloat).contiguous();
+      const float* sym_tt_ptr = sym_tt.const_data_ptr<float>();
+      const float* sym_xx_ptr = sym_xx.const_data_ptr<float>();
+      const float* g_tx_ptr = g_tx.const_data_ptr<float>();
+      const bool linear = p.map == CLIPFAST_SCHUR_LINEAR;
+      const int64_t tile = std::min(kTileRows, p.n);
+      at::Tensor phi_t = at::empty({tile, f}, fp32_like(p.text));
+      at::Tensor phi_x = at::empty({tile, f}, fp32_like(p.text));
+      // For the linear map dphi is dz: the products are written straight into the gradients.
+      at::Tensor dphi_t = linear ? at::Tensor() : at::empty({tile, f}, fp32_like(p.text));
+      at::Tensor dphi_x = linear ? at::Tensor() : at::empty({tile, f}, fp32_like(p.text));
+      at::Tensor du = p.map == CLIPFAST_SCHUR_RFF ? at::empty({tile, p.m}, fp32_like(p.text)) : at::Tensor();
+      void* stream = current_stream();
+      for (int64_t r0 = 0; r0 < p.n; r0 += kTileRows) {
+        const int64_t rows = std::min(kTileRows, p.n - r0);
+        float* dz_t = float_ptr(d_text) + r0 * p.dim;
+        float* dz_x = float_ptr(d_image) + r0 * p.dim;
+        float* dphi_t_ptr = linear ? dz_t : float_ptr(dphi_t);
+        float* dphi_x_ptr = linear ? dz_x : float_ptr(dphi_x);
+        tile_features(p, p.text, r0, rows, phi_t, stream, op);
+        tile_features(p, p.image, r0, rows, phi_x, stream, op);
+        // dphi_t = phi_t (G_tt + G_tt^T) + phi_x G_tx^T
+        check_launch(clipfast_schur_matmul_cuda(float_ptr(phi_t), sym_tt_ptr, 0, rows, f, f, 0, dphi_t_ptr, stream), op);
+        check_launch(clipfast_schur_matmul_cuda(float_ptr(phi_x), g_tx_ptr, 1, rows, f, f, 1, dphi_t_ptr, stream), op);
+        // dphi_x = phi_x (G_xx + G_xx^T) + phi_t G_tx
+        check_launch(clipfast_schur_matmul_cuda(float_ptr(phi_x), sym_xx_ptr, 0, rows, f, f, 0, dphi_x_ptr, stream), op);
+        check_launch(clipfast_schur_matmul_cuda(float_ptr(phi_t), g_tx_ptr, 0, rows, f, f, 1, dphi_x_ptr, stream), op);
+        if (!linear) {
+          tile_input_grad(p, p.text, r0, rows, phi_t, dphi_t, du, dz_t, stream, op);
+          tile_input_grad(p, p.image, r0, rows, phi_x, dphi_x, du, dz_x, stream, op);
+        }
+      }
+    }
+  }
+  return {d_text.to(text.scalar_type()), d_image.to(image.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(clipfast_C, CUDA, m) {
+  m.impl("feature_gram", &feature_gram_cuda);
+  m.impl("feature_gram_backward", &feature_gram_backward_cuda);
+}
+
+}  // namespace clipfast
