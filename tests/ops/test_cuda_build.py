@@ -1,4 +1,4 @@
-"""The CUDA kernels without a GPU: they compile for sm_80/sm_90 with no register spills (what
+"""The CUDA kernels of every op without a GPU: they compile for sm_80/sm_90 with no register spills (what
 `make check-cuda` runs), and the extension carries their CUDA dispatch entries when built by a CUDA torch."""
 
 import os
@@ -25,5 +25,6 @@ def test_make_check_cuda_passes():
 @pytest.mark.skipif(not (torch.version.cuda and NVCC and backends.native_available()),
                     reason="the extension is built with CUDA kernels only by a CUDA torch with nvcc present")
 def test_extension_registers_cuda_kernels():
-    for name in backends.NATIVE_OPS["contrastive"]:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"clipfast_C::{name}", "CUDA"), name
+    for names in backends.NATIVE_OPS.values():
+        for name in names:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"clipfast_C::{name}", "CUDA"), name
