@@ -1,0 +1,341 @@
+"""Triton feature-Gram launchers against the float64 reference (clipfast.reference.schur_covariance).
+
+The reference runs in float64 on the *same* (already rounded) inputs, so every difference is error
+made by the kernels.
+
+Tolerances
+* fp32 inputs, input_precision="ieee": Gram sums rtol 1e-5 with atol 1e-5 * max|ref| (sums over n
+  grow with n, so the absolute part is relative to the block's scale); gradients rtol 1e-4 with
+  atol 1e-4 * max|ref|.
+* fp16 / bf16 inputs, FlashAttention-style: max|out - ref| <= 2 * max|torch - ref| +
+  eps(dtype) * max|ref|, where ``torch`` is the plain torch computation in the input dtype
+  (features, Gram products and the chain rule rounded to that dtype).
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 when CUDA is unavailable), so shapes are small (n <= 300, d <= 48, m <= 24).
+With the real block sizes such F fit one tile; ``small_blocks`` shrinks the blocks (and the
+backward's row chunk) to exercise multi-tile grids, the mirrored symmetric tiles, an rff cos/sin
+boundary inside a tile, and several backward row chunks.
+"""
+
+import math
+
+import pytest
+import torch
+
+try:
+    import triton
+except ImportError:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from clipfast.reference.schur_covariance import feature_gram_backward_reference, feature_gram_reference
+from clipfast.triton_kernels import schur_covariance as K
+from clipfast.triton_kernels.interpreter_patches import patch_bf16_dot
+
+DEVICE = "cpu" if triton.knobs.runtime.interpret else "cuda"
+MAPS = ("linear", "row_normalized", "rff")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+SHAPES = ((37, 19, 5), (1, 19, 5), (300, 48, 24))  # (n, d, m)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_bf16_dot():
+    patch_bf16_dot()
+
+
+def _inputs(n, d, m, dtype=torch.float32, seed=0):
+    """text, image (n, d) rounded to ``dtype`` and omegas (d, m) fp32 with phases u = z W ~ N(0, 4)."""
+    g = torch.Generator().manual_seed(seed)
+    text = (torch.randn(n, d, generator=g) / math.sqrt(d)).to(dtype).to(DEVICE)
+    image = (torch.randn(n, d, generator=g) / math.sqrt(d) + 0.3 * text.float().cpu()).to(dtype).to(DEVICE)
+    omegas = (2.0 * torch.randn(d, m, generator=g)).to(DEVICE)
+    return text, image, omegas
+
+
+def _grads(f, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(f, f, generator=g).to(DEVICE) for _ in range(3))
+
+
+def _close(out, ref, rtol, atol_rel):
+    ref = ref.cpu().double()
+    atol = atol_rel * max(ref.abs().max().item(), 1e-30) if ref.numel() else 0.0
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=rtol, atol=atol)
+
+
+def _fa_rule(out, ref, low, dtype, name):
+    """max|out - ref| <= 2 max|low - ref| + eps(dtype) max|ref| (see module docstring)."""
+    ref = ref.cpu().double()
+    err = (out.cpu().double() - ref).abs().max().item()
+    err_torch = (low.cpu().double() - ref).abs().max().item()
+    bound = 2 * err_torch + torch.finfo(dtype).eps * ref.abs().max().item()
+    assert err <= bound, f"{name}: kernel error {err:.3e} > bound {bound:.3e} (torch {dtype} error {err_torch:.3e})"
+
+
+def _reference(text, image, fmap, omegas, grads):
+    """float64 (S_tt, S_tx, S_xx) and (d_text, d_image) on CPU."""
+    t, x, w = text.cpu().double(), image.cpu().double(), omegas.cpu().double()
+    grams = feature_gram_reference(t, x, fmap, w)
+    d = feature_gram_backward_reference(*(g.cpu().double() for g in grads), t, x, fmap, w)
+    return grams, d
+
+
+def _phi_low(z, fmap, w):
+    """Plain torch feature map in z's dtype."""
+    if fmap == "linear":
+        return z
+    if fmap == "row_normalized":
+        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    u = z @ w.to(z.dtype)
+    return torch.cat([torch.cos(u), torch.sin(u)], 1) / math.sqrt(w.shape[1])
+
+
+def _torch_low(text, image, fmap, omegas, grads):
+    """The same computation as the reference in the input dtype (what plain torch users get)."""
+    t, x, w = text.cpu(), image.cpu(), omegas.cpu()
+    g_tt, g_tx, g_xx = (g.cpu().to(t.dtype) for g in grads)
+    pt, px = _phi_low(t, fmap, w), _phi_low(x, fmap, w)
+    grams = (pt.T @ pt, pt.T @ px, px.T @ px)
+    dpt, dpx = pt @ (g_tt + g_tt.T) + px @ g_tx.T, px @ (g_xx + g_xx.T) + pt @ g_tx
+
+    def chain(z, phi, dphi):
+        if fmap == "linear":
+            return dphi
+        if fmap == "row_normalized":
+            norm = z.norm(dim=1, keepdim=True)
+            return (dphi - phi * (phi * dphi).sum(1, keepdim=True)) / norm.clamp_min(1e-12)
+        m = w.shape[1]
+        wl = w.to(z.dtype)
+        u = z @ wl
+        return ((torch.cos(u) * dphi[:, m:] - torch.sin(u) * dphi[:, :m]) / math.sqrt(m)) @ wl.T
+
+    return grams, (chain(t, pt, dpt), chain(x, px, dpx))
+
+
+def _run(text, image, fmap, omegas, grads, **kw):
+    grams = K.feature_gram_triton(text, image, fmap, omegas, **kw)
+    d = K.feature_gram_backward_triton(*grads, text, image, fmap, omegas, **kw)
+    return grams, d
+
+
+def _check_fp32(text, image, fmap, omegas):
+    n, d = text.shape
+    f = 2 * omegas.shape[1] if fmap == "rff" else d
+    grads = _grads(f)
+    grams, (d_text, d_image) = _run(text, image, fmap, omegas, grads)
+    ref_grams, (ref_dt, ref_dx) = _reference(text, image, fmap, omegas, grads)
+    for out, ref in zip(grams, ref_grams):
+        assert out.dtype == torch.float32 and out.shape == (f, f) and out.is_contiguous()
+        _close(out, ref, rtol=1e-5, atol_rel=1e-5)
+    assert d_text.shape == d_image.shape == (n, d) and d_text.dtype == d_image.dtype == text.dtype
+    _close(d_text, ref_dt, rtol=1e-4, atol_rel=1e-4)
+    _close(d_image, ref_dx, rtol=1e-4, atol_rel=1e-4)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """16-wide blocks and 32-row backward chunks (multi-tile grids at interpreter sizes)."""
+    real = K.kernel_configs
+
+    def configs(F, d, dtype):
+        cfg = real(F, d, dtype)
+        cfg["gram"].update(BLOCK_N=16, BLOCK_F=16, BLOCK_K=16)
+        cfg["grad"].update(BLOCK_N=16, BLOCK_C=16, BLOCK_F=16, BLOCK_K=16)
+        return cfg
+
+    monkeypatch.setattr(K, "kernel_configs", configs)
+    monkeypatch.setattr(K, "_GRAD_CHUNK_ELEMS", 32 * 48)
+
+
+# ----------------------------------------------------------------------------------------
+# fp32, input_precision="ieee"
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmap", MAPS)
+def test_fp32(shape, fmap):
+    text, image, omegas = _inputs(*shape)
+    _check_fp32(text, image, fmap, omegas)
+
+
+@pytest.mark.parametrize("fmap", MAPS)
+def test_fp32_multi_tile(fmap, small_blocks):
+    # F = 48 (rff: m = 24, cos/sin boundary inside tile 1) -> 3 x 3 tiles of 16; n = 67 rows in
+    # backward chunks of 32 (F = 48) with a ragged last chunk.
+    text, image, omegas = _inputs(67, 48 if fmap != "rff" else 21, 24)
+    _check_fp32(text, image, fmap, omegas)
+
+
+# ----------------------------------------------------------------------------------------
+# fp16 / bf16
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("fmap", MAPS)
+@pytest.mark.parametrize("shape", [(37, 19, 5), (130, 48, 24)])
+def test_low_precision(dtype, fmap, shape):
+    text, image, omegas = _inputs(*shape, dtype=dtype)
+    f = 2 * shape[2] if fmap == "rff" else shape[1]
+    grads = _grads(f)
+    grams, d = _run(text, image, fmap, omegas, grads)
+    ref_grams, ref_d = _reference(text, image, fmap, omegas, grads)
+    low_grams, low_d = _torch_low(text, image, fmap, omegas, grads)
+    for name, out, ref, low in zip(("S_tt", "S_tx", "S_xx"), grams, ref_grams, low_grams):
+        assert out.dtype == torch.float32
+        _fa_rule(out, ref, low, dtype, name)
+    for name, out, ref, low in zip(("d_text", "d_image"), d, ref_d, low_d):
+        assert out.dtype == dtype
+        _fa_rule(out, ref, low, dtype, name)
+
+
+def test_low_precision_multi_tile(small_blocks):
+    text, image, omegas = _inputs(67, 21, 24, dtype=torch.bfloat16)
+    grads = _grads(48)
+    grams, d = _run(text, image, "rff", omegas, grads)
+    ref_grams, ref_d = _reference(text, image, "rff", omegas, grads)
+    low_grams, low_d = _torch_low(text, image, "rff", omegas, grads)
+    for out, ref, low in zip((*grams, *d), (*ref_grams, *ref_d), (*low_grams, *low_d)):
+        _fa_rule(out, ref, low, torch.bfloat16, "rff multi-tile")
+
+
+# ----------------------------------------------------------------------------------------
+# Layout, edge cases
+# ----------------------------------------------------------------------------------------
+
+
+def _strided_copies(t):
+    """Same values as ``t`` in two non-contiguous layouts: column-major and a strided slice."""
+    transposed = t.T.contiguous().T
+    big = torch.zeros(2 * t.shape[0], 3 * t.shape[1], dtype=t.dtype, device=t.device)
+    big[::2, ::3] = t
+    return transposed, big[::2, ::3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmap", ["row_normalized", "rff"])
+def test_non_contiguous_inputs(dtype, fmap):
+    text, image, omegas = _inputs(37, 19, 5, dtype=dtype)
+    grads = _grads(10 if fmap == "rff" else 19)
+    expected = _run(text, image, fmap, omegas, grads)
+    t_t, t_s = _strided_copies(text)
+    x_t, x_s = _strided_copies(image)
+    w_t, _ = _strided_copies(omegas)
+    assert not any(v.is_contiguous() for v in (t_t, t_s, x_t, x_s, w_t))
+    for tv, xv in ((t_t, x_s), (t_s, x_t)):
+        grams, d = _run(tv, xv, fmap, w_t, tuple(g.T.contiguous().T for g in grads))
+        # Same values, same tile order: only the addressing differs in the kernels. The torch
+        # chain rule (rff: z @ W, du @ W^T) may pick another BLAS order for strided operands.
+        for out, exp in zip(grams, expected[0]):
+            torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-6)
+        for out, exp in zip(d, expected[1]):
+            _close(out, exp.float(), rtol=1e-5, atol_rel=1e-5)
+
+
+def test_deterministic():
+    text, image, omegas = _inputs(67, 19, 5)
+    first = _run(text, image, "rff", omegas, _grads(10))
+    second = _run(text, image, "rff", omegas, _grads(10))
+    for a, b in zip((*first[0], *first[1]), (*second[0], *second[1])):
+        assert torch.equal(a, b)
+
+
+def test_symmetric_blocks_mirror_off_diagonal_tiles(small_blocks):
+    # Tiles above the diagonal are stored twice (transposed), so off-diagonal tiles are exact
+    # mirrors; inside a diagonal tile symmetry holds to rounding only.
+    text, image, omegas = _inputs(40, 19, 24)
+    tile = torch.arange(48, device=DEVICE) // 16
+    off_diag = tile[:, None] != tile[None, :]
+    for s in K.feature_gram_triton(text, image, "rff", omegas)[::2]:
+        assert torch.equal(s[off_diag], s.T[off_diag])
+        torch.testing.assert_close(s, s.T, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_row_is_clamped():
+    # row_normalized: a zero row has phi = 0 (norm clamped at 1e-12) and adds nothing to the sums.
+    text, image, omegas = _inputs(37, 19, 5)
+    text[3] = 0.0
+    grams = K.feature_gram_triton(text, image, "row_normalized")
+    ref = feature_gram_reference(text.cpu().double(), image.cpu().double(), "row_normalized")
+    for out, r in zip(grams, ref):
+        _close(out, r, rtol=1e-5, atol_rel=1e-5)
+
+
+def test_tf32_precision_accepted():
+    text, image, omegas = _inputs(37, 19, 5)
+    grams = K.feature_gram_triton(text, image, "linear", input_precision="tf32")
+    ref = feature_gram_reference(text.cpu().double(), image.cpu().double(), "linear")
+    for out, r in zip(grams, ref):
+        _close(out, r, rtol=1e-2, atol_rel=1e-2)
+
+
+@pytest.mark.parametrize("fmap", MAPS)
+def test_empty_batch(fmap):
+    text, image, omegas = _inputs(0, 19, 5)
+    f = 10 if fmap == "rff" else 19
+    grams, (d_text, d_image) = _run(text, image, fmap, omegas, _grads(f))
+    for s in grams:
+        assert s.shape == (f, f) and s.dtype == torch.float32 and not s.any()
+    assert d_text.shape == d_image.shape == (0, 19)
+
+
+def test_rff_zero_input_dim():
+    # d = 0: u = 0, so every cos feature is 1 / sqrt(m) and every sin feature 0.
+    text, image, omegas = _inputs(7, 0, 5)
+    s_tt, s_tx, s_xx = K.feature_gram_triton(text, image, "rff", omegas)
+    expected = torch.zeros(10, 10, dtype=torch.float64)
+    expected[:5, :5] = 7 / 5
+    for s in (s_tt, s_tx, s_xx):
+        _close(s, expected, rtol=1e-6, atol_rel=1e-6)
+    d_text, d_image = K.feature_gram_backward_triton(*_grads(10), text, image, "rff", omegas)
+    assert d_text.shape == d_image.shape == (7, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------------------
+
+
+def test_invalid_inputs():
+    text, image, omegas = _inputs(4, 8, 3)
+    gram = K.feature_gram_triton
+    with pytest.raises(ValueError, match="2-D"):
+        gram(text[0], image, "linear")
+    with pytest.raises(ValueError, match="same shape"):
+        gram(text, image[:3], "linear")
+    with pytest.raises(TypeError, match="same dtype"):
+        gram(text, image.half(), "linear")
+    with pytest.raises(TypeError, match="dtype"):
+        gram(text.double(), image.double(), "linear")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        gram(text.tolist(), image, "linear")
+    with pytest.raises(ValueError, match="same device"):
+        gram(text, image.to("meta"), "linear")
+    with pytest.raises(ValueError, match="feature_map"):
+        gram(text, image, "cosine")
+    with pytest.raises(TypeError, match="omegas"):
+        gram(text, image, "rff", None)
+    with pytest.raises(ValueError, match="omegas"):
+        gram(text, image, "rff", omegas[:5])
+    with pytest.raises(ValueError, match="omegas"):
+        gram(text, image, "rff", omegas.to("meta"))
+    with pytest.raises(ValueError, match="input_precision"):
+        gram(text, image, "linear", input_precision="tf32x3")
+    grads = _grads(8)
+    with pytest.raises(ValueError, match="grad_tx"):
+        K.feature_gram_backward_triton(grads[0], grads[1][:4], grads[2], text, image, "linear")
+    with pytest.raises(TypeError, match="grad_xx"):
+        K.feature_gram_backward_triton(grads[0], grads[1], grads[2].int(), text, image, "linear")
+    with pytest.raises(ValueError, match="grad_tt"):
+        K.feature_gram_backward_triton(*grads, text, image, "rff", omegas)  # F = 6, not 8
+
+
+def test_kernel_configs():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        cfg = K.kernel_configs(5000, 512, dtype)
+        assert set(cfg) == {"gram", "grad"}
+        small = K.kernel_configs(10, 3, dtype)
+        assert small["gram"]["BLOCK_F"] == 16 and small["gram"]["BLOCK_K"] == 16
+    with pytest.raises(TypeError, match="dtype"):
+        K.kernel_configs(64, 64, torch.float64)

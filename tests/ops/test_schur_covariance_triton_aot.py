@@ -1,0 +1,145 @@
+"""Ahead-of-time compilation of the Triton feature-Gram kernels for sm_80 and sm_90, no GPU needed.
+
+Compiles ``_feature_gram_kernel`` and ``_feature_grad_kernel`` for every feature map (linear,
+row_normalized, rff) and input type (fp32 with "ieee" and "tf32", fp16, bf16) with the exact
+block sizes ``kernel_configs`` picks for F in {512, 1024, 5000} and d = 512, and asserts, from
+``cuobjdump --dump-resource-usage`` on the cubin, that nothing spills (STACK and LOCAL are 0) and
+that the shared memory fits the architecture (163 KB on sm_80, 227 KB on sm_90). Configurations
+that are identical for several F compile once.
+
+Arguments are specialised as the JIT does for contiguous inputs with d % 16 == 0: unit column
+strides become constexpr 1, and pointers, d and the row strides carry 16-divisibility (n, m and
+F get no hint, as for ragged sizes).
+
+The compilation runs in a subprocess because pytest's process may have TRITON_INTERPRET=1 set,
+under which ``@triton.jit`` yields interpreter objects that cannot be compiled. Run with ``-s``
+to see the REG/STACK/SHARED table.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+try:
+    import triton
+except ImportError:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
+FEATURES = (512, 1024, 5000)
+INPUT_DIM = 512
+FEATURE_MAPS = ("linear", "row_normalized", "rff")
+# Launch-time specialisation of contiguous (n, d) inputs: column strides equal 1.
+UNIT_STRIDES = ("stride_td", "stride_xd")
+DIVISIBLE_INTS = ("d", "stride_tn", "stride_xn")
+
+
+def _signature(fn, elem, constexprs):
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr or p.name in constexprs:
+            sig[p.name] = "constexpr"
+        elif p.name in ("t_ptr", "x_ptr"):
+            sig[p.name] = "*" + elem
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*fp32"
+        elif p.name == "rff_scale":
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    return sig
+
+
+def _resource_usage(cubin):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    assert usage, f"unexpected cuobjdump output:\n{out}"
+    return dict(zip(("reg", "stack", "static_shared", "local"), map(int, usage.groups())))
+
+
+def _jobs():
+    """One job per distinct (kernel, map, dtype, precision, sm, config); F values merged."""
+    import torch
+
+    from clipfast.triton_kernels import schur_covariance as K
+
+    dtypes = {torch.float32: ("fp32", ("ieee", "tf32")), torch.float16: ("fp16", ("ieee",)),
+              torch.bfloat16: ("bf16", ("ieee",))}
+    jobs = {}
+    for dtype, (elem, precisions) in dtypes.items():
+        for f in FEATURES:
+            for name, cfg in K.kernel_configs(f, INPUT_DIM, dtype).items():
+                for fmap in FEATURE_MAPS:
+                    for precision in precisions:
+                        for cap in SHARED_LIMIT:
+                            key = json.dumps([name, fmap, elem, precision, cap, cfg], sort_keys=True)
+                            jobs.setdefault(key, dict(kernel=name, fmap=fmap, dtype=elem, precision=precision,
+                                                      sm=cap, cfg=cfg, F=[]))["F"].append(f)
+    return list(jobs.values())
+
+
+def _compile(job):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from clipfast.triton_kernels import schur_covariance as K
+
+    assert not triton.knobs.runtime.interpret, "the AOT worker must run without TRITON_INTERPRET"
+    fn = {"gram": K._feature_gram_kernel, "grad": K._feature_grad_kernel}[job["kernel"]]
+    cfg = job["cfg"]
+    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+    options = {k: cfg[k] for k in ("num_warps", "num_stages")}
+    constexprs = dict(blocks, FEATURE_MAP=FEATURE_MAPS.index(job["fmap"]), INPUT_PRECISION=job["precision"],
+                      **{s: 1 for s in UNIT_STRIDES})
+    sig = _signature(fn, job["dtype"], constexprs)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
+             if ty.startswith("*") or (ty == "i32" and n in DIVISIBLE_INTS)}
+    compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", job["sm"], 32), options=options)
+    return dict(kernel=job["kernel"], fmap=job["fmap"], dtype=job["dtype"], precision=job["precision"],
+                sm=job["sm"], F=job["F"], config=" ".join(f"{k}={v}" for k, v in cfg.items()),
+                shared=compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"]))
+
+
+def _worker():
+    """Compile every distinct configuration (in parallel); print one JSON list on stdout."""
+    jobs = _jobs()
+    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(_compile, jobs))
+    print(json.dumps(results))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's NVIDIA backend (cuobjdump) is not installed")
+def test_kernels_compile_without_spills_for_sm80_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"AOT worker failed:\n{proc.stderr[-5000:]}"
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rows, "nothing was compiled"
+    assert {(r["kernel"], r["fmap"]) for r in rows} == {(k, f) for k in ("gram", "grad") for f in FEATURE_MAPS}
+
+    header = (f"{'kernel':6} {'map':14} {'dtype':5} {'prec':4} {'sm':2} {'F':14} {'REG':>3} {'STACK':>5} "
+              f"{'SHARED':>6}  config")
+    print("\n" + header)
+    for r in rows:
+        print(f"{r['kernel']:6} {r['fmap']:14} {r['dtype']:5} {r['precision']:4} {r['sm']:2} "
+              f"{','.join(map(str, r['F'])):14} {r['reg']:3} {r['stack']:5} {r['shared']:6}  {r['config']}")
+
+    bad = [r for r in rows if r["stack"] or r["local"] or r["shared"] > SHARED_LIMIT[r["sm"]]]
+    assert not bad, f"register spills or shared memory over the limit: {bad}"
+
+
+if __name__ == "__main__":
+    _worker()

@@ -1,0 +1,527 @@
+"""Triton kernels for the feature Gram sums behind the Schur-complement (kernel covariance) op.
+
+Notation (spec: :mod:`clipfast.reference.schur_covariance`): ``text: (n, d)`` and ``image: (n, d)``
+are paired row by row, ``phi`` maps a row to ``F`` features and
+
+    S_tt = Phi_t^T Phi_t,   S_tx = Phi_t^T Phi_x,   S_xx = Phi_x^T Phi_x          (F, F) fp32 each,
+
+with ``Phi_a = phi(A): (n, F)`` for the maps ``"linear"`` (F = d), ``"row_normalized"``
+(``z / max(||z||, 1e-12)``, F = d) and ``"rff"`` (``[cos(z W), sin(z W)] / sqrt(m)``, ``W = omegas:
+(d, m)``, F = 2m). The ``(n, F)`` feature matrices are never materialised.
+
+Algorithm
+---------
+* Forward (all Triton but a torch prologue for row norms). The sums are a GEMM over the sample
+  axis, ``(F x n) @ (n x F)``, whose operand tiles are features computed on the fly from input
+  tiles. ``_feature_gram_kernel`` has grid ``(cdiv(F, BLOCK_F), cdiv(F, BLOCK_F), 3)``: program
+  ``(i, j, b)`` owns the ``BLOCK_F x BLOCK_F`` tile ``(i, j)`` of block ``b`` (0: tt, 1: tx, 2: xx),
+  loops over n in ``BLOCK_N`` chunks, builds the two ``(BLOCK_N, BLOCK_F)`` feature tiles
+  (``_feature_tile``) and accumulates ``tl.dot(feat_a^T, feat_b)`` in fp32.
+    - linear: the feature tile is the input slice itself;
+    - row_normalized: the input slice times the rows' inverse norms ``1 / max(||z||, 1e-12)``,
+      an ``(n,)`` fp32 vector computed by a torch prologue (one O(n d) read of the inputs);
+    - rff: feature columns ``f < m`` are ``cos(z W[:, f])`` and ``f >= m`` are ``sin(z W[:, f-m])``,
+      so a feature tile needs an inner ``tl.dot`` over d in ``BLOCK_K`` chunks. ``z W`` is thus
+      recomputed once per output tile row/column: the inner dots cost a factor ``2 d / BLOCK_F``
+      of the Gram GEMM's ``n F^2`` flops (d = 512, BLOCK_F = 128: 8x more). Accepted to keep the
+      memory at O(F^2) instead of O(n F).
+  S_tt and S_xx are symmetric: their programs with ``i > j`` exit at once and those with ``i < j``
+  also store the transposed tile, so the symmetric blocks cost half.
+* Backward (Triton for dPhi, torch for the chain rule). With ``A_t = G_tt + G_tt^T``,
+  ``B_t = G_tx^T``, ``A_x = G_xx + G_xx^T``, ``B_x = G_tx`` (O(F^2) torch prologue),
+  ``dPhi_t = Phi_t A_t + Phi_x B_t`` and ``dPhi_x = Phi_x A_x + Phi_t B_x``.
+  The launcher walks the rows in chunks of ``R`` rows (a Python loop; ``R * F <= 2^22``). For each
+  chunk ``_feature_grad_kernel`` (grid ``(cdiv(R, BLOCK_N), cdiv(F, BLOCK_C), 2)``, axis 2 = side
+  t / x) computes the ``(BLOCK_N, BLOCK_C)`` tile of dPhi by looping over the contraction features
+  in ``BLOCK_F`` chunks, again building the Phi tiles on the fly (rff recomputes ``z W`` once per
+  ``BLOCK_C`` column chunk: a factor ``d / BLOCK_C`` of the ``2 R F^2`` GEMM flops). The chain rule
+  through phi then runs in torch on that ``(R, F)`` fp32 chunk:
+    - linear: ``dz = dphi``;
+    - row_normalized: ``dz = (dphi - phi <phi, dphi>) / max(||z||, 1e-12)`` (radial term dropped
+      where ``||z|| <= 1e-12``, as in the reference);
+    - rff: ``u = z W``, ``du = (cos u * dphi[:, m:] - sin u * dphi[:, :m]) / sqrt(m)``, ``dz = du W^T``.
+  Extra memory is O(F^2 + R F), independent of n.
+* Precision. fp32 inputs: every ``tl.dot`` takes fp32 operands with ``input_precision``.
+  16-bit inputs run the tensor cores: feature tiles (fp32 in registers) and the rff ``W`` tiles
+  are rounded to the input dtype right before each ``tl.dot``; accumulation is fp32. In the
+  backward the ``(F, F)`` matrices are also rounded to the input dtype, after scaling by a power
+  of two ``2^-k ~ 1 / max|M|`` (undone exactly in fp32), so small gradients (``G / n``) are not
+  flushed to fp16 subnormals.
+* Determinism. Every output element is owned by exactly one program and accumulated in a fixed
+  order: no atomics, results are bitwise reproducible run to run.
+
+All launchers accept CUDA tensors, or CPU tensors when Triton runs under its interpreter
+(``TRITON_INTERPRET=1`` set before this module is imported). ``text``/``image`` may be float32,
+float16 or bfloat16 (same dtype) with arbitrary strides; index arithmetic is 64-bit.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "feature_gram_backward_triton",
+    "feature_gram_triton",
+    "kernel_configs",
+]
+
+FEATURE_MAPS = ("linear", "row_normalized", "rff")
+ROW_NORM_EPS = 1e-12
+_FEATURE_MAP_ID = {name: i for i, name in enumerate(FEATURE_MAPS)}
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INPUT_PRECISIONS = ("ieee", "tf32")
+# Backward row chunk: at most this many fp32 elements of dPhi (16 MiB) exist at a time.
+_GRAD_CHUNK_ELEMS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cos_shifted(u, to_sin):
+    """``sin(u)`` where ``to_sin`` else ``cos(u)``, fp32, with no local-memory stack frame.
+
+    ``tl.cos``/``tl.sin`` compile to libdevice's accurate ``cosf``/``sinf``, whose Payne-Hanek
+    slow path for huge arguments needs a 32-byte local array (STACK 32 in every rff kernel).
+    Here: Cody-Waite reduction ``u = k pi/2 + r``, ``|r| <= pi/4`` with pi/2 split into three
+    parts (``k * P1`` exact while ``|k| < 2^16``, i.e. ``|u| < ~1e5``; RFF phases are O(1 / sigma)),
+    then the Cephes single-precision minimax polynomials for sin and cos on [-pi/4, pi/4] (a few
+    ulp). ``sin(u) = cos(u - pi/2)`` just shifts the quadrant by 3 (mod 4).
+    """
+    k = tl.floor(u * 0.6366197723675814 + 0.5)
+    r = u - k * 1.5703125
+    r = r - k * 4.837512969970703125e-4
+    r = r - k * 7.54978995489188216e-8
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
+    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
+    quadrant = (k.to(tl.int32) + tl.where(to_sin, 3, 0)) & 3
+    # cos(k pi/2 + r) = cos r, -sin r, -cos r, sin r for k = 0, 1, 2, 3 (mod 4).
+    val = tl.where((quadrant & 1) == 0, cos_r, sin_r)
+    return tl.where((quadrant == 1) | (quadrant == 2), -val, val)
+
+
+@triton.jit
+def _feature_tile(
+    z_ptr,
+    inv_ptr,
+    w_ptr,
+    rows,
+    row_mask,
+    feats,
+    d,
+    m,
+    F,
+    stride_zn,
+    stride_zd,
+    stride_wd,
+    stride_wm,
+    rff_scale,
+    FEATURE_MAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``phi(z[rows])[:, feats]``: (BLOCK_N, BLOCK_F), zero outside ``row_mask`` / ``feats < F``.
+
+    FEATURE_MAP 0 (linear) returns the loaded slice in the input dtype; 1 (row_normalized) and
+    2 (rff) return fp32. ``rows``/``feats`` are int64. ``inv_ptr`` (row inverse norms, fp32) is
+    read only for map 1, ``w_ptr`` (omegas, fp32) only for map 2.
+    """
+    feat_mask = feats < F
+    if FEATURE_MAP == 2:
+        is_sin = feats >= m
+        w_cols = tl.where(is_sin, feats - m, feats)
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        z_rows = z_ptr + rows[:, None] * stride_zn
+        w_tile_cols = w_ptr + w_cols[None, :] * stride_wm
+        u = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < d
+            z = tl.load(z_rows + ks[None, :] * stride_zd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_tile_cols + ks[:, None] * stride_wd, mask=k_mask[:, None] & feat_mask[None, :], other=0.0)
+            u = tl.dot(z, w.to(z.dtype), u, input_precision=INPUT_PRECISION)
+        phi = _cos_shifted(u, is_sin[None, :]) * rff_scale
+        # Padding rows have u = 0, i.e. cos u = 1: they must not add to the sums.
+        phi = tl.where(row_mask[:, None] & feat_mask[None, :], phi, 0.0)
+    else:
+        phi = tl.load(z_ptr + rows[:, None] * stride_zn + feats[None, :] * stride_zd,
+                      mask=row_mask[:, None] & feat_mask[None, :], other=0.0)
+        if FEATURE_MAP == 1:
+            inv = tl.load(inv_ptr + rows, mask=row_mask, other=0.0)
+            phi = phi.to(tl.float32) * inv[:, None]
+    return phi
+
+
+@triton.jit
+def _feature_gram_kernel(
+    t_ptr,
+    x_ptr,
+    inv_t_ptr,
+    inv_x_ptr,
+    w_ptr,
+    out_ptr,
+    N,
+    d,
+    m,
+    F,
+    stride_tn,
+    stride_td,
+    stride_xn,
+    stride_xd,
+    stride_wd,
+    stride_wm,
+    rff_scale,
+    blk,
+    FEATURE_MAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[i, j] = sum_n phi(a_n)[i] phi(b_n)[j] for block blk: (a, b) = (t, t), (t, x), (x, x) for blk = 0, 1, 2.
+
+    t, x: (N, d) in the input dtype; out: (F, F) fp32 contiguous, this block's own tensor (one launch
+    per block, so the three results never share storage). Grid: (cdiv(F, BLOCK_F), cdiv(F, BLOCK_F)).
+    Program (i, j) owns output tile (i, j); for the symmetric blocks (blk = 0, 2) tiles below the
+    diagonal are written by the mirror program (j, i) and their own program exits at once.
+    """
+    tl.static_assert(BLOCK_K >= 16)  # tl.dot needs K >= 16
+    tl.static_assert(BLOCK_N >= 16)
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    symmetric = blk != 1
+    if symmetric & (pid_i > pid_j):
+        return
+    # Operand a is text for S_tt / S_tx and image for S_xx; operand b is text only for S_tt.
+    a_is_x = blk == 2
+    b_is_x = blk != 0
+    a_ptr = tl.where(a_is_x, x_ptr, t_ptr)
+    a_inv = tl.where(a_is_x, inv_x_ptr, inv_t_ptr)
+    stride_an = tl.where(a_is_x, stride_xn, stride_tn)
+    stride_ad = tl.where(a_is_x, stride_xd, stride_td)
+    b_ptr = tl.where(b_is_x, x_ptr, t_ptr)
+    b_inv = tl.where(b_is_x, inv_x_ptr, inv_t_ptr)
+    stride_bn = tl.where(b_is_x, stride_xn, stride_tn)
+    stride_bd = tl.where(b_is_x, stride_xd, stride_td)
+
+    feats_i = pid_i.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
+    feats_j = pid_j.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    acc = tl.zeros((BLOCK_F, BLOCK_F), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + offs_n
+        row_mask = rows < N
+        fa = _feature_tile(a_ptr, a_inv, w_ptr, rows, row_mask, feats_i, d, m, F, stride_an, stride_ad, stride_wd,
+                           stride_wm, rff_scale, FEATURE_MAP, INPUT_PRECISION, BLOCK_N, BLOCK_F, BLOCK_K)
+        fb = _feature_tile(b_ptr, b_inv, w_ptr, rows, row_mask, feats_j, d, m, F, stride_bn, stride_bd, stride_wd,
+                           stride_wm, rff_scale, FEATURE_MAP, INPUT_PRECISION, BLOCK_N, BLOCK_F, BLOCK_K)
+        # 16-bit inputs: features rounded to the input dtype for the tensor cores (no-op for fp32).
+        acc = tl.dot(tl.trans(fa.to(t_ptr.dtype.element_ty)), fb.to(t_ptr.dtype.element_ty), acc,
+                     input_precision=INPUT_PRECISION)
+
+    mask = (feats_i < F)[:, None] & (feats_j < F)[None, :]
+    out_blk = out_ptr
+    tl.store(out_blk + feats_i[:, None] * F + feats_j[None, :], acc, mask=mask)
+    # Mirror of an off-diagonal tile of a symmetric block (the diagonal tile is written once).
+    mirror = symmetric & (pid_i < pid_j)
+    tl.store(out_blk + feats_j[None, :] * F + feats_i[:, None], acc, mask=mask & mirror)
+
+
+@triton.jit
+def _feature_grad_kernel(
+    t_ptr,
+    x_ptr,
+    inv_t_ptr,
+    inv_x_ptr,
+    w_ptr,
+    mat_ptr,
+    out_ptr,
+    N,
+    d,
+    m,
+    F,
+    stride_tn,
+    stride_td,
+    stride_xn,
+    stride_xd,
+    stride_wd,
+    stride_wm,
+    rff_scale,
+    FEATURE_MAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[s, r, c] = sum_f phi(self_r)[f] mat[2s, f, c] + phi(other_r)[f] mat[2s+1, f, c].
+
+    Side s = 0: self = t, other = x; s = 1: self = x, other = t. t, x: (N, d) (a row chunk of the
+    inputs); mat: (4, F, F) = [A_t, B_t, A_x, B_x] fp32 contiguous (pre-scaled by the launcher);
+    out: (2, N, F) fp32 contiguous.
+    Grid: (cdiv(N, BLOCK_N), cdiv(F, BLOCK_C), 2); program (r, c, s) owns out[s, r-block, c-chunk]
+    and rebuilds the Phi tiles of its row block for every contraction chunk of BLOCK_F features.
+    """
+    tl.static_assert(BLOCK_K >= 16)  # tl.dot needs K >= 16
+    tl.static_assert(BLOCK_F >= 16)
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    side = tl.program_id(2)
+    self_is_x = side == 1
+    s_ptr = tl.where(self_is_x, x_ptr, t_ptr)
+    s_inv = tl.where(self_is_x, inv_x_ptr, inv_t_ptr)
+    stride_sn = tl.where(self_is_x, stride_xn, stride_tn)
+    stride_sd = tl.where(self_is_x, stride_xd, stride_td)
+    o_ptr = tl.where(self_is_x, t_ptr, x_ptr)
+    o_inv = tl.where(self_is_x, inv_t_ptr, inv_x_ptr)
+    stride_on = tl.where(self_is_x, stride_tn, stride_xn)
+    stride_od = tl.where(self_is_x, stride_td, stride_xd)
+
+    rows = pid_r * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    col_mask = cols < F
+    offs_f = tl.arange(0, BLOCK_F).to(tl.int64)
+    a_base = mat_ptr + (2 * side).to(tl.int64) * F * F + cols[None, :]
+    b_base = mat_ptr + (2 * side + 1).to(tl.int64) * F * F + cols[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        feats = f0 + offs_f
+        mat_mask = (feats < F)[:, None] & col_mask[None, :]
+        ps = _feature_tile(s_ptr, s_inv, w_ptr, rows, row_mask, feats, d, m, F, stride_sn, stride_sd, stride_wd,
+                           stride_wm, rff_scale, FEATURE_MAP, INPUT_PRECISION, BLOCK_N, BLOCK_F, BLOCK_K)
+        a = tl.load(a_base + feats[:, None] * F, mask=mat_mask, other=0.0)
+        acc = tl.dot(ps.to(t_ptr.dtype.element_ty), a.to(t_ptr.dtype.element_ty), acc,
+                     input_precision=INPUT_PRECISION)
+        po = _feature_tile(o_ptr, o_inv, w_ptr, rows, row_mask, feats, d, m, F, stride_on, stride_od, stride_wd,
+                           stride_wm, rff_scale, FEATURE_MAP, INPUT_PRECISION, BLOCK_N, BLOCK_F, BLOCK_K)
+        b = tl.load(b_base + feats[:, None] * F, mask=mat_mask, other=0.0)
+        acc = tl.dot(po.to(t_ptr.dtype.element_ty), b.to(t_ptr.dtype.element_ty), acc,
+                     input_precision=INPUT_PRECISION)
+
+    out = out_ptr + side.to(tl.int64) * N * F
+    tl.store(out + rows[:, None] * F + cols[None, :], acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+# Decided when the decorators ran: under TRITON_INTERPRET=1 they return interpreter objects.
+_INTERPRETED = not isinstance(_feature_gram_kernel, triton.runtime.JITFunction)
+
+
+# --------------------------------------------------------------------------------------------
+# Block-size policy
+# --------------------------------------------------------------------------------------------
+
+
+def kernel_configs(F: int, d: int, dtype: torch.dtype) -> dict:
+    """Launch configuration used for ``F`` features, input width ``d`` and input ``dtype``.
+
+    Returns ``{"gram": {...}, "grad": {...}}``; each inner dict holds the kernel's block-size
+    constexprs plus ``num_warps``/``num_stages``, exactly as the launchers pass them, so the AOT
+    test compiles (and checks for spills) what actually runs. The same configuration serves
+    all three feature maps (``BLOCK_K`` is only used by "rff").
+
+    Policy (fixed table, no ``triton.autotune``: that needs a GPU to benchmark), chosen by
+    compiling for sm_80 / sm_90 and keeping tiles with no register spills:
+    * 16-bit inputs (tensor-core ``tl.dot``): Gram tiles 64 x 64 over ``BLOCK_N`` = 32 samples,
+      rff inner dot ``BLOCK_K`` = 32, 8 warps (128 x 128 tiles spilled on sm_80 and sm_90);
+      gradient tiles 64 rows x 128 columns contracting ``BLOCK_F`` = 32 features per step, 8 warps.
+    * fp32 inputs: ``input_precision="ieee"`` lowers ``tl.dot`` to FMA loops holding a thread's
+      operand slices in registers, so the contraction sizes stay at 16: Gram tiles 64 x 64 over
+      ``BLOCK_N`` = 16 samples on 8 warps (4 warps spill for rff), gradient tiles 64 x 64 with
+      ``BLOCK_F`` = 16 on 4 warps.
+    * Small F / d: ``BLOCK_F``/``BLOCK_C``/``BLOCK_K`` shrink to the next power of two (at least
+      16, the ``tl.dot`` minimum) so no lanes are wasted on padding.
+    """
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
+    f_pow2 = max(triton.next_power_of_2(max(int(F), 1)), 16)
+    d_pow2 = max(triton.next_power_of_2(max(int(d), 1)), 16)
+    if dtype == torch.float32:
+        gram = dict(BLOCK_N=16, BLOCK_F=min(f_pow2, 64), BLOCK_K=min(d_pow2, 16), num_warps=8, num_stages=2)
+        grad = dict(BLOCK_N=64, BLOCK_C=min(f_pow2, 64), BLOCK_F=16, BLOCK_K=min(d_pow2, 16), num_warps=4,
+                    num_stages=2)
+    else:
+        gram = dict(BLOCK_N=32, BLOCK_F=min(f_pow2, 64), BLOCK_K=min(d_pow2, 32), num_warps=8, num_stages=2)
+        grad = dict(BLOCK_N=64, BLOCK_C=min(f_pow2, 128), BLOCK_F=32 if f_pow2 >= 32 else 16,
+                    BLOCK_K=min(d_pow2, 32), num_warps=8, num_stages=2)
+    return {"gram": gram, "grad": grad}
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(text, image, feature_map, omegas, input_precision):
+    """Validate; return (feature map id, F, m, fp32 omegas or None, dot precision)."""
+    for name, t in (("text", text), ("image", image)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_SUPPORTED_DTYPES}")
+    if text.dtype != image.dtype:
+        raise TypeError(f"text and image must have the same dtype, got {text.dtype} and {image.dtype}")
+    if text.shape != image.shape:
+        raise ValueError(f"text and image must have the same shape (paired rows), got {tuple(text.shape)} and "
+                         f"{tuple(image.shape)}")
+    if text.device != image.device:
+        raise ValueError(f"text and image must be on the same device, got {text.device} and {image.device}")
+    if text.device.type != "cuda" and not (text.device.type == "cpu" and _INTERPRETED):
+        raise ValueError(f"tensors on {text.device} are not supported: use CUDA tensors, or CPU tensors with "
+                         "TRITON_INTERPRET=1 set before this module is imported")
+    if feature_map not in _FEATURE_MAP_ID:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+    if input_precision not in _INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
+    precision = input_precision if text.dtype == torch.float32 else "ieee"
+    d = text.shape[1]
+    if feature_map != "rff":  # omegas is ignored by the other maps
+        return _FEATURE_MAP_ID[feature_map], d, 0, None, precision
+    if not isinstance(omegas, torch.Tensor):
+        raise TypeError(f"feature_map 'rff' needs omegas: a (d, m) tensor, got {type(omegas).__name__}")
+    if omegas.ndim != 2 or omegas.shape[0] != d or omegas.shape[1] < 1:
+        raise ValueError(f"omegas must have shape (d, m) = ({d}, m >= 1), got {tuple(omegas.shape)}")
+    if not omegas.dtype.is_floating_point:
+        raise TypeError(f"omegas must be a floating-point tensor, got {omegas.dtype}")
+    if omegas.device != text.device:
+        raise ValueError(f"omegas is on {omegas.device} but the inputs are on {text.device}")
+    m = omegas.shape[1]
+    return _FEATURE_MAP_ID[feature_map], 2 * m, m, omegas.to(torch.float32), precision
+
+
+def _inv_norms(z):
+    """(n,) fp32 ``1 / max(||z_i||, 1e-12)`` (the torch prologue of "row_normalized") and the norms."""
+    norm = torch.linalg.vector_norm(z, dim=1, dtype=torch.float32)
+    return 1.0 / norm.clamp_min(ROW_NORM_EPS), norm
+
+
+def feature_gram_triton(text, image, feature_map, omegas=None, *, input_precision="ieee"):
+    """Feature Gram sums ``(S_tt, S_tx, S_xx)`` of paired rows.
+
+    Args:
+        text, image: (n, d) float32/float16/bfloat16 (same dtype, shape and device), any strides.
+        feature_map: "linear", "row_normalized" or "rff".
+        omegas: (d, m) float tensor on the same device (the RFF frequencies); required for
+            "rff", ignored otherwise. Read in fp32.
+        input_precision: "ieee" or "tf32" (fp32 inputs only; 16-bit always uses "ieee").
+
+    Returns:
+        Three (F, F) fp32 contiguous tensors (F = d, or 2m for "rff"); zeros when n == 0.
+    """
+    fmap, F, m, w, precision = _check_inputs(text, image, feature_map, omegas, input_precision)
+    n, d = text.shape
+    out = [torch.zeros((F, F), dtype=torch.float32, device=text.device) for _ in range(3)]
+    if n == 0 or F == 0:
+        return out[0], out[1], out[2]
+    if fmap == 1:
+        inv_t, inv_x = _inv_norms(text)[0], _inv_norms(image)[0]
+    else:  # unused pointer slots get any valid tensor; FEATURE_MAP keeps the kernel from reading them
+        inv_t = inv_x = out[0]
+    if w is None:
+        w = out[0]
+    cfg = kernel_configs(F, d, text.dtype)["gram"]
+    tiles = triton.cdiv(F, cfg["BLOCK_F"])
+    for blk in range(3):
+        _feature_gram_kernel[(tiles, tiles)](
+            text, image, inv_t, inv_x, w, out[blk],
+            n, d, m, F,
+            text.stride(0), text.stride(1), image.stride(0), image.stride(1), w.stride(0), w.stride(1),
+            1.0 / math.sqrt(m) if m else 1.0, blk,
+            FEATURE_MAP=fmap, INPUT_PRECISION=precision, **cfg,
+        )  # fmt: skip
+    return out[0], out[1], out[2]
+
+
+def _pow2_scale(mat):
+    """Power of two close to max|mat| (1 for an all-zero or non-finite max): exact to divide by."""
+    peak = mat.abs().max().item() if mat.numel() else 0.0
+    if not math.isfinite(peak) or peak == 0.0:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(peak))
+
+
+def _check_grad(name, g, F, device):
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
+    if g.shape != (F, F):
+        raise ValueError(f"{name} must have shape ({F}, {F}), got {tuple(g.shape)}")
+    if not g.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {g.dtype}")
+    if g.device != device:
+        raise ValueError(f"{name} is on {g.device} but the inputs are on {device}")
+    return g.to(torch.float32)
+
+
+def _chain_rule(z, d_phi, fmap, w, m):
+    """dz (rows, d) fp32 from dPhi (rows, F) fp32 for a row chunk ``z`` (torch, see module docstring)."""
+    if fmap == 0:
+        return d_phi
+    if fmap == 1:
+        inv, norm = _inv_norms(z)
+        phi = z.to(torch.float32) * inv[:, None]
+        radial = (phi * d_phi).sum(1) * (norm > ROW_NORM_EPS)
+        return (d_phi - phi * radial[:, None]) * inv[:, None]
+    u = z.to(torch.float32) @ w
+    du = (torch.cos(u) * d_phi[:, m:] - torch.sin(u) * d_phi[:, :m]) * (1.0 / math.sqrt(m))
+    return du @ w.T
+
+
+def feature_gram_backward_triton(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas=None, *,
+                                 input_precision="ieee"):
+    """Gradients of ``<G_tt, S_tt> + <G_tx, S_tx> + <G_xx, S_xx>`` w.r.t. ``text`` and ``image``.
+
+    Args:
+        grad_tt, grad_tx, grad_xx: (F, F) float tensors on the inputs' device (read in fp32).
+        text, image, feature_map, omegas, input_precision: as for :func:`feature_gram_triton`.
+
+    Returns:
+        (d_text, d_image): (n, d) each, in the input dtype (computed in fp32).
+    """
+    fmap, F, m, w, precision = _check_inputs(text, image, feature_map, omegas, input_precision)
+    g_tt, g_tx, g_xx = (_check_grad(name, g, F, text.device)
+                        for name, g in (("grad_tt", grad_tt), ("grad_tx", grad_tx), ("grad_xx", grad_xx)))
+    n, d = text.shape
+    d_text = torch.zeros_like(text, memory_format=torch.contiguous_format)
+    d_image = torch.zeros_like(image, memory_format=torch.contiguous_format)
+    if n == 0 or d == 0 or F == 0:
+        return d_text, d_image
+    mats = torch.stack([g_tt + g_tt.T, g_tx.T, g_xx + g_xx.T, g_tx])  # [A_t, B_t, A_x, B_x], contiguous
+    # 16-bit inputs round the matrices for the tensor cores: scale them into [-2, 2) first.
+    scale = _pow2_scale(mats)
+    if scale != 1.0:
+        mats = mats / scale
+    if fmap == 1:
+        inv_t, inv_x = _inv_norms(text)[0], _inv_norms(image)[0]
+    else:
+        inv_t = inv_x = mats
+    if w is None:
+        w = mats
+    cfg = kernel_configs(F, d, text.dtype)["grad"]
+    chunk = max(cfg["BLOCK_N"], (_GRAD_CHUNK_ELEMS // F) // cfg["BLOCK_N"] * cfg["BLOCK_N"])
+    buf = torch.empty(2 * min(chunk, n) * F, dtype=torch.float32, device=text.device)
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        t, x, rows = text[r0:r1], image[r0:r1], r1 - r0
+        out = buf[: 2 * rows * F].view(2, rows, F)  # contiguous, as the kernel requires
+        grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(F, cfg["BLOCK_C"]), 2)
+        _feature_grad_kernel[grid](
+            t, x, inv_t[r0:r1] if fmap == 1 else inv_t, inv_x[r0:r1] if fmap == 1 else inv_x, w, mats, out,
+            rows, d, m, F,
+            t.stride(0), t.stride(1), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            1.0 / math.sqrt(m) if m else 1.0,
+            FEATURE_MAP=fmap, INPUT_PRECISION=precision, **cfg,
+        )  # fmt: skip
+        if scale != 1.0:
+            out = out * scale
+        d_text[r0:r1] = _chain_rule(t, out[0], fmap, w, m)
+        d_image[r0:r1] = _chain_rule(x, out[1], fmap, w, m)
+    return d_text, d_image
