@@ -16,18 +16,27 @@ from clipfast import distributed, nn
 from clipfast.backends import BackendUnavailableError, use_backend
 from clipfast.functional import clip_loss, contrastive_cross_entropy, siglip_loss
 from clipfast.integrations import PatchHandle, patch_hf_clip
+from clipfast.schur import (SchurComplement, defocus, exact_gaussian_schur, renyi_scores, rff_omegas, sce_score,
+                            schur_complement)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "PatchHandle",
+    "SchurComplement",
     "backends",
     "distributed",
+    "exact_gaussian_schur",
     "clip_loss",
     "contrastive_cross_entropy",
+    "defocus",
     "nn",
     "patch_hf_clip",
+    "renyi_scores",
+    "rff_omegas",
+    "sce_score",
+    "schur_complement",
     "siglip_loss",
     "use_backend",
 ]
