@@ -18,10 +18,8 @@ with ``-s`` to see the REG/STACK/SHARED table.
 
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -30,8 +28,10 @@ try:
 except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
+from clipfast.testing import TRITON_SHARED_MEMORY_LIMIT as SHARED_LIMIT  # noqa: E402
+from clipfast.testing import cubin_resource_usage, triton_cuobjdump  # noqa: E402
+
+CUOBJDUMP = triton_cuobjdump()
 FEATURE_DIMS = (512, 768, 1152)
 # Launch-time specialisation of a contiguous (rows, D) input: feature strides equal 1.
 UNIT_STRIDES = ("stride_xd", "stride_yd", "stride_gd")
@@ -71,17 +71,6 @@ def _signature(fn, elem, constexprs):
     return sig
 
 
-def _resource_usage(cubin):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    assert usage, f"unexpected cuobjdump output:\n{out}"
-    return dict(zip(("reg", "stack", "static_shared", "local"), map(int, usage.groups())))
-
-
 def _worker():
     """Compile every distinct configuration; print one JSON list on stdout."""
     import torch
@@ -119,7 +108,7 @@ def _worker():
                                                 flags=_label(flags), sm=cap, D=[d],
                                                 config=" ".join(f"{k}={v}" for k, v in cfg.items()),
                                                 shared=compiled.metadata.shared,
-                                                **_resource_usage(compiled.asm["cubin"]))
+                                                **cubin_resource_usage(compiled.asm["cubin"]))
     print(json.dumps(list(results.values())))
 
 

@@ -18,10 +18,8 @@ to see the REG/STACK/SHARED table.
 
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -31,8 +29,10 @@ try:
 except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
+from clipfast.testing import TRITON_SHARED_MEMORY_LIMIT as SHARED_LIMIT  # noqa: E402
+from clipfast.testing import cubin_resource_usage, triton_cuobjdump  # noqa: E402
+
+CUOBJDUMP = triton_cuobjdump()
 FEATURES = (512, 1024, 5000)
 INPUT_DIM = 512
 FEATURE_MAPS = ("linear", "row_normalized", "rff")
@@ -55,17 +55,6 @@ def _signature(fn, elem, constexprs):
         else:
             sig[p.name] = "i32"
     return sig
-
-
-def _resource_usage(cubin):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    assert usage, f"unexpected cuobjdump output:\n{out}"
-    return dict(zip(("reg", "stack", "static_shared", "local"), map(int, usage.groups())))
 
 
 def _jobs():
@@ -109,7 +98,7 @@ def _compile(job):
                               target=GPUTarget("cuda", job["sm"], 32), options=options)
     return dict(kernel=job["kernel"], fmap=job["fmap"], dtype=job["dtype"], precision=job["precision"],
                 sm=job["sm"], F=job["F"], config=" ".join(f"{k}={v}" for k, v in cfg.items()),
-                shared=compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"]))
+                shared=compiled.metadata.shared, **cubin_resource_usage(compiled.asm["cubin"]))
 
 
 def _worker():
