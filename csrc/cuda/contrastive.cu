@@ -29,9 +29,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "clipfast/cuda_elements.cuh"
 #include "clipfast/contrastive_cuda.h"
 
 namespace {
+
+using clipfast::dispatch_dtype;
+using clipfast::to_float;
 
 // ---------------------------------------------------------------------------------------------------
 // Per-element math, host+device so that it reads (and can be checked) as ordinary C++.
@@ -64,9 +68,6 @@ __host__ __device__ inline float sigmoid(float z) {
   return z >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
 }
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // ---------------------------------------------------------------------------------------------------
 // Tiling. 256 threads form a 16 x 16 grid: thread (thread_row, thread_col) computes S for the rows
@@ -410,25 +411,6 @@ __global__ void __launch_bounds__(kThreads, kGradientBlocksPerSm)
 // ---------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls launch(TypeTag<element type>{}) for a CLIPFAST_* dtype code.
-template <typename Launch>
-cudaError_t dispatch_dtype(int dtype, Launch&& launch) {
-  switch (dtype) {
-    case CLIPFAST_F32:
-      return launch(TypeTag<float>{});
-    case CLIPFAST_F16:
-      return launch(TypeTag<__half>{});
-    case CLIPFAST_BF16:
-      return launch(TypeTag<__nv_bfloat16>{});
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
 
 // Checks shared by every launcher (see the header): sizes non-negative, the grid fits, and x / y / scale
 // present whenever they will be read.

@@ -33,15 +33,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "clipfast/cuda_elements.cuh"
 #include "clipfast/schur_covariance_cuda.h"
 
 namespace {
 
+using clipfast::dispatch_dtype;
+using clipfast::to_float;
+
 constexpr float kRowNormEps = 1e-12f;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // ---------------------------------------------------------------------------------------------------
 // Tiled GEMM. 256 threads form a 16 x 16 grid: thread (thread_row, thread_col) computes the output rows
@@ -252,25 +253,6 @@ __global__ void __launch_bounds__(kThreads) rff_du_kernel(const float* __restric
 // ---------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls launch(TypeTag<element type>{}) for a CLIPFAST_SCHUR_* dtype code.
-template <typename Launch>
-cudaError_t dispatch_dtype(int dtype, Launch&& launch) {
-  switch (dtype) {
-    case CLIPFAST_SCHUR_F32:
-      return launch(TypeTag<float>{});
-    case CLIPFAST_SCHUR_F16:
-      return launch(TypeTag<__half>{});
-    case CLIPFAST_SCHUR_BF16:
-      return launch(TypeTag<__nv_bfloat16>{});
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
 
 unsigned int elementwise_blocks(int64_t count) {
   const int64_t blocks = (count + kThreads - 1) / kThreads;

@@ -40,7 +40,7 @@ struct Problem {
   at::Tensor text, image;  // input dtype, contiguous
   at::Tensor omegas;       // fp32, contiguous, on the inputs' device; RFF only
   int map;                 // CLIPFAST_SCHUR_*
-  int dtype;               // CLIPFAST_SCHUR_F32/F16/BF16
+  int dtype;               // CLIPFAST_F32/F16/BF16
   int64_t n, dim, m, features;
 };
 
@@ -56,7 +56,7 @@ Problem make_problem(const at::Tensor& text, const at::Tensor& image, c10::strin
               " (float64 runs on the CPU or reference backends)");
   Problem p;
   p.map = parse_feature_map(feature_map);
-  p.dtype = dtype == at::kFloat ? CLIPFAST_SCHUR_F32 : dtype == at::kHalf ? CLIPFAST_SCHUR_F16 : CLIPFAST_SCHUR_BF16;
+  p.dtype = dtype == at::kFloat ? CLIPFAST_F32 : dtype == at::kHalf ? CLIPFAST_F16 : CLIPFAST_BF16;
   p.text = text.detach().contiguous();
   p.image = image.detach().contiguous();
   p.n = text.size(0);

@@ -17,12 +17,12 @@
 #pragma once
 #include <stdint.h>
 
+#include "clipfast/dtype_codes.h"  // CLIPFAST_F32 / F16 / BF16: the dtype codes of the feature matrices
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-// dtype codes of the feature matrices
-enum { CLIPFAST_F32 = 0, CLIPFAST_F16 = 1, CLIPFAST_BF16 = 2 };
 
 // lse[i] = log sum_j exp(S_ij)                                                          lse: (rows,)
 int clipfast_contrastive_lse_cuda(const void* x, const void* y, int dtype, int64_t rows, int64_t cols, int64_t dim,

@@ -9,7 +9,7 @@
 //             dz = chain rule through phi (row_normalized: one launch; rff: du launch, then du @ W^T).
 //
 // Common contract of every launcher:
-//   - Typed inputs (z: (n, dim), CLIPFAST_SCHUR_F32/F16/BF16) are passed whole, with the first row r0 of
+//   - Typed inputs (z: (n, dim), CLIPFAST_F32/F16/BF16 of dtype_codes.h) are passed whole, with the first row r0 of
 //     the tile; every fp32 buffer (phi, dphi, du, dz, matmul operands) is tile-local: row 0 is the tile's
 //     first row. All matrices are row-major and contiguous; all pointers are device pointers on the
 //     current CUDA device.
@@ -23,12 +23,11 @@
 #pragma once
 #include <stdint.h>
 
+#include "clipfast/dtype_codes.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-// dtype codes of the typed inputs (same values as CLIPFAST_F32/F16/BF16 of contrastive_cuda.h)
-enum { CLIPFAST_SCHUR_F32 = 0, CLIPFAST_SCHUR_F16 = 1, CLIPFAST_SCHUR_BF16 = 2 };
 
 // feature maps phi (F = number of features per row)
 enum {
