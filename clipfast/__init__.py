@@ -14,7 +14,8 @@ import torch  # noqa: F401  (torch must be loaded before the native library: sha
 from clipfast import backends, ops  # noqa: F401  (ops registers torch.ops.clipfast.*)
 from clipfast import distributed, nn
 from clipfast.backends import BackendUnavailableError, use_backend
-from clipfast.functional import clip_loss, contrastive_cross_entropy, siglip_loss
+from clipfast.functional import (clip_loss, contrastive_cross_entropy, segment_medoids, siglip_loss,
+                                 token_medoids)
 from clipfast.integrations import PatchHandle, patch_hf_clip
 from clipfast.schur import (SchurComplement, defocus, exact_gaussian_schur, renyi_scores, rff_omegas, sce_score,
                             schur_complement)
@@ -37,6 +38,8 @@ __all__ = [
     "rff_omegas",
     "sce_score",
     "schur_complement",
+    "segment_medoids",
     "siglip_loss",
+    "token_medoids",
     "use_backend",
 ]

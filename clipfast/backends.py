@@ -31,12 +31,13 @@ from typing import Optional
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-OPS = ("contrastive", "schur_covariance")
+OPS = ("contrastive", "schur_covariance", "token_medoids")
 
 # Native library ops each clipfast op needs, per op stem (see csrc/clipfast.cpp).
 NATIVE_OPS = {
     "contrastive": ("contrastive_lse", "contrastive_grad", "siglip_softplus", "siglip_grad"),
     "schur_covariance": ("feature_gram", "feature_gram_backward"),
+    "token_medoids": ("token_medoids_index",),
 }
 
 # Ops with Triton kernels (clipfast/triton_kernels/<op>.py).

@@ -160,3 +160,83 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     scale = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     bias = _as_scalar_tensor(logit_bias, "logit_bias", image_features)
     return _ops.siglip_loss(image_features, text_features, scale, bias, int(label_offset), bool(negative_only))
+
+
+def token_medoids(x: torch.Tensor, num_medoids: int, *, metric: str = "euclidean", max_iters: int = 100,
+                  split_size: Optional[int] = None):
+    """Deterministic k-medoids of each row's tokens, keeping the medoid tokens (CenterCLIP).
+
+    Per row of ``x`` (N tokens): KKZ initialisation (the largest-norm token, then repeatedly the token
+    farthest from its nearest chosen medoid), then alternating assignment (nearest medoid) and update
+    (each cluster's member with the least total distance to its members) until the medoids stop
+    changing or ``max_iters``; ties always go to the lowest index. Distances: ``"euclidean"``
+    ``||x_i - x_j||`` (computed on row-mean-centred tokens: no cancellation for large norms) or
+    ``"cosine"`` ``1 - cos(x_i, x_j)``. Exact semantics: :mod:`clipfast.reference.token_medoids`.
+
+    Args:
+        x: (R, N, D) float; R independent rows (e.g. a video segment's patch tokens each).
+        num_medoids: K, 1 <= K <= N.
+        split_size: None (every row stops on its own) or s > 0: rows in consecutive chunks of s iterate
+            until no row of the chunk changes, reproducing CenterCLIP's chunked loop exactly.
+
+    Returns:
+        ``(medoids (R, K, D), medoid_index (R, K) int64 ascending, assignment (R, N) int64)``; the
+        assignment indexes the sorted medoids. ``medoids`` is gathered from ``x``, so gradients flow to
+        the chosen tokens; the indices are not differentiable.
+
+    Raises:
+        TypeError: non-tensor or non-float x. ValueError: x not 3-D, K outside [1, N], unknown metric,
+        negative max_iters, split_size < 1.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be (rows, tokens, dim), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if not isinstance(num_medoids, int) or not 1 <= num_medoids <= x.shape[1]:
+        raise ValueError(f"num_medoids must be an int in [1, {x.shape[1]}] (the tokens per row), got {num_medoids!r}")
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    if not isinstance(max_iters, int) or max_iters < 0:
+        raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
+    if split_size is not None and (not isinstance(split_size, int) or split_size < 1):
+        raise ValueError(f"split_size must be None or an int >= 1, got {split_size!r}")
+    from clipfast.ops import token_medoids as _medoid_ops
+
+    index, assignment = _medoid_ops.token_medoids_index(x.detach(), num_medoids, metric, max_iters, split_size or 0)
+    medoids = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return medoids, index, assignment
+
+
+def segment_medoids(tokens: torch.Tensor, num_frames: int, num_segments: int, num_medoids: int, *,
+                    num_prefix_tokens: int = 1, metric: str = "euclidean", max_iters: int = 100,
+                    split_size: Optional[int] = None) -> torch.Tensor:
+    """CenterCLIP's token clustering step for video frames folded into the batch.
+
+    ``tokens: (B*T, P + L, D)`` (frame-major: rows ``b*T .. b*T + T - 1`` are video b's frames; P prefix
+    tokens such as [CLS], then L patch tokens). Frames are grouped into ``num_segments`` segments of
+    ``T / num_segments`` consecutive frames; each segment's ``(T/S) * L`` patch tokens are clustered
+    with :func:`token_medoids` and the K medoid tokens are kept in their original spatio-temporal
+    order; the prefix tokens are averaged over the segment's frames.
+
+    Returns:
+        ``(B * num_segments, P + K, D)``, video-major (row ``b * S + s``). Differentiable through the
+        kept tokens and the prefix mean.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+        raise ValueError(f"tokens must be a (batch*frames, prefix+patches, dim) tensor, got "
+                         f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+    if num_frames < 1 or tokens.shape[0] % num_frames:
+        raise ValueError(f"{tokens.shape[0]} rows are not a whole number of videos of num_frames={num_frames}")
+    if num_segments < 1 or num_frames % num_segments:
+        raise ValueError(f"num_frames={num_frames} is not divisible into num_segments={num_segments} segments")
+    if not 0 <= num_prefix_tokens < tokens.shape[1]:
+        raise ValueError(f"num_prefix_tokens={num_prefix_tokens} must leave patch tokens (row length {tokens.shape[1]})")
+    videos, per_segment = tokens.shape[0] // num_frames, num_frames // num_segments
+    d = tokens.shape[-1]
+    grouped = tokens.reshape(videos * num_segments, per_segment, tokens.shape[1], d)
+    prefix = grouped[:, :, :num_prefix_tokens].mean(dim=1)
+    patches = grouped[:, :, num_prefix_tokens:].reshape(videos * num_segments, -1, d)
+    medoids, _, _ = token_medoids(patches, num_medoids, metric=metric, max_iters=max_iters, split_size=split_size)
+    return torch.cat([prefix, medoids], dim=1)

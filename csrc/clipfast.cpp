@@ -23,6 +23,11 @@ TORCH_LIBRARY(clipfast_C, m) {
   m.def(
       "feature_gram_backward(Tensor grad_tt, Tensor grad_tx, Tensor grad_xx, Tensor text, Tensor image, "
       "str feature_map, Tensor? omegas) -> (Tensor grad_text, Tensor grad_image)");
+
+  // token_medoids (clipfast/ops/token_medoids.py): indices only; the gather is differentiable in Python.
+  m.def(
+      "token_medoids_index(Tensor x, int num_medoids, str metric, int max_iters, int split_size) -> "
+      "(Tensor medoid_index, Tensor assignment)");
 }
 
 // `from clipfast import _C` loads this library (and so runs the registrations above) without pybind11.

@@ -42,6 +42,9 @@ def _public_cases(requires_grad):
             (torch.tensor(0.5), a.detach(), b.detach(), s.detach(), beta.detach(), 0, False),
         ],
         **_schur_cases(requires_grad),
+        # Indices only: the API always calls it on detached tokens (the gather carries the gradient).
+        "token_medoids_index": [(torch.randn(3, 12, 8), 4, "euclidean", 100, 0),
+                                (torch.randn(4, 9, 5), 3, "cosine", 5, 2)],
     }
 
 
@@ -68,6 +71,7 @@ def _native_cases():
         "siglip_grad": [(a, b, s, beta)],
         "feature_gram": [(a, a, "rff", torch.randn(8, 3)), (a, a, "linear", None)],
         "feature_gram_backward": [(*(torch.randn(8, 8) for _ in range(3)), a, a, "row_normalized", None)],
+        "token_medoids_index": [(torch.randn(3, 12, 8), 4, "euclidean", 100, 0)],
     }
 
 
