@@ -66,8 +66,8 @@ def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tupl
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipfast.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--op", default="contrastive", choices=["contrastive", "distributed", "schur", "all"],
-                        help="contrastive (single process), distributed (2 gloo processes), schur, or all")
+    parser.add_argument("--op", default="contrastive", choices=["contrastive", "distributed", "schur", "token_medoids", "all"],
+                        help="contrastive (single process), distributed (2 gloo processes), schur, token_medoids, or all")
     parser.add_argument("--quick", action="store_true", help=f"N in {bench_cases.QUICK_SIZES} only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--losses", nargs="+", default=list(bench_cases.LOSSES), choices=bench_cases.LOSSES)
@@ -95,6 +95,13 @@ def main(argv=None) -> int:
         text, schur_met = schur.run(args.quick, log=lambda m: print(m, flush=True))
         print(text)
         met &= schur_met
+    if args.op in ("token_medoids", "all"):
+        from clipfast.bench import token_medoids
+
+        print(f"\nclipfast.bench: op=token_medoids quick={args.quick}", flush=True)
+        text, medoids_met = token_medoids.run(args.quick, log=lambda m: print(m, flush=True))
+        print(text)
+        met &= medoids_met
     return 1 if args.fail_on_miss and not met else 0
 
 
