@@ -41,7 +41,7 @@ NATIVE_OPS = {
 }
 
 # Ops with Triton kernels (clipfast/triton_kernels/<op>.py).
-TRITON_OPS = ("contrastive", "schur_covariance")
+TRITON_OPS = ("contrastive", "schur_covariance", "token_medoids")
 
 # Feature dtypes each backend computes (all accumulate in fp32; float64 runs in float64 where listed).
 DTYPES = {

@@ -13,7 +13,7 @@ Input ``x: (R, N, D)``: R independent rows (a segment's tokens each). Per row, w
    its rows until none of them changes.
 3. Medoids sorted ascending; the final assignment is against the sorted medoids.
 
-Every argmin / argmax breaks ties to the lowest index. Euclidean distances are computed on tokens
+Every argmin / argmax breaks ties to the lowest index; distance matrices are exactly symmetric. Euclidean distances are computed on tokens
 centred on their row mean (translation invariance), so ``||a||^2 + ||b||^2 - 2 a.b`` does not cancel
 catastrophically for large-norm tokens.
 """
@@ -43,6 +43,9 @@ def distance_matrices(x: torch.Tensor, metric: str) -> torch.Tensor:
         dist = 1 - unit @ unit.transpose(1, 2)
     else:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    # Exactly symmetric (GEMM rounding is not): a two-token cluster's equal costs must tie, so that the
+    # lower index wins rather than a rounding difference.
+    dist = (dist + dist.transpose(1, 2)) / 2
     return dist * (1 - torch.eye(x.shape[1], dtype=dist.dtype, device=dist.device))
 
 

@@ -42,6 +42,8 @@ at::Tensor row_distances(const at::Tensor& tokens, Metric metric) {
     const at::Tensor unit = tokens / tokens.norm(2, {1}, true).clamp_min(kCosineNormEps);
     dist = 1 - at::mm(unit, unit.t());
   }
+  // Exactly symmetric (GEMM rounding is not), so a two-token cluster's equal costs tie to the lower index.
+  dist = (dist + dist.t()).mul_(0.5);
   dist.fill_diagonal_(0);
   return dist.contiguous();
 }

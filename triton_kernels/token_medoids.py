@@ -1,0 +1,366 @@
+"""Triton kernels for the token_medoids index op: k-medoids with KKZ initialisation over token segments.
+
+Spec: :mod:`clipfast.reference.token_medoids` (``token_medoids_index_reference``). ``x: (R, N, D)`` holds R
+independent rows (segments) of N tokens; per row the op returns the K medoid token indices (ascending) and
+every token's cluster (an index into the sorted medoids). Ties always go to the LOWEST index.
+
+Algorithm
+---------
+The launcher walks the rows in groups (a Python loop, no host synchronisation); a group holds at most
+``_SCRATCH_ELEMS`` fp32 distances (whole chunks of ``split_size`` rows) and runs two kernels:
+
+* ``_pairwise_distance_kernel``, grid ``(rows, cdiv(N, BLOCK_I), cdiv(N, BLOCK_J))``: the (N, N) fp32
+  distance matrix of each row into a scratch tensor, plus each token's raw norm ``||x_n||_2`` (for the KKZ
+  start). Only tiles on or above the diagonal are computed; each is mirrored, so the matrix is exactly
+  symmetric (exact ties, e.g. the two members of a two-token cluster, stay ties). Tiles are accumulated
+  over D in ``BLOCK_D`` chunks as a (BLOCK_I, BLOCK_J, BLOCK_D) broadcast:
+    - euclidean: ``sum_d (x_id - x_jd)^2`` by direct differences (no ``||x||^2 + ||y||^2 - 2 x.y``
+      cancellation, so tokens of norm ~1000 keep full fp32 accuracy), then ``sqrt``;
+    - cosine: ``1 - <x_i, x_j> / (max(||x_i||, 1e-8) max(||x_j||, 1e-8))``.
+  The diagonal is set to exactly 0. Inputs of any float dtype are widened to fp32 on load.
+* ``_medoids_kernel``, grid ``(cdiv(rows, S),)`` with ``S = split_size`` (or 1 when ``split_size == 0``):
+  one program owns a chunk of S consecutive rows, so chunk-level stopping needs no cross-program sync.
+  Per-token quantities are (BLOCK_N,) vectors, ``BLOCK_N = next_pow2(N)``; the medoid list of a row is a
+  (BLOCK_K,) vector kept between iterations in the output ``medoid_index`` (int64), which doubles as the
+  scratch (``tl.debug_barrier`` orders the stores and reloads across threads).
+    1. KKZ: ``m_0`` = argmax of the raw norms; then K - 1 times ``m_k`` = argmax of the running-min
+       vector ``min_{j<k} D[m_j, :]`` (updated with the new medoid's distance row). Argmax / argmin with
+       lowest-index ties = a max (min) reduction, then the min index among the lanes equal to it.
+    2. Up to ``max_iters`` iterations over all rows of the chunk, stopping after the first iteration in
+       which no row of the chunk changed: assignment ``a_n = argmin_k D[m_k, n]`` (K distance rows,
+       strict ``<`` so the lowest k wins); update: for i = 0..N-1 load row i of D, ``cost_i = sum_{j: a_j
+       = a_i} D[i, j]``, and keep per cluster the lowest-cost (then lowest) i in a (BLOCK_K,) best-cost
+       / best-index pair, initialised with the current medoids (an empty cluster keeps its medoid).
+       O(N^2 + K N) work per row and iteration; no (K, N, N) temporaries.
+    3. Sort the medoids ascending by rank (``rank_k = #{k': m_k' < m_k} + #{k' < k: m_k' = m_k}``, a
+       stable O(K^2) loop) and assign every token to its nearest sorted medoid.
+  The programs are latency bound (one program per row or chunk); this op is about determinism and matching
+  the reference index for index, not peak throughput.
+
+Determinism: each output is owned by one program and computed in a fixed order (no atomics); results are
+bitwise reproducible run to run. Scratch memory: ``_SCRATCH_ELEMS`` fp32 (256 MiB) at most, or one chunk's
+``S N^2`` fp32 if larger, plus (rows, N) fp32 norms.
+
+All launchers accept CUDA tensors, or CPU tensors when Triton runs under its interpreter (``TRITON_INTERPRET=1``
+set before this module is imported). ``x`` may be float32, float16 or bfloat16 with arbitrary strides; index
+arithmetic into the distance scratch is 64-bit.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["kernel_configs", "token_medoids_index_triton"]
+
+METRICS = ("euclidean", "cosine")
+COSINE_NORM_EPS = 1e-8
+MAX_TOKENS = 1024
+_METRIC_ID = {name: i for i, name in enumerate(METRICS)}
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# At most this many fp32 distances (256 MiB) exist at a time, unless a single split_size chunk needs more.
+_SCRATCH_ELEMS = 1 << 26
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pairwise_distance_kernel(
+    x_ptr,
+    dist_ptr,
+    norm_ptr,
+    N,
+    D,
+    stride_xr,
+    stride_xn,
+    stride_xd,
+    METRIC: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dist[r, i, j] = D(x[r, i], x[r, j]) fp32 (METRIC 0 euclidean, 1 cosine), norm[r, i] = ||x[r, i]||_2.
+
+    x: (rows, N, D) any strides; dist: (rows, N, N) and norm: (rows, N) fp32 contiguous.
+    Grid: (rows, cdiv(N, BLOCK_I), cdiv(N, BLOCK_J)); program (r, bi, bj) with bi <= bj owns tile (bi, bj)
+    of row r and its mirror (bj, bi) (programs with bi > bj exit at once); the diagonal programs also store
+    the norms of their block.
+    """
+    tl.static_assert(BLOCK_I == BLOCK_J)
+    row = tl.program_id(0).to(tl.int64)
+    pid_i = tl.program_id(1)
+    pid_j = tl.program_id(2)
+    if pid_i > pid_j:  # the lower triangle is the mirror of the upper one
+        return
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = offs_i < N
+    mask_j = offs_j < N
+    offs_d = tl.arange(0, BLOCK_D)
+    x_row = x_ptr + row * stride_xr
+    xi_ptrs = x_row + offs_i.to(tl.int64)[:, None] * stride_xn
+    xj_ptrs = x_row + offs_j.to(tl.int64)[:, None] * stride_xn
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    sq_i = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    sq_j = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + offs_d
+        d_mask = ds < D
+        col = ds.to(tl.int64)[None, :] * stride_xd
+        xi = tl.load(xi_ptrs + col, mask=mask_i[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        xj = tl.load(xj_ptrs + col, mask=mask_j[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        if METRIC == 0:
+            diff = xi[:, None, :] - xj[None, :, :]
+            acc += tl.sum(diff * diff, axis=2)
+        else:
+            acc += tl.sum(xi[:, None, :] * xj[None, :, :], axis=2)
+            sq_j += tl.sum(xj * xj, axis=1)
+        sq_i += tl.sum(xi * xi, axis=1)
+    norm_i = tl.sqrt(sq_i)
+    if METRIC == 0:
+        dist = tl.sqrt(tl.maximum(acc, 0.0))
+    else:
+        inv_i = 1.0 / tl.maximum(norm_i, 1e-8)
+        inv_j = 1.0 / tl.maximum(tl.sqrt(sq_j), 1e-8)
+        dist = 1.0 - acc * (inv_i[:, None] * inv_j[None, :])
+    dist = tl.where(offs_i[:, None] == offs_j[None, :], 0.0, dist)
+    # Exactly symmetric: (i, j) with i <= j is computed once and mirrored to (j, i). Two-member clusters
+    # then tie exactly (cost D[a, b] = D[b, a]) and go to the lower index, as in the reference.
+    out = dist_ptr + row * N * N
+    valid = mask_i[:, None] & mask_j[None, :]
+    upper = offs_i[:, None] <= offs_j[None, :]
+    tl.store(out + offs_i.to(tl.int64)[:, None] * N + offs_j[None, :], dist, mask=valid & upper)
+    tl.store(out + offs_j.to(tl.int64)[None, :] * N + offs_i[:, None], dist,
+             mask=valid & (offs_i[:, None] < offs_j[None, :]))
+    tl.store(norm_ptr + row * N + offs_i, norm_i, mask=mask_i & (pid_i == pid_j))
+
+
+@triton.jit
+def _argmax_lowest(v, offs, BLOCK: tl.constexpr):
+    """Index of the maximum of ``v`` (int32 scalar); ties go to the lowest index."""
+    top = tl.max(v, axis=0)
+    return tl.min(tl.where(v == top, offs, BLOCK), axis=0)
+
+
+@triton.jit
+def _lane(vec, offs, i):
+    """``vec[i]`` as a scalar (a masked sum: no cross-thread memory round trip)."""
+    return tl.sum(tl.where(offs == i, vec, 0), axis=0)
+
+
+@triton.jit
+def _nearest(base, med, kofs, K, N, offs, valid, BLOCK_N: tl.constexpr):
+    """(BLOCK_N,) int32 ``argmin_k D[med[k], n]`` over k < K, lowest k on ties; -1 on lanes >= N."""
+    best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+    assign = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for k in range(0, K):
+        m = _lane(med, kofs, k)
+        d = tl.load(base + m.to(tl.int64) * N + offs, mask=valid, other=0.0)
+        better = d < best
+        best = tl.where(better, d, best)
+        assign = tl.where(better, k, assign)
+    return tl.where(valid, assign, -1)
+
+
+@triton.jit
+def _medoids_kernel(
+    dist_ptr,
+    norm_ptr,
+    med_ptr,
+    assign_ptr,
+    R,
+    N,
+    K,
+    max_iters,
+    chunk,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """KKZ + k-medoids iterations + sorted final assignment for the rows of one chunk.
+
+    dist: (R, N, N) fp32, norm: (R, N) fp32 (from ``_pairwise_distance_kernel``); med: (R, K) int64 and
+    assign: (R, N) int64 contiguous outputs (med also holds the current medoids between iterations).
+    Grid: (cdiv(R, chunk),); program c owns rows [c chunk, min((c + 1) chunk, R)) and iterates them together
+    until an iteration changes no row of the chunk, or max_iters iterations ran.
+    """
+    tl.static_assert(BLOCK_K <= BLOCK_N)
+    pid = tl.program_id(0)
+    r0 = pid * chunk
+    r1 = tl.minimum(r0 + chunk, R)
+    offs = tl.arange(0, BLOCK_N)
+    valid = offs < N
+    kofs = tl.arange(0, BLOCK_K)
+    kvalid = kofs < K
+    nn = N.to(tl.int64) * N
+
+    # 1. KKZ initialisation.
+    for r in range(r0, r1):
+        base = dist_ptr + r * nn
+        norms = tl.load(norm_ptr + r * N + offs, mask=valid, other=-float("inf"))
+        m = _argmax_lowest(norms, offs, BLOCK_N)
+        med = tl.where(kofs == 0, m, 0)
+        run_min = tl.load(base + m.to(tl.int64) * N + offs, mask=valid, other=-float("inf"))
+        for k in range(1, K):
+            m = _argmax_lowest(run_min, offs, BLOCK_N)
+            med = tl.where(kofs == k, m, med)
+            d = tl.load(base + m.to(tl.int64) * N + offs, mask=valid, other=-float("inf"))
+            run_min = tl.minimum(run_min, d)
+        tl.store(med_ptr + r * K + kofs, med.to(tl.int64), mask=kvalid)
+    tl.debug_barrier()
+
+    # 2. Alternating assignment / update until the chunk converges.
+    it = 0
+    while it < max_iters:
+        changed = 0
+        for r in range(r0, r1):
+            base = dist_ptr + r * nn
+            med_row = med_ptr + r * K
+            med = tl.load(med_row + kofs, mask=kvalid, other=0).to(tl.int32)
+            assign = _nearest(base, med, kofs, K, N, offs, valid, BLOCK_N)
+            best_cost = tl.full((BLOCK_K,), float("inf"), dtype=tl.float32)
+            best_idx = med
+            for i in range(0, N):
+                a_i = _lane(assign, offs, i)
+                d = tl.load(base + i * N + offs, mask=valid, other=0.0)
+                cost = tl.sum(tl.where(assign == a_i, d, 0.0), axis=0)
+                upd = (kofs == a_i) & (cost < best_cost)
+                best_cost = tl.where(upd, cost, best_cost)
+                best_idx = tl.where(upd, i, best_idx)
+            changed += tl.sum(((best_idx != med) & kvalid).to(tl.int32), axis=0)
+            tl.debug_barrier()
+            tl.store(med_row + kofs, best_idx.to(tl.int64), mask=kvalid)
+            tl.debug_barrier()
+        # A converged chunk jumps straight to the end (one loop-carried scalar: no register spill on sm_80).
+        it = tl.where(changed > 0, it + 1, max_iters)
+
+    # 3. Sort ascending (stable ranks) and assign to the sorted medoids.
+    for r in range(r0, r1):
+        base = dist_ptr + r * nn
+        med_row = med_ptr + r * K
+        med = tl.load(med_row + kofs, mask=kvalid, other=0).to(tl.int32)
+        ordered = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for k in range(0, K):
+            mk = _lane(med, kofs, k)
+            rank = tl.sum(((med < mk) & kvalid).to(tl.int32), axis=0)
+            rank += tl.sum(((med == mk) & (kofs < k)).to(tl.int32), axis=0)
+            ordered = tl.where(kofs == rank, mk, ordered)
+        assign = _nearest(base, ordered, kofs, K, N, offs, valid, BLOCK_N)
+        tl.debug_barrier()
+        tl.store(med_row + kofs, ordered.to(tl.int64), mask=kvalid)
+        tl.store(assign_ptr + r * N + offs, assign.to(tl.int64), mask=valid)
+
+
+# Decided when the decorators ran: under TRITON_INTERPRET=1 they return interpreter objects.
+_INTERPRETED = not isinstance(_medoids_kernel, triton.runtime.JITFunction)
+
+
+# --------------------------------------------------------------------------------------------
+# Block-size policy
+# --------------------------------------------------------------------------------------------
+
+
+def kernel_configs(N: int, D: int, dtype: torch.dtype) -> dict:
+    """Launch configuration used for segments of ``N`` tokens of width ``D`` and input ``dtype``.
+
+    Returns ``{"distance": {...}, "medoids": {...}}``: each kernel's block-size constexprs plus
+    ``num_warps``/``num_stages``, exactly as the launcher passes them, so the AOT test compiles (and checks
+    for spills) what actually runs. Fixed table, no ``triton.autotune`` (that needs a GPU to benchmark):
+
+    * distance: 32 x 32 output tiles over ``BLOCK_D`` = 8 input columns per step (the (32, 32, 8) fp32
+      broadcast is 64 registers a thread on 4 warps), shrunk to ``next_pow2(N)`` / ``next_pow2(D)`` for
+      tiny segments. Same for every dtype (16-bit inputs are widened to fp32 on load).
+    * medoids: ``BLOCK_N = next_pow2(N)`` token lanes and ``BLOCK_K = BLOCK_N`` medoid lanes (K <= N, so
+      one configuration per N whatever K); ``BLOCK_N / 32`` warps (1 to 8) up to 256 lanes, so one lane per
+      thread, then ``BLOCK_N / 128`` (4 lanes per thread; 8 warps at 1024).
+    """
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
+    n_pow2 = triton.next_power_of_2(max(int(N), 1))
+    d_pow2 = triton.next_power_of_2(max(int(D), 1))
+    tile = min(n_pow2, 32)
+    distance = dict(BLOCK_I=tile, BLOCK_J=tile, BLOCK_D=min(d_pow2, 8), num_warps=4, num_stages=2)
+    # One token lane per thread up to 256 lanes, four above: with two lanes per thread (256 on 4 warps,
+    # 512 on 8) ptxas spilled the iteration counter on sm_80 (STACK 8).
+    warps = max(1, min(n_pow2 // 32, 8)) if n_pow2 <= 256 else n_pow2 // 128
+    medoids = dict(BLOCK_N=n_pow2, BLOCK_K=n_pow2, num_warps=warps, num_stages=1)
+    return {"distance": distance, "medoids": medoids}
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_inputs(x, num_medoids, metric, max_iters, split_size):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-D (R, N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; expected one of {_SUPPORTED_DTYPES}")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and _INTERPRETED):
+        raise ValueError(f"tensors on {x.device} are not supported: use CUDA tensors, or CPU tensors with "
+                         "TRITON_INTERPRET=1 set before this module is imported")
+    n = x.shape[1]
+    for name, v in (("num_medoids", num_medoids), ("max_iters", max_iters), ("split_size", split_size)):
+        if not _is_int(v):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not 1 <= num_medoids <= n:
+        raise ValueError(f"num_medoids must satisfy 1 <= num_medoids <= N = {n}, got {num_medoids}")
+    if n > MAX_TOKENS:
+        raise ValueError(f"the Triton token_medoids kernel supports N <= {MAX_TOKENS} tokens per row, got {n}")
+    if metric not in _METRIC_ID:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if max_iters < 0:
+        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    if split_size < 0:
+        raise ValueError(f"split_size must be >= 0 (0: per-row convergence), got {split_size}")
+
+
+def token_medoids_index_triton(x, num_medoids, metric="euclidean", max_iters=10, split_size=0):
+    """k-medoids (KKZ init) of every row of tokens.
+
+    Args:
+        x: (R, N, D) float32/float16/bfloat16, any strides, CUDA (or CPU under the interpreter); N <= 1024.
+        num_medoids: K, 1 <= K <= N.
+        metric: "euclidean" or "cosine".
+        max_iters: >= 0 assignment/update iterations at most.
+        split_size: 0 for per-row convergence, s > 0 to iterate chunks of s consecutive rows together.
+
+    Returns:
+        ``(medoid_index, assignment)``: (R, K) int64 ascending token indices, and (R, N) int64 indices into
+        the sorted medoids.
+    """
+    _check_inputs(x, num_medoids, metric, max_iters, split_size)
+    R, N, D = x.shape
+    K = num_medoids
+    medoid_index = torch.empty((R, K), dtype=torch.int64, device=x.device)
+    assignment = torch.empty((R, N), dtype=torch.int64, device=x.device)
+    if R == 0:
+        return medoid_index, assignment
+    cfg = kernel_configs(N, D, x.dtype)
+    dcfg, mcfg = cfg["distance"], cfg["medoids"]
+    chunk = split_size if split_size > 0 else 1
+    group = max(chunk, (_SCRATCH_ELEMS // (N * N)) // chunk * chunk)
+    group = min(group, triton.cdiv(R, chunk) * chunk)
+    dist = torch.empty((min(group, R), N, N), dtype=torch.float32, device=x.device)
+    norms = torch.empty((min(group, R), N), dtype=torch.float32, device=x.device)
+    metric_id = _METRIC_ID[metric]
+    for r0 in range(0, R, group):
+        r1 = min(r0 + group, R)
+        rows = r1 - r0
+        xs = x[r0:r1]
+        grid = (rows, triton.cdiv(N, dcfg["BLOCK_I"]), triton.cdiv(N, dcfg["BLOCK_J"]))
+        _pairwise_distance_kernel[grid](
+            xs, dist, norms, N, D, xs.stride(0), xs.stride(1), xs.stride(2), METRIC=metric_id, **dcfg,
+        )  # fmt: skip
+        _medoids_kernel[(triton.cdiv(rows, chunk),)](
+            dist, norms, medoid_index[r0:r1], assignment[r0:r1], rows, N, K, max_iters, chunk, **mcfg,
+        )  # fmt: skip
+    return medoid_index, assignment
