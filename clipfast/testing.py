@@ -135,3 +135,25 @@ def _gloo_entry(rank, worker, world_size, port, args):
         worker(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+
+
+def run_triton_aot_worker(script: str, timeout: float = 900) -> list:
+    """Run ``script``'s AOT compile worker (``python script``, printing one JSON list of per-kernel rows
+    last) in a process without TRITON_INTERPRET, where ``@triton.jit`` yields compilable kernels."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"AOT worker failed:\n{proc.stderr[-5000:]}"
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rows, "nothing was compiled"
+    return rows
+
+
+def assert_triton_compile_clean(rows: list) -> None:
+    """No register spills (STACK, LOCAL) and shared memory within each architecture's limit."""
+    bad = [r for r in rows if r["stack"] or r["local"] or r["shared"] > TRITON_SHARED_MEMORY_LIMIT[r["sm"]]]
+    assert not bad, f"register spills or shared memory over the limit: {bad}"

@@ -18,8 +18,6 @@ with ``-s`` to see the REG/STACK/SHARED table.
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -29,7 +27,8 @@ except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from clipfast.testing import TRITON_SHARED_MEMORY_LIMIT as SHARED_LIMIT  # noqa: E402
-from clipfast.testing import cubin_resource_usage, triton_cuobjdump  # noqa: E402
+from clipfast.testing import (assert_triton_compile_clean, cubin_resource_usage,  # noqa: E402
+                              run_triton_aot_worker, triton_cuobjdump)
 
 CUOBJDUMP = triton_cuobjdump()
 FEATURE_DIMS = (512, 768, 1152)
@@ -115,11 +114,7 @@ def _worker():
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's NVIDIA backend (cuobjdump) is not installed")
 def test_kernels_compile_without_spills_for_sm80_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"AOT worker failed:\n{proc.stderr[-5000:]}"
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert rows, "nothing was compiled"
+    rows = run_triton_aot_worker(__file__)
 
     header = (f"{'kernel':10} {'dtype':5} {'prec':4} {'flags':6} {'sm':2} {'D':14} {'REG':>3} {'STACK':>5} "
               f"{'SHARED':>6}  config")
@@ -128,8 +123,7 @@ def test_kernels_compile_without_spills_for_sm80_sm90():
         print(f"{r['kernel']:10} {r['dtype']:5} {r['precision']:4} {r['flags']:6} {r['sm']:2} "
               f"{','.join(map(str, r['D'])):14} {r['reg']:3} {r['stack']:5} {r['shared']:6}  {r['config']}")
 
-    bad = [r for r in rows if r["stack"] or r["local"] or r["shared"] > SHARED_LIMIT[r["sm"]]]
-    assert not bad, f"register spills or shared memory over the limit: {bad}"
+    assert_triton_compile_clean(rows)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ to see the REG/STACK/SHARED table.
 
 import json
 import os
-import subprocess
-import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -30,7 +28,8 @@ except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from clipfast.testing import TRITON_SHARED_MEMORY_LIMIT as SHARED_LIMIT  # noqa: E402
-from clipfast.testing import cubin_resource_usage, triton_cuobjdump  # noqa: E402
+from clipfast.testing import (assert_triton_compile_clean, cubin_resource_usage,  # noqa: E402
+                              run_triton_aot_worker, triton_cuobjdump)
 
 CUOBJDUMP = triton_cuobjdump()
 FEATURES = (512, 1024, 5000)
@@ -112,11 +111,7 @@ def _worker():
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's NVIDIA backend (cuobjdump) is not installed")
 def test_kernels_compile_without_spills_for_sm80_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"AOT worker failed:\n{proc.stderr[-5000:]}"
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert rows, "nothing was compiled"
+    rows = run_triton_aot_worker(__file__)
     assert {(r["kernel"], r["fmap"]) for r in rows} == {(k, f) for k in ("gram", "grad") for f in FEATURE_MAPS}
 
     header = (f"{'kernel':6} {'map':14} {'dtype':5} {'prec':4} {'sm':2} {'F':14} {'REG':>3} {'STACK':>5} "
@@ -126,8 +121,7 @@ def test_kernels_compile_without_spills_for_sm80_sm90():
         print(f"{r['kernel']:6} {r['fmap']:14} {r['dtype']:5} {r['precision']:4} {r['sm']:2} "
               f"{','.join(map(str, r['F'])):14} {r['reg']:3} {r['stack']:5} {r['shared']:6}  {r['config']}")
 
-    bad = [r for r in rows if r["stack"] or r["local"] or r["shared"] > SHARED_LIMIT[r["sm"]]]
-    assert not bad, f"register spills or shared memory over the limit: {bad}"
+    assert_triton_compile_clean(rows)
 
 
 if __name__ == "__main__":
