@@ -31,21 +31,45 @@ Metric parse_metric(c10::string_view name) {
   TORCH_CHECK(false, "token_medoids: metric must be 'euclidean' or 'cosine', got '", std::string(name), "'");
 }
 
-// (N, N) distances of one row's tokens (computation dtype), exact zeros on the diagonal.
-at::Tensor row_distances(const at::Tensor& tokens, Metric metric) {
-  at::Tensor dist;
+// (N, N) distances of one row's tokens (computation dtype) from one GEMM, the rest in plain loops (the
+// per-row ATen calls of a tensor formulation cost more than the arithmetic at CenterCLIP's sizes).
+// Euclidean: Gram of the row-mean-centred tokens, d_ij = sqrt(max(0, G_ii + G_jj - 2 G_ij)); cosine:
+// Gram of the unit tokens, d_ij = 1 - G_ij. Only i < j is computed and mirrored, so the matrix is
+// exactly symmetric (a two-token cluster's equal costs tie to the lower index); zero diagonal.
+template <typename T>
+std::vector<T> row_distances(const T* x, int64_t n, int64_t dim, Metric metric, const at::TensorOptions& options) {
+  std::vector<T> work(x, x + n * dim);
   if (metric == Metric::kEuclidean) {
-    const at::Tensor centred = tokens - tokens.mean(0, true);
-    const at::Tensor sq = (centred * centred).sum(1);
-    dist = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * at::mm(centred, centred.t())).clamp_min_(0).sqrt_();
+    std::vector<T> mean(dim, T(0));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t d = 0; d < dim; ++d) mean[d] += work[i * dim + d];
+    for (int64_t d = 0; d < dim; ++d) mean[d] /= static_cast<T>(n);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t d = 0; d < dim; ++d) work[i * dim + d] -= mean[d];
   } else {
-    const at::Tensor unit = tokens / tokens.norm(2, {1}, true).clamp_min(kCosineNormEps);
-    dist = 1 - at::mm(unit, unit.t());
+    for (int64_t i = 0; i < n; ++i) {
+      T sq = 0;
+      for (int64_t d = 0; d < dim; ++d) sq += work[i * dim + d] * work[i * dim + d];
+      const T inv = T(1) / std::max(std::sqrt(sq), static_cast<T>(kCosineNormEps));
+      for (int64_t d = 0; d < dim; ++d) work[i * dim + d] *= inv;
+    }
   }
-  // Exactly symmetric (GEMM rounding is not), so a two-token cluster's equal costs tie to the lower index.
-  dist = (dist + dist.t()).mul_(0.5);
-  dist.fill_diagonal_(0);
-  return dist.contiguous();
+  std::vector<T> gram(n * n);
+  const at::Tensor tokens = at::from_blob(work.data(), {n, dim}, options);
+  at::Tensor gram_view = at::from_blob(gram.data(), {n, n}, options);
+  at::mm_out(gram_view, tokens, tokens.t());
+  std::vector<T> dist(n * n, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = i + 1; j < n; ++j) {
+      const T g = gram[i * n + j];
+      const T d = metric == Metric::kEuclidean
+                      ? std::sqrt(std::max(T(0), gram[i * n + i] + gram[j * n + j] - 2 * g))
+                      : T(1) - g;
+      dist[i * n + j] = d;
+      dist[j * n + i] = d;
+    }
+  }
+  return dist;
 }
 
 template <typename T>
@@ -106,20 +130,24 @@ struct RowMedoids {
   }
 };
 
+// KKZ initialisation of one row: the largest RAW norm first, then the farthest from the chosen set.
 template <typename T>
-RowMedoids<T> initialise(const at::Tensor& tokens, Metric metric, int64_t k_count) {
+RowMedoids<T> initialise(const T* x, int64_t n, int64_t dim, Metric metric, int64_t k_count,
+                         const at::TensorOptions& options) {
   RowMedoids<T> row;
-  row.n = tokens.size(0);
-  const at::Tensor dist = row_distances(tokens, metric);
-  row.dist.assign(dist.data_ptr<T>(), dist.data_ptr<T>() + row.n * row.n);
-  const at::Tensor norms = tokens.norm(2, {1}).contiguous();  // KKZ starts from the largest RAW norm
-  row.medoids.push_back(first_argmax(norms.data_ptr<T>(), row.n));
-  std::vector<T> nearest(row.dist.begin() + row.medoids[0] * row.n, row.dist.begin() + (row.medoids[0] + 1) * row.n);
+  row.n = n;
+  row.dist = row_distances(x, n, dim, metric, options);
+  std::vector<T> norms(n, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t d = 0; d < dim; ++d) norms[i] += x[i * dim + d] * x[i * dim + d];
+  }
+  row.medoids.push_back(first_argmax(norms.data(), n));  // the square preserves the argmax
+  std::vector<T> nearest(row.dist.begin() + row.medoids[0] * n, row.dist.begin() + (row.medoids[0] + 1) * n);
   for (int64_t i = 1; i < k_count; ++i) {
-    const int64_t next = first_argmax(nearest.data(), row.n);
+    const int64_t next = first_argmax(nearest.data(), n);
     row.medoids.push_back(next);
-    const T* d = row.dist.data() + next * row.n;
-    for (int64_t j = 0; j < row.n; ++j) nearest[j] = std::min(nearest[j], d[j]);
+    const T* d = row.dist.data() + next * n;
+    for (int64_t j = 0; j < n; ++j) nearest[j] = std::min(nearest[j], d[j]);
   }
   return row;
 }
@@ -131,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> token_medoids_index_cpu(const at::Tensor& x_i
   TORCH_CHECK(x_in.dim() == 3, "token_medoids: expected x of shape (rows, tokens, dim), got ", x_in.sizes());
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "token_medoids: x must be floating point, got ",
               x_in.scalar_type());
-  const int64_t rows = x_in.size(0), n = x_in.size(1);
+  const int64_t rows = x_in.size(0), n = x_in.size(1), dim = x_in.size(2);
   TORCH_CHECK(k_count >= 1 && k_count <= n, "token_medoids: num_medoids must be in [1, ", n, "], got ", k_count);
   TORCH_CHECK(max_iters >= 0, "token_medoids: max_iters must be >= 0, got ", max_iters);
   TORCH_CHECK(split_size >= 0, "token_medoids: split_size must be >= 0, got ", split_size);
@@ -144,13 +172,16 @@ std::tuple<at::Tensor, at::Tensor> token_medoids_index_cpu(const at::Tensor& x_i
   const int64_t n_chunks = (rows + chunk - 1) / chunk;
   AT_DISPATCH_FLOATING_TYPES(dtype, "token_medoids_index_cpu", [&] {
     using T = scalar_t;
+    const T* x_ptr = x.data_ptr<T>();
     int64_t* index_ptr = index.data_ptr<int64_t>();
     int64_t* assignment_ptr = assignment.data_ptr<int64_t>();
     at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         const int64_t r0 = c * chunk, r1 = std::min(rows, r0 + chunk);
         std::vector<RowMedoids<T>> states;
-        for (int64_t r = r0; r < r1; ++r) states.push_back(initialise<T>(x[r], metric, k_count));
+        for (int64_t r = r0; r < r1; ++r) {
+          states.push_back(initialise<T>(x_ptr + r * n * dim, n, dim, metric, k_count, x.options()));
+        }
         for (int64_t it = 0; it < max_iters; ++it) {
           bool changed = false;
           for (auto& state : states) changed |= state.step();  // every row of the chunk steps together
