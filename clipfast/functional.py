@@ -14,17 +14,23 @@ import torch
 from clipfast.ops import contrastive as _ops
 
 Scalar = Union[torch.Tensor, float]
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(t, name: str, layout: tuple) -> None:
+    """TypeError unless ``t`` is a float tensor, ValueError unless it has ``len(layout)`` dimensions;
+    ``layout`` names them for the message, e.g. ``("n", "d")``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(layout):
+        raise ValueError(f"{name} must be {len(layout)}-D ({', '.join(layout)}), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
 def _check_features(image_features, text_features, name_a="image_features", name_b="text_features"):
     for name, t in ((name_a, image_features), (name_b, text_features)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        check_float_tensor(t, name, ("batch", "dim"))
         if t.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); the loss is undefined")
         if t.shape[1] == 0:
@@ -188,12 +194,7 @@ def token_medoids(x: torch.Tensor, num_medoids: int, *, metric: str = "euclidean
         TypeError: non-tensor or non-float x. ValueError: x not 3-D, K outside [1, N], unknown metric,
         negative max_iters, split_size < 1.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be (rows, tokens, dim), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_float_tensor(x, "x", ("rows", "tokens", "dim"))
     if not isinstance(num_medoids, int) or not 1 <= num_medoids <= x.shape[1]:
         raise ValueError(f"num_medoids must be an int in [1, {x.shape[1]}] (the tokens per row), got {num_medoids!r}")
     if metric not in ("euclidean", "cosine"):

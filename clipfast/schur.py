@@ -42,6 +42,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from clipfast.functional import check_float_tensor
 from clipfast.ops.schur_covariance import kernel_covariance
 
 KERNELS = ("cosine", "gaussian")
@@ -63,8 +64,6 @@ DEFAULT_RIDGE = 1e-3
 PUBLISHED_RIDGE = 1e-12
 # The published eigenvalue floor of the score.
 PUBLISHED_EIGENVALUE_FLOOR = 1e-10
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,12 +108,7 @@ class ExactGaussianSchur:
 # ----------------------------------------------------------------------------------------------------
 
 def _check_embeddings(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    check_float_tensor(t, name, ("n", "d"))
     if t.shape[1] == 0:
         raise ValueError(f"{name} has feature dimension 0 (shape {tuple(t.shape)})")
 
