@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from clipfast import backends
+from clipfast.dtypes import compute_dtype
 from clipfast.ops import contrastive as _ops
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -171,7 +172,7 @@ class _RingInfoNCE(torch.autograd.Function):
         kernels = _ops.kernels(backends.select(_ops.OP, image.device, image.dtype))
         a, b = image.detach().contiguous(), text.detach().contiguous()
         n = a.shape[0]
-        dtype = _ops._compute_dtype(a)
+        dtype = compute_dtype(a.dtype)
         pair = torch.cat([a, b])  # the travelling block: (2n, D), images then texts
         image_lse = text_lse = None
         for step in range(ring.world):
@@ -197,7 +198,7 @@ class _RingInfoNCE(torch.autograd.Function):
         kernels = _ops.kernels(backends.select(_ops.OP, image.device, image.dtype))
         a, b = image.detach().contiguous(), text.detach().contiguous()
         n = a.shape[0]
-        dtype = _ops._compute_dtype(a)
+        dtype = compute_dtype(a.dtype)
         weight = 0.5 / n
         # Pass 1: text blocks travel for the image loss; pass 2: image blocks for the text loss. Two
         # passes instead of one with (image, text) pairs halve what travels and is double-buffered.

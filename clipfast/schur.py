@@ -42,6 +42,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from clipfast.dtypes import compute_dtype
 from clipfast.functional import check_float_tensor
 from clipfast.ops.schur_covariance import kernel_covariance
 
@@ -205,10 +206,6 @@ def _check_kernel_options(kernel, convention, sigma, rff_dim, omegas, generator)
         raise ValueError(f"rff_dim must be a positive integer, got {rff_dim!r}")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _prepare_omegas(omegas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Given frequencies checked against the data and cast to the computation dtype."""
     if omegas.shape[0] != like.shape[1]:
@@ -217,7 +214,7 @@ def _prepare_omegas(omegas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if omegas.device != like.device:
         raise ValueError(f"omegas is on {omegas.device} but the features are on {like.device}")
     _check_finite(omegas, "omegas")
-    return omegas.detach().to(_compute_dtype(like.dtype))
+    return omegas.detach().to(compute_dtype(like.dtype))
 
 
 def rff_omegas(dim: int, rff_dim: int, sigma: float, *, generator: Optional[torch.Generator] = None,
@@ -496,7 +493,7 @@ def defocus(image_features: torch.Tensor, text_features: torch.Tensor, *,
                          "draw them once with clipfast.schur.rff_omegas(d, m, sigma) and pass them every time")
     _check_kernel_options(kernel, convention, None, None, omegas, None)
     ridge = _check_ridge(ridge, convention)
-    dtype = _compute_dtype(image_features.dtype)
+    dtype = compute_dtype(image_features.dtype)
     if kernel == "gaussian":
         w = _prepare_omegas(omegas, image_features)
         feature_map, features = "rff", 2 * w.shape[1]
@@ -569,7 +566,7 @@ def exact_gaussian_schur(image_features: torch.Tensor, text_features: torch.Tens
     if not _is_real(ridge) or not math.isfinite(ridge) or ridge <= 0:
         raise ValueError(f"ridge must be a finite number > 0 (with no ridge S is identically 0), got {ridge!r}")
     q = _check_order(order, "normalized")
-    dtype = _compute_dtype(image_features.dtype)
+    dtype = compute_dtype(image_features.dtype)
 
     def gram(z):
         d2 = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist") ** 2

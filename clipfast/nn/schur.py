@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from clipfast import schur
+from clipfast.dtypes import compute_dtype
 from clipfast.ops.schur_covariance import feature_gram
 from clipfast.reference.schur_covariance import FEATURE_MAP_OF, covariance_from_gram
 
@@ -99,7 +100,7 @@ class SchurComplementEntropy(nn.Module):
         if n < 2:
             raise ValueError(f"SchurComplementEntropy needs at least 2 pairs, has seen {n}")
         blocks = covariance_from_gram(self.text_gram, self.cross_gram, self.image_gram, self.covariance, n)
-        dtype = schur._compute_dtype(self._input_dtype)
+        dtype = compute_dtype(self._input_dtype)
         text_part, complement = schur._split(*(b.to(dtype) for b in blocks), self.convention, self.ridge)
         return (schur._matrix_score(complement, self.convention, self.order),
                 schur._matrix_score(text_part, self.convention, self.order))

@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from clipfast import backends
+from clipfast.dtypes import compute_dtype
 from clipfast.reference import contrastive as reference
 
 OP = "contrastive"
@@ -69,7 +70,7 @@ def kernels(backend: str) -> SimpleNamespace:
 def _register_native_fakes() -> None:
     """Fakes of the native kernels (clipfast_C::*), for opcheck and for tracing them directly."""
     def out(x, *shape):
-        return x.new_empty(shape, dtype=_compute_dtype(x))
+        return x.new_empty(shape, dtype=compute_dtype(x.dtype))
 
     torch.library.register_fake("clipfast_C::contrastive_lse")(
         lambda x, y, scale, with_cols: (out(x, x.shape[0]), out(x, y.shape[0] if with_cols else 0)))
@@ -86,10 +87,6 @@ if backends.native_available():
 
 def _kernels_for(t: torch.Tensor) -> SimpleNamespace:
     return kernels(backends.select(OP, t.device, t.dtype))
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check_scalar_values(logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor]) -> None:
@@ -123,7 +120,7 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     _check_scalar_values(logit_scale, logit_bias)
     a, b = image.contiguous(), text.contiguous()
     n, m = a.shape[0], b.shape[0]
-    dtype = _compute_dtype(a)
+    dtype = compute_dtype(a.dtype)
     s = logit_scale.reshape(()).to(dtype)
     row_lse, col_lse = _kernels_for(a).lse(a, b, logit_scale, symmetric)
     positives = s * (a.to(dtype) * b[label_offset:label_offset + n].to(dtype)).sum()
@@ -138,7 +135,7 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
 
 @contrastive_loss.register_fake
 def _(image, text, logit_scale, logit_bias, label_offset, symmetric, label_smoothing):
-    dtype = _compute_dtype(image)
+    dtype = compute_dtype(image.dtype)
     return (image.new_empty((), dtype=dtype), image.new_empty(image.shape[0], dtype=dtype),
             image.new_empty(text.shape[0] if symmetric else 0, dtype=dtype))
 
@@ -150,7 +147,7 @@ def contrastive_loss_backward(grad_loss: torch.Tensor, image: torch.Tensor, text
                               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a, b = image.contiguous(), text.contiguous()
     n, m = a.shape[0], b.shape[0]
-    dtype = _compute_dtype(a)
+    dtype = compute_dtype(a.dtype)
     w_row, w_col = _infonce_weights(n, m, symmetric)
     a_bar, b_bar = _kernels_for(a).grad(a, b, logit_scale, row_lse, col_lse, w_row, w_col)
     a_c, b_c = a.to(dtype), b.to(dtype)
@@ -206,7 +203,7 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
     _check_scalar_values(logit_scale, logit_bias)
     a, b = image.contiguous(), text.contiguous()
     n = a.shape[0]
-    dtype = _compute_dtype(a)
+    dtype = compute_dtype(a.dtype)
     total = _kernels_for(a).softplus(a, b, logit_scale, logit_bias).sum()
     if not negative_only:  # softplus(-x) = softplus(x) - x on the positive pairs
         s, beta = logit_scale.reshape(()).to(dtype), logit_bias.reshape(()).to(dtype)
@@ -216,7 +213,7 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
 
 @siglip_loss.register_fake
 def _(image, text, logit_scale, logit_bias, label_offset, negative_only):
-    return image.new_empty((), dtype=_compute_dtype(image))
+    return image.new_empty((), dtype=compute_dtype(image.dtype))
 
 
 @torch.library.custom_op("clipfast::siglip_loss_backward", mutates_args=())
@@ -225,7 +222,7 @@ def siglip_loss_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: tor
                          negative_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     a, b = image.contiguous(), text.contiguous()
     n = a.shape[0]
-    dtype = _compute_dtype(a)
+    dtype = compute_dtype(a.dtype)
     a_bar, b_bar, row_sum = _kernels_for(a).siglip_grad(a, b, logit_scale, logit_bias)
     a_c = a.to(dtype)
     sigmoid_total = row_sum.sum()

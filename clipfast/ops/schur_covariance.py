@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from clipfast import backends
+from clipfast.dtypes import compute_dtype
 from clipfast.reference import schur_covariance as reference
 
 OP = "schur_covariance"
@@ -101,7 +102,7 @@ feature_gram.register_autograd(_backward, setup_context=_setup_context)
 
 def _gram_fake(text, image, feature_map, omegas):
     f = _features(text, feature_map, omegas)
-    return tuple(text.new_empty((f, f), dtype=reference.compute_dtype(text)) for _ in range(3))
+    return tuple(text.new_empty((f, f), dtype=compute_dtype(text.dtype)) for _ in range(3))
 
 
 feature_gram.register_fake(_gram_fake)

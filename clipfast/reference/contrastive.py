@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from clipfast.dtypes import compute_dtype
+
 
 def _logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
             logit_bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -67,12 +69,8 @@ def siglip_loss_reference(image: torch.Tensor, text: torch.Tensor, logit_scale: 
 # computation dtype (float64 for float64 inputs, float32 otherwise).
 # ---------------------------------------------------------------------------------------------------
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _scores(x, y, scale):
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x.dtype)
     return scale.reshape(()).to(dtype) * (x.to(dtype) @ y.to(dtype).T), dtype
 
 

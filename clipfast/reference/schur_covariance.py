@@ -26,19 +26,17 @@ from typing import Optional
 
 import torch
 
+from clipfast.dtypes import compute_dtype
+
 FEATURE_MAPS = ("linear", "row_normalized", "rff")
 COVARIANCES = ("column_cosine", "row_cosine", "rff")
 COLUMN_NORM_EPS = 1e-8
 ROW_NORM_EPS = 1e-12
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def feature_map_reference(z: torch.Tensor, feature_map: str, omegas: Optional[torch.Tensor] = None) -> torch.Tensor:
     """phi applied to every row of ``z: (n, d)`` -> ``(n, F)`` in the computation dtype."""
-    z = z.to(compute_dtype(z))
+    z = z.to(compute_dtype(z.dtype))
     if feature_map == "linear":
         return z
     if feature_map == "row_normalized":

@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import torch
 
+from clipfast.dtypes import compute_dtype
+
 METRICS = ("euclidean", "cosine")
 COSINE_NORM_EPS = 1e-8
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def distance_matrices(x: torch.Tensor, metric: str) -> torch.Tensor:
     """``(R, N, N)`` distances in the computation dtype, exact zeros on the diagonal."""
-    x = x.to(compute_dtype(x))
+    x = x.to(compute_dtype(x.dtype))
     if metric == "euclidean":
         centred = x - x.mean(dim=1, keepdim=True)
         sq = (centred * centred).sum(-1)
@@ -91,7 +89,7 @@ def token_medoids_index_reference(x: torch.Tensor, num_medoids: int, metric: str
     """``(medoid_index (R, K) int64 ascending, assignment (R, N) int64 into the sorted medoids)``."""
     rows, n, _ = x.shape
     dist = distance_matrices(x, metric).tolist()
-    norms = x.to(compute_dtype(x)).norm(dim=-1).tolist()
+    norms = x.to(compute_dtype(x.dtype)).norm(dim=-1).tolist()
     medoids = [_kkz(dist[r], norms[r], num_medoids) for r in range(rows)]
     chunk = split_size if split_size > 0 else 1  # per-row stopping is chunks of one row
     for start in range(0, rows, chunk):
