@@ -13,33 +13,46 @@ import torch  # noqa: F401  (torch must be loaded before the native library: sha
 
 from clipfast import backends, ops  # noqa: F401  (ops registers torch.ops.clipfast.*)
 from clipfast import distributed, nn
+from clipfast.attention_scores import attention_scores, cls_attention_scores
 from clipfast.backends import BackendUnavailableError, use_backend
-from clipfast.functional import (clip_loss, contrastive_cross_entropy, segment_medoids, siglip_loss,
-                                 token_medoids)
-from clipfast.integrations import PatchHandle, patch_hf_clip
+from clipfast.functional import (attentive_token_keep, clip_loss, contrastive_cross_entropy, num_keep_for_ratio,
+                                 segment_medoids, siglip_loss, token_medoids)
+from clipfast.integrations import (PatchHandle, TokenMedoids, TokenRemoval, patch_hf_clip, patch_open_clip,
+                                  patch_timm_vit)
+from clipfast.spectral_medoids import spectral_embedding, spectral_token_medoids
 from clipfast.schur import (SchurComplement, defocus, exact_gaussian_schur, renyi_scores, rff_omegas, sce_score,
                             schur_complement)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "attention_scores",
+    "attentive_token_keep",
     "BackendUnavailableError",
     "PatchHandle",
+    "TokenMedoids",
+    "TokenRemoval",
     "SchurComplement",
     "backends",
     "distributed",
     "exact_gaussian_schur",
     "clip_loss",
+    "cls_attention_scores",
     "contrastive_cross_entropy",
     "defocus",
     "nn",
+    "num_keep_for_ratio",
     "patch_hf_clip",
+    "patch_open_clip",
+    "patch_timm_vit",
     "renyi_scores",
     "rff_omegas",
     "sce_score",
     "schur_complement",
     "segment_medoids",
     "siglip_loss",
+    "spectral_embedding",
+    "spectral_token_medoids",
     "token_medoids",
     "use_backend",
 ]

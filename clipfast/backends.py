@@ -31,17 +31,18 @@ from typing import Optional
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-OPS = ("contrastive", "schur_covariance", "token_medoids")
+OPS = ("contrastive", "schur_covariance", "token_medoids", "token_keep")
 
 # Native library ops each clipfast op needs, per op stem (see csrc/clipfast.cpp).
 NATIVE_OPS = {
     "contrastive": ("contrastive_lse", "contrastive_grad", "siglip_softplus", "siglip_grad"),
     "schur_covariance": ("feature_gram", "feature_gram_backward"),
     "token_medoids": ("token_medoids_index",),
+    "token_keep": ("token_keep_index", "token_keep_gather", "token_keep_gather_backward"),
 }
 
 # Ops with Triton kernels (clipfast/triton_kernels/<op>.py).
-TRITON_OPS = ("contrastive", "schur_covariance", "token_medoids")
+TRITON_OPS = ("contrastive", "schur_covariance", "token_medoids", "token_keep")
 
 # Feature dtypes each backend computes (all accumulate in fp32; float64 runs in float64 where listed).
 DTYPES = {

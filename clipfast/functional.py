@@ -6,11 +6,13 @@ backward. Extra memory is O((N + M) * D).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
 import torch
 
+from clipfast.dtypes import compute_dtype
 from clipfast.ops import contrastive as _ops
 
 Scalar = Union[torch.Tensor, float]
@@ -241,3 +243,94 @@ def segment_medoids(tokens: torch.Tensor, num_frames: int, num_segments: int, nu
     patches = grouped[:, :, num_prefix_tokens:].reshape(videos * num_segments, -1, d)
     medoids, _, _ = token_medoids(patches, num_medoids, metric=metric, max_iters=max_iters, split_size=split_size)
     return torch.cat([prefix, medoids], dim=1)
+
+
+def num_keep_for_ratio(num_patches: int, keep_ratio: float, *, block: int = 1) -> int:
+    """The number of patches :func:`attentive_token_keep` keeps for a keep ratio, by the anchors' rules.
+
+    - ``block == 1`` (EViT): ``ceil(keep_ratio * num_patches)``, at least 1.
+    - ``block = b > 1`` (A-CLIP): of the ``n_b = num_patches / b^2`` blocks keep ``min(n_b, int(n_b *
+      keep_ratio) + 1)``, i.e. ``num_keep`` = that times ``b^2`` patches. A-CLIP's ratio 0.5 on a 14 x 14
+      grid keeps int(49 * 0.5) + 1 = 25 of 49 2 x 2 blocks: 100 of 196 patches.
+    """
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    if block == 1:
+        return max(1, math.ceil(keep_ratio * num_patches))
+    blocks = num_patches // (block * block)
+    return min(blocks, int(blocks * keep_ratio) + 1) * block * block
+
+
+def _check_keep_arguments(tokens, scores, num_keep, num_prefix_tokens, grid, block) -> int:
+    check_float_tensor(tokens, "tokens", ("batch", "tokens", "dim"))
+    check_float_tensor(scores, "scores", ("batch", "patches"))
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or \
+            not 0 <= num_prefix_tokens < tokens.shape[1]:
+        raise ValueError(f"num_prefix_tokens must be an int in [0, {tokens.shape[1]}) for {tokens.shape[1]} tokens, "
+                         f"got {num_prefix_tokens!r}")
+    patches = tokens.shape[1] - num_prefix_tokens
+    if scores.shape != (tokens.shape[0], patches):
+        raise ValueError(f"scores must have shape (batch, patches) = ({tokens.shape[0]}, {patches}) for tokens of "
+                         f"shape {tuple(tokens.shape)} with {num_prefix_tokens} prefix tokens, got {tuple(scores.shape)}")
+    if scores.device != tokens.device:
+        raise ValueError(f"scores are on {scores.device} but tokens on {tokens.device}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int >= 1, got {block!r}")
+    if grid is not None:
+        if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid) or \
+                grid[0] * grid[1] != patches:
+            raise ValueError(f"grid must be (rows, cols) of positive ints with rows * cols = {patches} patches, "
+                             f"got {grid!r}")
+        if grid[0] % block or grid[1] % block:
+            raise ValueError(f"grid {tuple(grid)} is not divisible into {block} x {block} blocks")
+    elif block > 1:
+        raise ValueError(f"block={block} needs grid=(rows, cols), the patch grid the blocks are cut from")
+    if isinstance(num_keep, float):
+        num_keep = num_keep_for_ratio(patches, num_keep, block=block)
+    if isinstance(num_keep, bool) or not isinstance(num_keep, int) or not 1 <= num_keep <= patches:
+        raise ValueError(f"num_keep must be an int in [1, {patches}] (the patches per row) or a ratio in (0, 1], "
+                         f"got {num_keep!r}")
+    if num_keep % (block * block):
+        raise ValueError(f"in block mode num_keep counts patches and must be a multiple of block * block = "
+                         f"{block * block}, got {num_keep}")
+    return num_keep
+
+
+def attentive_token_keep(tokens: torch.Tensor, scores: torch.Tensor, num_keep: Union[int, float], *,
+                         num_prefix_tokens: int = 1, grid: Optional[tuple] = None, block: int = 1,
+                         fuse_dropped: bool = False):
+    """Keep the prefix tokens and the highest-scoring patch tokens, in their original order (A-CLIP, EViT).
+
+    With ``x = tokens[b]``, ``P = num_prefix_tokens`` and ``s = scores[b]``::
+
+        keep_index[b] = sorted(top-K of s)                       (ties to the lower index, NaN highest)
+        kept[b]       = [x[:P], x[P + keep_index[b]] (, sum_{i dropped} s_i * x[P + i])]
+
+    ``block = b > 1`` is A-CLIP's selection: the patch grid ``grid = (rows, cols)`` is cut into b x b blocks,
+    blocks are ranked by the mean of their scores and the best ``K / b^2`` keep all their patches.
+    ``fuse_dropped=True`` appends EViT's fused token, the dropped tokens weighted by their scores as given
+    (not renormalised). Exact semantics: :mod:`clipfast.reference.token_keep`.
+
+    Args:
+        tokens: (B, P + L, D) float. scores: (B, L) float (e.g. :func:`clipfast.cls_attention_scores`);
+            compared in float32 (float64 for float64 tokens).
+        num_keep: K patches to keep, an int in [1, L] (a multiple of b^2 in block mode), or a keep ratio
+            in (0, 1] turned into K by :func:`num_keep_for_ratio`.
+
+    Returns:
+        ``(kept (B, P + K (+1 with fuse_dropped), D), keep_index (B, K) int64 ascending)``. Gradients
+        reach the kept tokens (a row scatter in the backward) and, with ``fuse_dropped``, the dropped
+        tokens and the scores through the fused token; the selection itself is not differentiable.
+
+    Raises:
+        TypeError: non-tensor or non-float tokens / scores. ValueError: wrong shapes, scores that do not
+        match the patches, num_keep out of range, a grid that does not match L or the block size.
+    """
+    num_keep = _check_keep_arguments(tokens, scores, num_keep, num_prefix_tokens, grid, block)
+    from clipfast.ops import token_keep as _keep_ops
+
+    rank_scores = scores.detach().to(compute_dtype(tokens.dtype))
+    keep_index = _keep_ops.token_keep_index(rank_scores, num_keep, grid[1] if grid is not None else 0, block)
+    weights = scores.to(compute_dtype(tokens.dtype)).contiguous() if fuse_dropped else None
+    kept = _keep_ops.token_keep_gather(tokens, keep_index, weights, num_prefix_tokens)
+    return kept, keep_index

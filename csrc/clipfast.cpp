@@ -28,6 +28,13 @@ TORCH_LIBRARY(clipfast_C, m) {
   m.def(
       "token_medoids_index(Tensor x, int num_medoids, str metric, int max_iters, int split_size) -> "
       "(Tensor medoid_index, Tensor assignment)");
+
+  // token_keep (clipfast/ops/token_keep.py): selection, then a row gather whose backward is a row scatter.
+  m.def("token_keep_index(Tensor scores, int num_keep, int grid_width, int block) -> Tensor keep_index");
+  m.def("token_keep_gather(Tensor tokens, Tensor keep_index, Tensor? fuse_weights, int num_prefix) -> Tensor kept");
+  m.def(
+      "token_keep_gather_backward(Tensor grad_kept, Tensor tokens, Tensor keep_index, Tensor? fuse_weights, "
+      "int num_prefix) -> (Tensor grad_tokens, Tensor grad_weights)");
 }
 
 // `from clipfast import _C` loads this library (and so runs the registrations above) without pybind11.

@@ -5,6 +5,7 @@ the targets, bench-results/contrastive.csv and PNG plots; about 5 minutes on 2 c
 N = 16384 and clipfast at N = 65536 dominate); --quick stops at N = 4096 (about a minute).
 distributed: open_clip's production distributed ClipLoss against clipfast's gather and ring variants
 on 2 gloo processes (see clipfast.bench.distributed); about a minute.
+schur, token_medoids, token_keep: see clipfast.bench.schur, .token_medoids and .token_keep.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tupl
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipfast.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--op", default="contrastive", choices=["contrastive", "distributed", "schur", "token_medoids", "all"],
-                        help="contrastive (single process), distributed (2 gloo processes), schur, token_medoids, or all")
+    parser.add_argument("--op", default="contrastive", choices=["contrastive", "distributed", "schur", "token_medoids", "token_keep", "all"],
+                        help="contrastive (single process), distributed (2 gloo processes), schur, token_medoids, "
+                             "token_keep, or all")
     parser.add_argument("--quick", action="store_true", help=f"N in {bench_cases.QUICK_SIZES} only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--losses", nargs="+", default=list(bench_cases.LOSSES), choices=bench_cases.LOSSES)
@@ -102,6 +104,13 @@ def main(argv=None) -> int:
         text, medoids_met = token_medoids.run(args.quick, log=lambda m: print(m, flush=True))
         print(text)
         met &= medoids_met
+    if args.op in ("token_keep", "all"):
+        from clipfast.bench import token_keep
+
+        print(f"\nclipfast.bench: op=token_keep quick={args.quick}", flush=True)
+        text, keep_met = token_keep.run(args.quick, log=lambda m: print(m, flush=True))
+        print(text)
+        met &= keep_met
     return 1 if args.fail_on_miss and not met else 0
 
 

@@ -13,7 +13,8 @@ import inspect
 import types
 
 from clipfast.functional import clip_loss
-from clipfast.integrations._handle import PatchHandle
+from clipfast.integrations import token_reduction as reduction
+from clipfast.integrations.token_reduction import VisionPatchHandle
 
 # CLIPModel.forward's parameters up to return_loss, which callers may also pass positionally.
 _LEADING_PARAMETERS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "return_loss")
@@ -24,8 +25,9 @@ _RETURN_LOSS_INDEX = _LEADING_PARAMETERS.index("return_loss")
 _ORIGINAL_FORWARD_ATTR = "_clipfast_original_forward"
 
 
-def patch_hf_clip(model) -> PatchHandle:
-    """Compute ``CLIPModel``'s ``return_loss=True`` loss with :func:`clipfast.clip_loss`.
+def patch_hf_clip(model, *, token_removal=None) -> VisionPatchHandle:
+    """Compute ``CLIPModel``'s ``return_loss=True`` loss with :func:`clipfast.clip_loss`, and optionally
+    reduce the vision tower's tokens.
 
     What is patched: only the given instance's ``forward`` (an instance attribute bound with
     ``types.MethodType``, plus two bookkeeping attributes). ``CLIPModel``, its module, other instances,
@@ -46,12 +48,21 @@ def patch_hf_clip(model) -> PatchHandle:
     ``CLIPModel``. What the fused loss saves is the loss's own (N, N) buffers: the two softmaxes
     kept for backward and the gradients of the logits.
 
+    Token removal (``token_removal``, a :class:`~clipfast.integrations.token_reduction.TokenRemoval`):
+    ``given_scores`` hooks the vision tower's ``embeddings`` (its output is [CLS] + patches with their
+    positional embeddings) and keeps the patches chosen by ``handle.keep_scores(scores)``;
+    ``self_attention`` replaces the chosen ``encoder.layers[i].forward`` (attention through SDPA from the
+    layer's own projections, EViT's reduction, then the MLP). Both transformers 5 (``vision_model`` is a
+    ``CLIPVisionModel``) and 4 (``vision_model`` holds the transformer directly) layouts are found.
+
     Args:
         model: a ``transformers.CLIPModel`` instance (subclasses accepted).
+        token_removal: None (default) or a ``TokenRemoval``.
 
     Returns:
-        A :class:`~clipfast.integrations.PatchHandle`: ``handle.unpatch()`` deletes the instance
-        ``forward`` again so ``CLIPModel.forward`` shows through; it is also a context manager.
+        A :class:`~clipfast.integrations.token_reduction.VisionPatchHandle`: ``handle.unpatch()`` deletes
+        the instance ``forward`` again so ``CLIPModel.forward`` shows through and removes the hooks; it
+        is also a context manager.
 
     Raises:
         ImportError: transformers is not installed.
@@ -84,7 +95,13 @@ def patch_hf_clip(model) -> PatchHandle:
             f"{type(model).__qualname__}.forward (transformers {transformers.__version__}) does not start with "
             f"the parameters patch_hf_clip was written for: expected {_LEADING_PARAMETERS}, found {found}")
 
-    handle = PatchHandle(model, "clipfast.integrations.patch_hf_clip")
+    handle = VisionPatchHandle(model, "clipfast.integrations.patch_hf_clip")
+    if token_removal is not None:
+        try:
+            _install_token_removal(handle, model, token_removal)
+        except BaseException:
+            handle.unpatch()
+            raise
     # model.forward is CLIPModel.forward bound to model, or an instance forward already there
     # (e.g. accelerate's device-placement hooks); either way the patch wraps what was called before.
     handle.set(model, _ORIGINAL_FORWARD_ATTR, model.forward)
@@ -120,3 +137,44 @@ def _forward_with_fused_loss(self, *args, **kwargs):
         return (loss,) + outputs
     # A fresh CLIPOutput, so that "loss" comes first in keys() and to_tuple() as in HF's own output.
     return type(outputs)(loss=loss, **outputs)
+
+
+def _vision_transformer(model):
+    """The module holding ``embeddings`` and ``encoder.layers`` (transformers 5: ``model.vision_model``;
+    transformers 4: ``model.vision_model.vision_model`` or ``model.vision_model``)."""
+    vision = model.vision_model
+    vision = getattr(vision, "vision_model", vision)
+    if not (hasattr(vision, "embeddings") and hasattr(getattr(vision, "encoder", None), "layers")):
+        raise TypeError(f"patch_hf_clip: {type(vision).__qualname__} has no embeddings / encoder.layers")
+    return vision
+
+
+def _install_token_removal(handle, model, removal) -> None:
+    vision = _vision_transformer(model)
+    if removal.mode == "given_scores":
+        grid = vision.embeddings.image_size // vision.embeddings.patch_size
+        reduction.install_given_scores(handle, vision.embeddings, removal, 1, (grid, grid))
+    else:
+        reduction.install_self_attention(handle, vision.encoder.layers, removal, 1, _layer_parts)
+
+
+def _layer_parts(layer):
+    """``CLIPEncoderLayer`` split at EViT's reduction point (see token_reduction.BlockParts)."""
+    import torch.nn.functional as F
+
+    attn = getattr(layer, "self_attn", None)
+    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "scale")):
+        raise TypeError(f"EViT token removal supports CLIPEncoderLayer-like layers, not {type(layer).__qualname__}")
+    heads = attn.num_heads
+
+    def attention(x):
+        h = layer.layer_norm1(x)
+        q, k, v = (reduction.split_heads(proj(h), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0,
+                                             scale=attn.scale)
+        return x + attn.out_proj(reduction.merge_heads(out)), q, k
+
+    def mlp(x):
+        return x + layer.mlp(layer.layer_norm2(x))
+
+    return reduction.BlockParts(attention, mlp, scale=attn.scale)

@@ -58,3 +58,88 @@ def create_loss(args):
                              dist_impl=getattr(args, "loss_dist_impl", None))
     return nn.ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
                        rank=args.rank, world_size=args.world_size, use_horovod=horovod)
+
+
+def patch_open_clip(model, *, token_removal=None, token_medoids=None):
+    """Token reduction in an open_clip vision tower, on this instance only; ``handle.unpatch()`` undoes it.
+
+    Args:
+        model: an ``open_clip`` ``CLIP`` / ``CustomTextCLIP`` (its ``.visual`` is patched) or a
+            ``VisionTransformer`` itself, with the default ``ResidualAttentionBlock`` blocks
+            (``nn.MultiheadAttention``, batch first).
+        token_removal: a :class:`~clipfast.integrations.token_reduction.TokenRemoval`:
+            ``given_scores`` hooks ``visual.patch_dropout`` (right after the positional embedding; the
+            model's own patch dropout must be off), ``self_attention`` replaces the chosen resblocks'
+            ``forward`` (attention through SDPA from the block's own weights, then EViT's reduction, then
+            the MLP).
+        token_medoids: a :class:`~clipfast.integrations.token_reduction.TokenMedoids`: the input of
+            ``transformer.resblocks[block]`` becomes :func:`clipfast.segment_medoids` of it; images are
+            the frames of videos folded into the batch (``(B*T, 3, H, W)``) and the tower returns
+            ``(B*S, dim)``, one embedding per segment.
+
+    Returns:
+        A :class:`~clipfast.integrations.token_reduction.VisionPatchHandle` (``keep_scores(scores)`` for
+        given scores; ``unpatch()``; a context manager).
+
+    Example (A-CLIP's online view, scores from an unpatched EMA copy)::
+
+        handle = clipfast.patch_open_clip(model, token_removal=TokenRemoval.given_scores(0.5, block=2))
+        scores = clipfast.attention_scores(ema_model.visual, ema_view)
+        with handle.keep_scores(scores):
+            features = model.encode_image(online_view)
+    """
+    from clipfast.integrations import token_reduction as reduction
+
+    visual = getattr(model, "visual", model)
+    transformer = getattr(visual, "transformer", None)
+    if not (hasattr(visual, "patch_dropout") and hasattr(visual, "grid_size")
+            and hasattr(transformer, "resblocks")):
+        raise TypeError(f"patch_open_clip expects an open_clip CLIP model or VisionTransformer, got "
+                        f"{type(model).__module__}.{type(model).__qualname__}")
+    if not getattr(transformer, "batch_first", True):
+        raise TypeError("patch_open_clip supports batch-first transformers only (open_clip >= 2.24 default)")
+    if token_removal is None and token_medoids is None:
+        raise ValueError("patch_open_clip: pass token_removal=... and/or token_medoids=...")
+    num_prefix = 1  # open_clip's class embedding
+    handle = reduction.VisionPatchHandle(visual, "clipfast.patch_open_clip")
+    try:
+        if token_removal is not None and token_removal.mode == "given_scores":
+            if getattr(visual.patch_dropout, "prob", 0.0) > 0:
+                raise ValueError("patch_open_clip: the model's random patch dropout is on "
+                                 f"(prob={visual.patch_dropout.prob}); attentive removal replaces it, turn it off")
+            reduction.install_given_scores(handle, visual.patch_dropout, token_removal, num_prefix,
+                                           tuple(visual.grid_size))
+        elif token_removal is not None:
+            reduction.install_self_attention(handle, transformer.resblocks, token_removal, num_prefix, _block_parts)
+        if token_medoids is not None:
+            reduction.install_medoids(handle, transformer.resblocks, token_medoids, num_prefix)
+    except BaseException:
+        handle.unpatch()
+        raise
+    return handle
+
+
+def _block_parts(block):
+    """open_clip ``ResidualAttentionBlock`` split at EViT's reduction point (see token_reduction.BlockParts)."""
+    import torch
+    import torch.nn.functional as F
+
+    from clipfast.integrations.token_reduction import BlockParts, merge_heads, split_heads
+
+    attn = getattr(block, "attn", None)
+    if not (isinstance(attn, torch.nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
+            and hasattr(block, "ln_1") and hasattr(block, "ls_1") and not hasattr(block, "ln_1_kv")):
+        raise TypeError(f"EViT token removal supports open_clip's ResidualAttentionBlock (self-attention through "
+                        f"a batch-first nn.MultiheadAttention), not {type(block).__qualname__}")
+    heads = attn.num_heads
+
+    def attention(x):
+        q, k, v = (split_heads(t, heads) for t in
+                   F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if block.training else 0.0)
+        return x + block.ls_1(attn.out_proj(merge_heads(out))), q, k
+
+    def mlp(x):
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    return BlockParts(attention, mlp, scale=attn.head_dim ** -0.5)

@@ -42,6 +42,7 @@ def _public_cases(requires_grad):
             (torch.tensor(0.5), a.detach(), b.detach(), s.detach(), beta.detach(), 0, False),
         ],
         **_schur_cases(requires_grad),
+        **_keep_cases(requires_grad),
         # Indices only: the API always calls it on detached tokens (the gather carries the gradient).
         "token_medoids_index": [(torch.randn(3, 12, 8), 4, "euclidean", 100, 0),
                                 (torch.randn(4, 9, 5), 3, "cosine", 5, 2)],
@@ -60,6 +61,19 @@ def _schur_cases(requires_grad):
     }
 
 
+def _keep_cases(requires_grad):
+    tokens = torch.randn(3, 1 + 12, 8, requires_grad=requires_grad)
+    weights = torch.rand(3, 12, requires_grad=requires_grad)
+    index = torch.tensor([[0, 3, 4, 9, 11], [1, 2, 5, 6, 7], [0, 1, 2, 3, 4]])
+    return {
+        # Indices only (not differentiable): the API calls it on detached scores.
+        "token_keep_index": [(torch.randn(3, 12), 5, 0, 1), (torch.randn(2, 16), 8, 4, 2)],
+        "token_keep_gather": [(tokens, index, None, 1), (tokens, index, weights, 1), (tokens, index, None, 0)],
+        "token_keep_gather_backward": [(torch.randn(3, 7, 8), tokens.detach(), index, weights.detach(), 1),
+                                       (torch.randn(3, 6, 8), tokens.detach(), index, None, 1)],
+    }
+
+
 def _native_cases():
     a, b = _features(9, 13, 8, False)
     s, beta = torch.tensor(5.0), torch.tensor(-1.0)
@@ -72,6 +86,7 @@ def _native_cases():
         "feature_gram": [(a, a, "rff", torch.randn(8, 3)), (a, a, "linear", None)],
         "feature_gram_backward": [(*(torch.randn(8, 8) for _ in range(3)), a, a, "row_normalized", None)],
         "token_medoids_index": [(torch.randn(3, 12, 8), 4, "euclidean", 100, 0)],
+        **_keep_cases(False),
     }
 
 

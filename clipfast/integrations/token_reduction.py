@@ -1,0 +1,218 @@
+"""Token reduction inside ViT vision towers, shared by ``patch_open_clip``, ``patch_timm_vit`` and
+``patch_hf_clip``: what to do (:class:`TokenRemoval`, :class:`TokenMedoids`) and how it is inserted.
+
+Three insertions, each on the given instance only and undone by ``handle.unpatch()``:
+
+- **given scores** (Attentive Mask CLIP): a forward hook on the module whose output is the token sequence
+  right after the positional embedding (open_clip's ``patch_dropout``, timm's ``patch_drop``, HF's
+  ``embeddings``) replaces it by :func:`clipfast.attentive_token_keep` of the scores set with
+  :meth:`VisionPatchHandle.keep_scores`. The prefix tokens and their positional embeddings stay; the
+  patches carry theirs, as in A-CLIP (positional embedding added before the gather).
+- **self attention** (EViT): the chosen blocks' ``forward`` is replaced (an instance attribute) by the same
+  computation split in two: attention (fused SDPA, from the block's own weights), then the tokens are
+  reduced by that block's [CLS] attention (:func:`clipfast.cls_attention_scores` on the same q, k), then
+  the MLP on the kept tokens. Each framework supplies the attention half (:class:`BlockParts`).
+- **medoids** (CenterCLIP): a forward pre-hook on the chosen block replaces its input by
+  :func:`clipfast.segment_medoids` of it (video frames folded into the batch: ``(B*T, 1+L, D)`` becomes
+  ``(B*S, 1+K, D)``, so the tower returns one embedding per segment).
+
+All shapes are fixed when the patch is made, so ``torch.compile(fullgraph=True)`` traces the patched
+towers without graph breaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import numbers
+import types
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+
+from clipfast.functional import attentive_token_keep, num_keep_for_ratio, segment_medoids
+from clipfast.integrations._handle import PatchHandle
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRemoval:
+    """Attentive token removal in a vision tower. Build it with one of the two constructors:
+
+    - :meth:`given_scores` (A-CLIP): after the positional embedding keep ``num_keep`` patches chosen by
+      scores the caller passes per forward (``with handle.keep_scores(scores): ...``), e.g. an EMA
+      model's :func:`clipfast.attention_scores`. Outside ``keep_scores`` the tower keeps every token
+      (evaluation).
+    - :meth:`self_attention` (EViT): at ``blocks`` (0-based), between attention and MLP, keep
+      ``ceil(keep_ratio * L)`` of the current L patch tokens by that block's own [CLS] attention,
+      optionally appending EViT's fused token of the dropped ones.
+    """
+
+    mode: str
+    num_keep: Union[int, float] = 1.0
+    grid: Optional[Tuple[int, int]] = None
+    block: int = 1
+    blocks: Tuple[int, ...] = ()
+    fuse_dropped: bool = False
+
+    @classmethod
+    def given_scores(cls, num_keep: Union[int, float], *, grid: Optional[Tuple[int, int]] = None,
+                     block: int = 1) -> "TokenRemoval":
+        """``num_keep`` patches (an int, or a ratio by :func:`clipfast.num_keep_for_ratio`); ``block=2``
+        is A-CLIP's 2 x 2 block selection (``grid`` defaults to the model's patch grid)."""
+        return cls("given_scores", num_keep, None if grid is None else tuple(grid), block)
+
+    @classmethod
+    def self_attention(cls, keep_ratio: float = 0.7, *, blocks: Tuple[int, ...] = (3, 6, 9),
+                       fuse_dropped: bool = False) -> "TokenRemoval":
+        """EViT's defaults: keep rate 0.7 at the 4th, 7th and 10th blocks."""
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+        return cls("self_attention", float(keep_ratio), blocks=tuple(blocks), fuse_dropped=bool(fuse_dropped))
+
+    def __post_init__(self):
+        if self.mode not in ("given_scores", "self_attention"):
+            raise ValueError(f"TokenRemoval mode must be 'given_scores' or 'self_attention', got {self.mode!r}; "
+                             "use TokenRemoval.given_scores(...) or TokenRemoval.self_attention(...)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMedoids:
+    """CenterCLIP's token clustering: before block ``block`` (0-based; CenterCLIP uses 6, the 7th of 12)
+    the ``num_frames`` frames of each video (consecutive rows of the batch) are grouped into
+    ``num_segments`` segments whose patch tokens are reduced to ``num_medoids`` medoid tokens each
+    (:func:`clipfast.segment_medoids`); CenterCLIP's MSR-VTT setting is 12 frames, 4 segments, 49 medoids."""
+
+    block: int
+    num_frames: int
+    num_segments: int
+    num_medoids: int
+    metric: str = "euclidean"
+    max_iters: int = 100
+    split_size: Optional[int] = None
+
+
+class VisionPatchHandle(PatchHandle):
+    """A :class:`PatchHandle` that also owns module hooks (removed on :meth:`unpatch`) and, for
+    :meth:`TokenRemoval.given_scores`, the scores of the next forwards."""
+
+    def __init__(self, target, name: str):
+        super().__init__(target, name)
+        self._hooks: List[torch.utils.hooks.RemovableHandle] = []
+        self.scores: Optional[torch.Tensor] = None
+
+    def add_hook(self, hook: torch.utils.hooks.RemovableHandle) -> None:
+        self._hooks.append(hook)
+
+    @contextlib.contextmanager
+    def keep_scores(self, scores: torch.Tensor):
+        """Within the block, forwards of the patched tower keep the patches chosen by ``scores (B, L)``."""
+        previous, self.scores = self.scores, scores
+        try:
+            yield self
+        finally:
+            self.scores = previous
+
+    def unpatch(self) -> None:
+        if not self.active:
+            return
+        super().unpatch()
+        for hook in reversed(self._hooks):
+            hook.remove()
+        self._hooks.clear()
+        self.scores = None
+
+
+@dataclasses.dataclass
+class BlockParts:
+    """One transformer block split where EViT reduces tokens (all tensors (B, N, D), batch first).
+
+    ``attention(x) -> (x + attention branch, q, k)`` with q, k as (B, H, N, Dh) (what the block's softmax
+    sees, scale included in ``scale``); ``mlp(x) -> x + MLP branch``."""
+
+    attention: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    scale: float
+
+
+def check_block_indices(blocks, depth: int, what: str) -> None:
+    for index in blocks:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < depth:
+            raise ValueError(f"{what}: block index {index!r} is not in [0, {depth}) for this {depth}-block tower")
+
+
+def install_given_scores(handle: VisionPatchHandle, embedding_output: torch.nn.Module, removal: TokenRemoval,
+                         num_prefix: int, grid: Tuple[int, int]) -> None:
+    """The A-CLIP insertion: a forward hook on ``embedding_output`` (its output: (B, P + L, D))."""
+    patches = grid[0] * grid[1]
+    block_grid = removal.grid or grid
+    if removal.block > 1 and block_grid[0] * block_grid[1] != patches:
+        raise ValueError(f"TokenRemoval grid {block_grid} does not match the model's {patches} patches")
+    num_keep = removal.num_keep
+    if isinstance(num_keep, float):
+        num_keep = num_keep_for_ratio(patches, num_keep, block=removal.block)
+    keep_grid = block_grid if removal.block > 1 else None
+
+    def keep_hook(module, inputs, output):
+        if handle.scores is None:
+            return output
+        return attentive_token_keep(output, handle.scores, num_keep, num_prefix_tokens=num_prefix,
+                                    grid=keep_grid, block=removal.block)[0]
+
+    handle.add_hook(embedding_output.register_forward_hook(keep_hook))
+
+
+def self_attention_forward(parts_of: Callable[[torch.nn.Module], BlockParts], removal: TokenRemoval,
+                           num_prefix: int):
+    """A block ``forward`` (bind with ``types.MethodType``) doing EViT's attention / reduce / MLP."""
+    from clipfast.attention_scores import cls_attention_scores
+
+    def forward(block, x, *args, **kwargs):
+        if any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):
+            raise NotImplementedError("clipfast's EViT token removal supports unmasked vision blocks only "
+                                      "(an attention mask was passed)")
+        parts = parts_of(block)
+        x, q, k = parts.attention(x)
+        with torch.no_grad():
+            scores = cls_attention_scores(q, k, scale=parts.scale, num_prefix_tokens=num_prefix)
+        num_keep = max(1, math.ceil(removal.num_keep * scores.shape[1]))
+        x = attentive_token_keep(x, scores, num_keep, num_prefix_tokens=num_prefix,
+                                 fuse_dropped=removal.fuse_dropped)[0]
+        return parts.mlp(x)
+
+    return forward
+
+
+def install_self_attention(handle: VisionPatchHandle, blocks, removal: TokenRemoval, num_prefix: int,
+                           parts_of: Callable[[torch.nn.Module], BlockParts]) -> None:
+    check_block_indices(removal.blocks, len(blocks), "TokenRemoval.self_attention")
+    forward = self_attention_forward(parts_of, removal, num_prefix)
+    for index in removal.blocks:
+        parts_of(blocks[index])  # fail at patch time on an unsupported block, not in the first forward
+        handle.set(blocks[index], "forward", types.MethodType(forward, blocks[index]))
+
+
+def install_medoids(handle: VisionPatchHandle, blocks, medoids: TokenMedoids, num_prefix: int) -> None:
+    """The CenterCLIP insertion: a forward pre-hook replacing block ``medoids.block``'s input."""
+    check_block_indices((medoids.block,), len(blocks), "TokenMedoids")
+    if medoids.num_frames < 1 or medoids.num_segments < 1 or medoids.num_frames % medoids.num_segments:
+        raise ValueError(f"TokenMedoids: num_frames={medoids.num_frames} is not divisible into "
+                         f"num_segments={medoids.num_segments} segments")
+
+    def medoid_hook(module, args, kwargs):
+        reduced = segment_medoids(args[0], medoids.num_frames, medoids.num_segments, medoids.num_medoids,
+                                  num_prefix_tokens=num_prefix, metric=medoids.metric, max_iters=medoids.max_iters,
+                                  split_size=medoids.split_size)
+        return (reduced,) + tuple(args[1:]), kwargs
+
+    handle.add_hook(blocks[medoids.block].register_forward_pre_hook(medoid_hook, with_kwargs=True))
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H * Dh) -> (B, H, N, Dh)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, Dh) -> (B, N, H * Dh)."""
+    return t.transpose(1, 2).flatten(2)

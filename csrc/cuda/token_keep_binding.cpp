@@ -1,0 +1,162 @@
+// CUDA implementation of the clipfast_C token_keep ops (schemas in csrc/clipfast.cpp), on top of the C ABI of
+// csrc/cuda/token_keep.cu (csrc/include/clipfast/token_keep_cuda.h).
+//
+// Same contract as the CPU kernels (csrc/cpu/token_keep.cpp), for float32, bfloat16 and float16 tokens
+// (float64 tokens run on the cpu or reference backends; float64 scores are ranked here). Scores are read
+// through their strides, tokens through their batch and row strides (only a non-unit feature stride makes a
+// copy), and the backward without fuse_weights reads only the shape, dtype and device of `tokens` (it may be
+// an expanded stand-in). keep_index values are not validated on the device, since that would synchronise
+// with the host; the kernels stay in bounds whatever they hold. Everything runs on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "clipfast/token_keep_cuda.h"
+
+namespace clipfast {
+namespace {
+
+void check_launch(int code, const char* op) {
+  TORCH_CHECK(code == 0, op, ": CUDA kernel launch failed: ", clipfast_token_keep_cuda_error_string(code));
+}
+
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous(); }
+
+at::Tensor token_keep_index_cuda(const at::Tensor& scores_in, int64_t num_keep, int64_t grid_width, int64_t block) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  constexpr const char* kOp = "token_keep_index";
+  TORCH_CHECK(scores_in.dim() == 2, kOp, ": expected scores of shape (batch, patches), got ", scores_in.sizes());
+  TORCH_CHECK(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble, kOp,
+              ": scores must be float32 or float64, got ", scores_in.scalar_type());
+  TORCH_CHECK(scores_in.is_cuda(), kOp, ": expected a CUDA tensor, got scores on ", scores_in.device());
+  const int64_t batch = scores_in.size(0), length = scores_in.size(1);
+  TORCH_CHECK(num_keep >= 1 && num_keep <= length, kOp, ": num_keep must be in [1, ", length, "], got ", num_keep);
+  TORCH_CHECK(length <= 0x7fffffff, kOp, ": at most 2^31 - 1 patches per row, got ", length);
+  TORCH_CHECK(block >= 1, kOp, ": block must be >= 1, got ", block);
+  if (block > 1) {
+    TORCH_CHECK(grid_width > 0 && length % grid_width == 0, kOp, ": grid_width must divide the ", length,
+                " patches, got ", grid_width);
+    TORCH_CHECK(grid_width % block == 0 && (length / grid_width) % block == 0, kOp, ": block ", block,
+                " must divide the grid's width ", grid_width, " and height ", length / grid_width);
+    TORCH_CHECK(num_keep % (block * block) == 0, kOp, ": num_keep ", num_keep, " must be a multiple of block^2 = ",
+                block * block);
+  }
+  const c10::cuda::CUDAGuard device_guard(scores_in.device());
+  const at::Tensor scores = scores_in.detach();
+  at::Tensor keep_index = at::empty({batch, num_keep}, scores.options().dtype(at::kLong));
+  if (batch == 0) return keep_index;
+  check_launch(clipfast_token_keep_index_cuda(scores.const_data_ptr(), scores.scalar_type() == at::kDouble ? 1 : 0,
+                                              batch, length, scores.stride(0), scores.stride(1), num_keep, grid_width,
+                                              block, keep_index.mutable_data_ptr<int64_t>(), current_stream()),
+               kOp);
+  return keep_index;
+}
+
+// Checks shared by the gather and its backward (`tokens` only by shape, dtype and device); returns the
+// dtype code of the tokens.
+int check_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor& keep_index,
+                      const std::optional<at::Tensor>& fuse_weights, int64_t num_prefix) {
+  TORCH_CHECK(tokens.dim() == 3, op, ": expected tokens of shape (batch, prefix + patches, dim), got ",
+              tokens.sizes());
+  const at::ScalarType dtype = tokens.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": the CUDA kernels take float32, bfloat16 or float16 tokens, got ", dtype,
+              " (float64 runs on the cpu or reference backends)");
+  TORCH_CHECK(tokens.is_cuda(), op, ": expected CUDA tensors, got tokens on ", tokens.device());
+  TORCH_CHECK(num_prefix >= 0 && num_prefix <= tokens.size(1), op, ": num_prefix must be in [0, ", tokens.size(1),
+              "], got ", num_prefix);
+  const int64_t batch = tokens.size(0), length = tokens.size(1) - num_prefix;
+  TORCH_CHECK(keep_index.dim() == 2 && keep_index.size(0) == batch && keep_index.size(1) <= length, op,
+              ": keep_index must have shape (", batch, ", K) with K <= ", length, ", got ", keep_index.sizes());
+  TORCH_CHECK(keep_index.scalar_type() == at::kLong, op, ": keep_index must be int64, got ",
+              keep_index.scalar_type());
+  TORCH_CHECK(keep_index.device() == tokens.device(), op, ": keep_index on ", keep_index.device(),
+              " but tokens on ", tokens.device());
+  if (fuse_weights.has_value()) {
+    const at::Tensor& w = *fuse_weights;
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == batch && w.size(1) == length, op, ": fuse_weights must have shape (",
+                batch, ", ", length, "), got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == at::kFloat, op, ": fuse_weights must be float32 for ", dtype, " tokens, got ",
+                w.scalar_type());
+    TORCH_CHECK(w.device() == tokens.device(), op, ": fuse_weights on ", w.device(), " but tokens on ",
+                tokens.device());
+  }
+  return dtype == at::kFloat ? CLIPFAST_F32 : dtype == at::kHalf ? CLIPFAST_F16 : CLIPFAST_BF16;
+}
+
+at::Tensor token_keep_gather_cuda(const at::Tensor& tokens_in, const at::Tensor& keep_index_in,
+                                  const std::optional<at::Tensor>& fuse_weights_in, int64_t num_prefix) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  constexpr const char* kOp = "token_keep_gather";
+  const int dtype_code = check_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
+  const c10::cuda::CUDAGuard device_guard(tokens_in.device());
+  const at::Tensor tokens = last_dim_contiguous(tokens_in.detach());
+  const at::Tensor keep_index = keep_index_in.detach().contiguous();
+  const bool fused = fuse_weights_in.has_value();
+  const at::Tensor weights = fused ? fuse_weights_in->detach().contiguous() : at::Tensor();
+  const int64_t batch = tokens.size(0), dim = tokens.size(2);
+  const int64_t length = tokens.size(1) - num_prefix, num_keep = keep_index.size(1);
+  at::Tensor kept = at::empty({batch, num_prefix + num_keep + (fused ? 1 : 0), dim}, tokens.options());
+  if (kept.numel() == 0) return kept;
+  check_launch(clipfast_token_keep_gather_cuda(tokens.const_data_ptr(), dtype_code, batch, num_prefix, length, dim,
+                                               tokens.stride(0), tokens.stride(1), keep_index.const_data_ptr<int64_t>(),
+                                               num_keep, fused ? 1 : 0,
+                                               fused ? weights.const_data_ptr<float>() : nullptr,
+                                               kept.mutable_data_ptr(), current_stream()),
+               kOp);
+  return kept;
+}
+
+std::tuple<at::Tensor, at::Tensor> token_keep_gather_backward_cuda(const at::Tensor& grad_kept_in,
+                                                                   const at::Tensor& tokens_in,
+                                                                   const at::Tensor& keep_index_in,
+                                                                   const std::optional<at::Tensor>& fuse_weights_in,
+                                                                   int64_t num_prefix) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  constexpr const char* kOp = "token_keep_gather_backward";
+  const int dtype_code = check_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
+  const bool fused = fuse_weights_in.has_value();
+  const int64_t batch = tokens_in.size(0), dim = tokens_in.size(2);
+  const int64_t length = tokens_in.size(1) - num_prefix, num_keep = keep_index_in.size(1);
+  const int64_t kept_rows = num_prefix + num_keep + (fused ? 1 : 0);
+  TORCH_CHECK(grad_kept_in.dim() == 3 && grad_kept_in.size(0) == batch && grad_kept_in.size(1) == kept_rows &&
+                  grad_kept_in.size(2) == dim,
+              kOp, ": grad_kept must have shape (", batch, ", ", kept_rows, ", ", dim, "), got ", grad_kept_in.sizes());
+  TORCH_CHECK(grad_kept_in.scalar_type() == tokens_in.scalar_type(), kOp, ": grad_kept must be ",
+              tokens_in.scalar_type(), " like tokens, got ", grad_kept_in.scalar_type());
+  TORCH_CHECK(grad_kept_in.device() == tokens_in.device(), kOp, ": grad_kept on ", grad_kept_in.device(),
+              " but tokens on ", tokens_in.device());
+  const c10::cuda::CUDAGuard device_guard(tokens_in.device());
+  const at::Tensor grad_kept = grad_kept_in.detach().contiguous();
+  const at::Tensor keep_index = keep_index_in.detach().contiguous();
+  // Only the fused gradient needs the tokens' values.
+  const at::Tensor tokens = fused ? last_dim_contiguous(tokens_in.detach()) : at::Tensor();
+  const at::Tensor weights = fused ? fuse_weights_in->detach().contiguous() : at::Tensor();
+  at::Tensor grad_tokens = at::empty({batch, num_prefix + length, dim}, tokens_in.options());
+  at::Tensor grad_weights = at::empty({batch, fused ? length : 0}, tokens_in.options().dtype(at::kFloat));
+  if (grad_tokens.numel() == 0 && grad_weights.numel() == 0) return {grad_tokens, grad_weights};
+  check_launch(clipfast_token_keep_gather_backward_cuda(
+                   grad_kept.const_data_ptr(), fused ? tokens.const_data_ptr() : nullptr, dtype_code, batch,
+                   num_prefix, length, dim, fused ? tokens.stride(0) : 0, fused ? tokens.stride(1) : 0,
+                   keep_index.const_data_ptr<int64_t>(), num_keep, fused ? 1 : 0,
+                   fused ? weights.const_data_ptr<float>() : nullptr, grad_tokens.mutable_data_ptr(),
+                   fused ? grad_weights.mutable_data_ptr<float>() : nullptr, current_stream()),
+               kOp);
+  return {grad_tokens, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(clipfast_C, CUDA, m) {
+  m.impl("token_keep_index", &token_keep_index_cuda);
+  m.impl("token_keep_gather", &token_keep_gather_cuda);
+  m.impl("token_keep_gather_backward", &token_keep_gather_backward_cuda);
+}
+
+}  // namespace clipfast
