@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "clipfast/checks.h"
+#include "clipfast/huge_page_buffer.h"
 
 namespace clipfast {
 namespace {
@@ -311,7 +312,8 @@ std::tuple<at::Tensor, at::Tensor> token_keep_gather_backward_cpu(const at::Tens
   const at::Tensor tokens = fused ? last_dim_contiguous(tokens_in.detach()) : at::Tensor();
   const at::Tensor weights = fused ? fuse_weights_in->detach().contiguous() : at::Tensor();
   const auto acc_dtype = weights_dtype(tokens_in.scalar_type());
-  at::Tensor grad_tokens = at::empty({batch, num_prefix + length, dim}, tokens_in.options());
+  // Written once in full, and usually large (B x 197 x 768): huge pages spare it most of its page faults.
+  at::Tensor grad_tokens = empty_huge_page_backed({batch, num_prefix + length, dim}, tokens_in.options());
   at::Tensor grad_weights = at::empty({batch, fused ? length : 0}, tokens_in.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tokens_in.scalar_type(), "token_keep_gather_backward_cpu",
                                   [&] {
