@@ -18,11 +18,11 @@ from clipfast.bench import measure as bench_measure
 BATCH, PATCHES, DIM, KEEP = 64, 196, 768, 98
 
 
-def keep_inputs():
+def keep_inputs(device: str = "cpu"):
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(BATCH, 1 + PATCHES, DIM, generator=g).requires_grad_()
-    scores = torch.rand(BATCH, PATCHES, generator=g)
-    grad = torch.randn(BATCH, 1 + KEEP, DIM, generator=g)
+    tokens = torch.randn(BATCH, 1 + PATCHES, DIM, generator=g).to(device).requires_grad_()
+    scores = torch.rand(BATCH, PATCHES, generator=g).to(device)
+    grad = torch.randn(BATCH, 1 + KEEP, DIM, generator=g).to(device)
     return tokens, scores, grad
 
 
@@ -33,10 +33,11 @@ def topk_gather(tokens, scores, num_keep):
     return torch.cat([tokens[:, :1], kept], dim=1)
 
 
-def keep_kernel_rows(quick: bool):
+def keep_kernel_rows(quick: bool, device: str = "cpu"):
+    """Median timings (``measure.Timing``) of the keep kernel, the topk + gather path and a plain copy."""
     import clipfast
 
-    tokens, scores, grad = keep_inputs()
+    tokens, scores, grad = keep_inputs(device)
     reps = 5 if quick else 20
 
     def ours_forward():
@@ -50,11 +51,11 @@ def keep_kernel_rows(quick: bool):
         topk_gather(tokens, scores, KEEP).backward(grad)
         tokens.grad = None
 
-    plain_copy = bench_measure.measure(lambda: tokens.detach()[:, :1 + KEEP].clone(), reps=reps)
-    ours_fwd = bench_measure.measure(ours_forward, reps=reps)
-    base_fwd = bench_measure.measure(lambda: topk_gather(tokens, scores, KEEP), reps=reps)
-    ours = bench_measure.measure(ours_step, reps=reps)
-    base = bench_measure.measure(base_step, reps=reps)
+    plain_copy = bench_measure.measure(lambda: tokens.detach()[:, :1 + KEEP].clone(), device, reps=reps)
+    ours_fwd = bench_measure.measure(ours_forward, device, reps=reps)
+    base_fwd = bench_measure.measure(lambda: topk_gather(tokens, scores, KEEP), device, reps=reps)
+    ours = bench_measure.measure(ours_step, device, reps=reps)
+    base = bench_measure.measure(base_step, device, reps=reps)
     return {"copy": plain_copy, "ours_fwd": ours_fwd, "base_fwd": base_fwd, "ours": ours, "base": base}
 
 

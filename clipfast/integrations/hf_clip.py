@@ -97,11 +97,11 @@ def patch_hf_clip(model, *, token_removal=None) -> VisionPatchHandle:
 
     handle = VisionPatchHandle(model, "clipfast.integrations.patch_hf_clip")
     if token_removal is not None:
-        try:
-            _install_token_removal(handle, model, token_removal)
-        except BaseException:
-            handle.unpatch()
-            raise
+        vision = _vision_transformer(model)
+        grid = vision.embeddings.image_size // vision.embeddings.patch_size
+        reduction.install(handle, embedding_output=vision.embeddings, grid=(grid, grid),
+                          blocks=vision.encoder.layers, num_prefix=1, parts_of=_layer_parts,
+                          token_removal=token_removal, token_medoids=None)
     # model.forward is CLIPModel.forward bound to model, or an instance forward already there
     # (e.g. accelerate's device-placement hooks); either way the patch wraps what was called before.
     handle.set(model, _ORIGINAL_FORWARD_ATTR, model.forward)
@@ -147,15 +147,6 @@ def _vision_transformer(model):
     if not (hasattr(vision, "embeddings") and hasattr(getattr(vision, "encoder", None), "layers")):
         raise TypeError(f"patch_hf_clip: {type(vision).__qualname__} has no embeddings / encoder.layers")
     return vision
-
-
-def _install_token_removal(handle, model, removal) -> None:
-    vision = _vision_transformer(model)
-    if removal.mode == "given_scores":
-        grid = vision.embeddings.image_size // vision.embeddings.patch_size
-        reduction.install_given_scores(handle, vision.embeddings, removal, 1, (grid, grid))
-    else:
-        reduction.install_self_attention(handle, vision.encoder.layers, removal, 1, _layer_parts)
 
 
 def _layer_parts(layer):

@@ -100,22 +100,10 @@ def patch_open_clip(model, *, token_removal=None, token_medoids=None):
         raise TypeError("patch_open_clip supports batch-first transformers only (open_clip >= 2.24 default)")
     if token_removal is None and token_medoids is None:
         raise ValueError("patch_open_clip: pass token_removal=... and/or token_medoids=...")
-    num_prefix = 1  # open_clip's class embedding
     handle = reduction.VisionPatchHandle(visual, "clipfast.patch_open_clip")
-    try:
-        if token_removal is not None and token_removal.mode == "given_scores":
-            if getattr(visual.patch_dropout, "prob", 0.0) > 0:
-                raise ValueError("patch_open_clip: the model's random patch dropout is on "
-                                 f"(prob={visual.patch_dropout.prob}); attentive removal replaces it, turn it off")
-            reduction.install_given_scores(handle, visual.patch_dropout, token_removal, num_prefix,
-                                           tuple(visual.grid_size))
-        elif token_removal is not None:
-            reduction.install_self_attention(handle, transformer.resblocks, token_removal, num_prefix, _block_parts)
-        if token_medoids is not None:
-            reduction.install_medoids(handle, transformer.resblocks, token_medoids, num_prefix)
-    except BaseException:
-        handle.unpatch()
-        raise
+    reduction.install(handle, embedding_output=visual.patch_dropout, grid=tuple(visual.grid_size),
+                      blocks=transformer.resblocks, num_prefix=1,  # open_clip's class embedding
+                      parts_of=_block_parts, token_removal=token_removal, token_medoids=token_medoids)
     return handle
 
 

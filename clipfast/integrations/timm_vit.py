@@ -29,22 +29,10 @@ def patch_timm_vit(model, *, token_removal=None, token_medoids=None):
                         f"{type(model).__module__}.{type(model).__qualname__}")
     if token_removal is None and token_medoids is None:
         raise ValueError("patch_timm_vit: pass token_removal=... and/or token_medoids=...")
-    num_prefix = model.num_prefix_tokens
     handle = reduction.VisionPatchHandle(model, "clipfast.patch_timm_vit")
-    try:
-        if token_removal is not None and token_removal.mode == "given_scores":
-            if getattr(model.patch_drop, "prob", 0.0) > 0:
-                raise ValueError("patch_timm_vit: the model's random patch dropout is on "
-                                 f"(prob={model.patch_drop.prob}); attentive removal replaces it, turn it off")
-            reduction.install_given_scores(handle, model.patch_drop, token_removal, num_prefix,
-                                           tuple(model.patch_embed.grid_size))
-        elif token_removal is not None:
-            reduction.install_self_attention(handle, blocks, token_removal, num_prefix, _block_parts)
-        if token_medoids is not None:
-            reduction.install_medoids(handle, blocks, token_medoids, num_prefix)
-    except BaseException:
-        handle.unpatch()
-        raise
+    reduction.install(handle, embedding_output=model.patch_drop, grid=tuple(model.patch_embed.grid_size),
+                      blocks=blocks, num_prefix=model.num_prefix_tokens, parts_of=_block_parts,
+                      token_removal=token_removal, token_medoids=token_medoids)
     return handle
 
 

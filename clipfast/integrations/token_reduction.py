@@ -208,6 +208,25 @@ def install_medoids(handle: VisionPatchHandle, blocks, medoids: TokenMedoids, nu
     handle.add_hook(blocks[medoids.block].register_forward_pre_hook(medoid_hook, with_kwargs=True))
 
 
+def install(handle: VisionPatchHandle, *, embedding_output: torch.nn.Module, grid: Tuple[int, int], blocks,
+            num_prefix: int, parts_of: Callable[[torch.nn.Module], BlockParts],
+            token_removal: Optional[TokenRemoval], token_medoids: Optional[TokenMedoids]) -> None:
+    """Every insertion asked for, on one tower; on any error the handle is unpatched before re-raising."""
+    try:
+        if token_removal is not None and token_removal.mode == "given_scores":
+            if getattr(embedding_output, "prob", 0.0) > 0:
+                raise ValueError(f"{handle.name}: the model's random patch dropout is on "
+                                 f"(prob={embedding_output.prob}); attentive removal replaces it, turn it off")
+            install_given_scores(handle, embedding_output, token_removal, num_prefix, grid)
+        elif token_removal is not None:
+            install_self_attention(handle, blocks, token_removal, num_prefix, parts_of)
+        if token_medoids is not None:
+            install_medoids(handle, blocks, token_medoids, num_prefix)
+    except BaseException:
+        handle.unpatch()
+        raise
+
+
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, H * Dh) -> (B, H, N, Dh)."""
     return t.unflatten(-1, (heads, -1)).transpose(1, 2)

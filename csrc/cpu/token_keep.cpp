@@ -71,23 +71,9 @@ bool ranks_before(const Ranked& a, const Ranked& b) {
 
 at::Tensor token_keep_index_cpu(const at::Tensor& scores_in, int64_t num_keep, int64_t grid_width, int64_t block) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(scores_in.dim() == 2, "token_keep_index: expected scores of shape (batch, patches), got ",
-              scores_in.sizes());
-  TORCH_CHECK(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble,
-              "token_keep_index: scores must be float32 or float64, got ", scores_in.scalar_type());
+  check_token_keep_index_args(scores_in, num_keep, grid_width, block);
   const at::Tensor scores = scores_in.detach();
   const int64_t batch = scores.size(0), length = scores.size(1);
-  TORCH_CHECK(num_keep >= 1 && num_keep <= length, "token_keep_index: num_keep must be in [1, ", length, "], got ",
-              num_keep);
-  TORCH_CHECK(block >= 1, "token_keep_index: block must be >= 1, got ", block);
-  if (block > 1) {
-    TORCH_CHECK(grid_width > 0 && length % grid_width == 0, "token_keep_index: grid_width must divide the ", length,
-                " patches, got ", grid_width);
-    TORCH_CHECK(grid_width % block == 0 && (length / grid_width) % block == 0, "token_keep_index: block ", block,
-                " must divide the grid's width ", grid_width, " and height ", length / grid_width);
-    TORCH_CHECK(num_keep % (block * block) == 0, "token_keep_index: num_keep ", num_keep,
-                " must be a multiple of block^2 = ", block * block);
-  }
   at::Tensor keep_index = at::empty({batch, num_keep}, scores.options().dtype(at::kLong));
   const int64_t block_area = block * block;
   const int64_t width_blocks = block > 1 ? grid_width / block : 0;

@@ -1,20 +1,44 @@
 // Deterministic batched k-medoids over token segments (CenterCLIP, arXiv:2205.00823) on the CPU.
 //
-// Per row of x (R, N, D): the N x N distance matrix (Euclidean on tokens centred on the row mean, so
-// |a|^2 + |b|^2 - 2 a.b does not cancel for large-norm tokens; or cosine), KKZ initialisation with a
-// running-min vector (O(K N)), then assignment / medoid-update iterations, each O(N^2) (the in-cluster
-// cost sums), until the row's medoids stop changing (or, with split_size = s > 0, until no row of its
-// chunk of s rows changed: CenterCLIP's stopping rule), at most max_iters times. Ties go to the lowest
-// index everywhere. Rows (or chunks) run in parallel; memory is one N x N matrix per thread. No host
-// sync (this is the host), no (K, N, N) temporaries. See clipfast/reference/token_medoids.py.
+// Per row of x (R, N, D), in the computation dtype (fp64 for fp64, fp32 otherwise):
+//   distances  Euclidean: c_i = x_i - mean_n x_n (centred, so |a|^2 + |b|^2 - 2 a.b does not cancel for
+//              large-norm tokens), G = C C^T, d_ij = sqrt(max(0, G_ii + G_jj - 2 G_ij));
+//              cosine: u_i = x_i / max(|x_i|, 1e-8), d_ij = 1 - u_i.u_j.
+//              Each pair i < j is computed once and mirrored (exactly symmetric, so a two-token cluster's
+//              equal costs tie to the lower index); d_ii = 0.
+//   KKZ        m_0 = argmax_i |x_i| (RAW norms), m_k = argmax_j min_{l<k} d(m_l, j), with a running-min
+//              vector (O(K N)).
+//   iterations m <- step(m): assign every token to argmin_k d(m_k, j); each medoid becomes its cluster's
+//              member of least in-cluster distance sum (O(K N) + O(sum of squared cluster sizes)); until a
+//              step changes nothing, at most max_iters times.
+// Ties go to the lowest index everywhere. See clipfast/reference/token_medoids.py.
+//
+// split_size = s > 0 (CenterCLIP's stopping rule: a chunk of s rows steps until none of its rows changed)
+// needs no chunks: a step depends on the row's own medoids only, so once a row's step changes nothing the
+// row is at a fixed point and the further steps its chunk would give it change nothing. Each row stopping
+// on its own gives exactly the chunked result (max_iters caps both alike), and rows are independent.
+//
+// Work: the O(N^2 D) Gram dominates. Rows are spread over the threads one by one (balanced whatever the
+// split_size); a thread holds one row's working copy and N x N distances, which stay in L2 from the Gram
+// to the last iteration. fp32 on AVX-512 CPUs: a hand-written Gram kernel over the upper triangle only
+// (half the FLOPs of a GEMM, no GEMM dispatch per row); otherwise (fp64, other CPUs) ATen's GEMM on the
+// blocks of the upper triangle.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <memory>
 #include <string>
 #include <tuple>
-#include <vector>
+#include <type_traits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CLIPFAST_MEDOIDS_AVX512 1
+#endif
 
 #include "clipfast/checks.h"
 
@@ -22,6 +46,9 @@ namespace clipfast {
 namespace {
 
 constexpr double kCosineNormEps = 1e-8;
+// Row length of the working copy: a multiple of 16 elements (one 64-byte fp32 vector), zero-padded, so the
+// Gram kernel has no tail (the zeros add nothing to a dot product).
+constexpr int64_t kPadFloats = 16;
 
 enum class Metric { kEuclidean, kCosine };
 
@@ -31,125 +58,359 @@ Metric parse_metric(c10::string_view name) {
   TORCH_CHECK(false, "token_medoids: metric must be 'euclidean' or 'cosine', got '", std::string(name), "'");
 }
 
-// (N, N) distances of one row's tokens (computation dtype) from one GEMM, the rest in plain loops (the
-// per-row ATen calls of a tensor formulation cost more than the arithmetic at CenterCLIP's sizes).
-// Euclidean: Gram of the row-mean-centred tokens, d_ij = sqrt(max(0, G_ii + G_jj - 2 G_ij)); cosine:
-// Gram of the unit tokens, d_ij = 1 - G_ij. Only i < j is computed and mirrored, so the matrix is
-// exactly symmetric (a two-token cluster's equal costs tie to the lower index); zero diagonal.
+// Sum of v[i]^2 in 16 interleaved partial sums: the compiler vectorises independent lanes (it may not
+// reorder one float sum), and the serial dependency through one accumulator is gone.
 template <typename T>
-std::vector<T> row_distances(const T* x, int64_t n, int64_t dim, Metric metric, const at::TensorOptions& options) {
-  std::vector<T> work(x, x + n * dim);
-  if (metric == Metric::kEuclidean) {
-    std::vector<T> mean(dim, T(0));
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t d = 0; d < dim; ++d) mean[d] += work[i * dim + d];
+[[gnu::always_inline]] inline T squared_norm(const T* v, int64_t dim) {
+  constexpr int kLanes = 16;
+  T lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += v[d + l] * v[d + l];
+  T total = 0;
+  for (; d < dim; ++d) total += v[d] * v[d];
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// One row's working copy work (n x ld, columns >= dim zero): tokens centred on the row mean (Euclidean)
+// or scaled to unit norm (cosine); norms = the RAW squared norms (KKZ's first pick: the square keeps the
+// argmax; cosine's scale). Two passes over x: the mean needs every token before the first can be centred.
+// The centred squared norms are not taken here but from the Gram's own diagonal (see distances_avx512).
+template <typename T>
+[[gnu::always_inline]] inline void prepare(const T* x, int64_t n, int64_t dim, int64_t ld, Metric metric, T* mean,
+                                           T* norms, T* work) {
+  if (metric == Metric::kEuclidean) std::fill(mean, mean + dim, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * dim;
+    norms[i] = squared_norm(xi, dim);
+    if (metric == Metric::kEuclidean)
+      for (int64_t d = 0; d < dim; ++d) mean[d] += xi[d];
+  }
+  if (metric == Metric::kEuclidean)
     for (int64_t d = 0; d < dim; ++d) mean[d] /= static_cast<T>(n);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t d = 0; d < dim; ++d) work[i * dim + d] -= mean[d];
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      T sq = 0;
-      for (int64_t d = 0; d < dim; ++d) sq += work[i * dim + d] * work[i * dim + d];
-      const T inv = T(1) / std::max(std::sqrt(sq), static_cast<T>(kCosineNormEps));
-      for (int64_t d = 0; d < dim; ++d) work[i * dim + d] *= inv;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * dim;
+    T* wi = work + i * ld;
+    if (metric == Metric::kEuclidean) {
+      for (int64_t d = 0; d < dim; ++d) wi[d] = xi[d] - mean[d];
+    } else {
+      const T inv = T(1) / std::max(std::sqrt(norms[i]), static_cast<T>(kCosineNormEps));
+      for (int64_t d = 0; d < dim; ++d) wi[d] = xi[d] * inv;
+    }
+    std::fill(wi + dim, wi + ld, T(0));
+  }
+}
+
+template <typename T>
+T pair_distance(Metric metric, T sq_i, T sq_j, T g) {
+  return metric == Metric::kEuclidean ? std::sqrt(std::max(T(0), sq_i + sq_j - 2 * g)) : T(1) - g;
+}
+
+// Distances through ATen's GEMM (fp64, or CPUs without AVX-512), then pair by pair. Only the upper
+// triangle of the Gram is needed: the rows go in 3 blocks and only the 6 block products on or above the
+// diagonal are computed (2/3 of the FLOPs; more, smaller blocks lose more GEMM efficiency than they save,
+// measured with MKL at N = 98..196), each written in place into `gram` through a strided view.
+template <typename T>
+void distances_gemm(const T* work, int64_t n, int64_t ld, Metric metric, const at::TensorOptions& options, T* gram,
+                    T* dist) {
+  constexpr int64_t kBlocks = 3;
+  const int64_t block = (n + kBlocks - 1) / kBlocks;
+  for (int64_t i0 = 0; i0 < n; i0 += block) {
+    const int64_t ni = std::min(block, n - i0);
+    const at::Tensor a = at::from_blob(const_cast<T*>(work) + i0 * ld, {ni, ld}, options);
+    for (int64_t j0 = i0; j0 < n; j0 += block) {
+      const int64_t nj = std::min(block, n - j0);
+      const at::Tensor b = at::from_blob(const_cast<T*>(work) + j0 * ld, {nj, ld}, options);
+      at::Tensor out = at::from_blob(gram + i0 * n + j0, {ni, nj}, {n, 1}, options);
+      at::mm_out(out, a, b.t());
     }
   }
-  std::vector<T> gram(n * n);
-  const at::Tensor tokens = at::from_blob(work.data(), {n, dim}, options);
-  at::Tensor gram_view = at::from_blob(gram.data(), {n, n}, options);
-  at::mm_out(gram_view, tokens, tokens.t());
-  std::vector<T> dist(n * n, T(0));
   for (int64_t i = 0; i < n; ++i) {
+    dist[i * n + i] = T(0);
     for (int64_t j = i + 1; j < n; ++j) {
-      const T g = gram[i * n + j];
-      const T d = metric == Metric::kEuclidean
-                      ? std::sqrt(std::max(T(0), gram[i * n + i] + gram[j * n + j] - 2 * g))
-                      : T(1) - g;
+      const T d = pair_distance(metric, gram[i * n + i], gram[j * n + j], gram[i * n + j]);
       dist[i * n + j] = d;
       dist[j * n + i] = d;
     }
   }
-  return dist;
 }
 
-template <typename T>
-int64_t first_argmax(const T* values, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i)
-    if (values[i] > values[best]) best = i;
-  return best;
+#ifdef CLIPFAST_MEDOIDS_AVX512
+// Gram kernel: 4 x 4 tiles of dot products, 16 zmm accumulators (4 rows x 4 columns, one 16-float slice
+// of D each), so every loaded vector feeds 4 FMAs and the FMA latency is hidden; lanes are summed once per
+// tile. The 4 row tokens of a tile row stay in L1 while its column tiles stream from L2.
+constexpr int64_t kTile = 4;
+
+// GCC 12's unmasked AVX-512 casts and shuffles pass an _mm*_undefined_* vector as the merge source of the
+// masked builtin they wrap, which -Wmaybe-uninitialized reports once inlined here (a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// (sum of v[c]'s 16 lanes for c < 4) as one 4-vector. Every v[c] goes through the same add tree, so equal
+// dot products give bitwise equal sums wherever they sit in a tile (a duplicated token gets d = 0 exactly).
+__attribute__((target("avx512f"))) inline __m128 lane_sums(const __m512 v[kTile]) {
+  __m128 quarter[kTile];
+  for (int c = 0; c < kTile; ++c) {
+    const __m256 hi = _mm512_castps512_ps256(_mm512_shuffle_f32x4(v[c], v[c], 0xEE));  // 128-bit lanes 2, 3
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v[c]), hi);
+    quarter[c] = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  }
+  return _mm_hadd_ps(_mm_hadd_ps(quarter[0], quarter[1]), _mm_hadd_ps(quarter[2], quarter[3]));
+}
+#pragma GCC diagnostic pop
+
+// g[r][c] = <a[r], b[c]> over ld floats (ld a multiple of 16).
+__attribute__((target("avx512f"))) inline void dot_tile(const float* const a[kTile], const float* const b[kTile],
+                                                        int64_t ld, __m128 g[kTile]) {
+  __m512 acc[kTile][kTile];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  for (int64_t d = 0; d < ld; d += 16) {
+    __m512 va[kTile], vb[kTile];
+    for (int r = 0; r < kTile; ++r) va[r] = _mm512_loadu_ps(a[r] + d);
+    for (int c = 0; c < kTile; ++c) vb[c] = _mm512_loadu_ps(b[c] + d);
+    for (int r = 0; r < kTile; ++r)
+      for (int c = 0; c < kTile; ++c) acc[r][c] = _mm512_fmadd_ps(va[r], vb[c], acc[r][c]);
+  }
+  for (int r = 0; r < kTile; ++r) g[r] = lane_sums(acc[r]);
 }
 
-// One row's state: its distance matrix and current medoids (in KKZ / update order).
+// Distances of the tile at rows i0.., columns j0.. from its dot products: the same formula as
+// pair_distance (sq_i + sq_j first, then - 2 g; max(x, 0) maps NaN to 0 as std::max(0, x) does).
+__attribute__((target("avx512f"))) inline void tile_distances(const __m128 g[kTile], Metric metric, const float* sq,
+                                                              int64_t i0, int64_t j0, __m128 d[kTile]) {
+  if (metric == Metric::kEuclidean) {
+    const __m128 sq_j = _mm_loadu_ps(sq + j0);
+    for (int r = 0; r < kTile; ++r) {
+      const __m128 d2 = _mm_sub_ps(_mm_add_ps(_mm_set1_ps(sq[i0 + r]), sq_j), _mm_add_ps(g[r], g[r]));
+      d[r] = _mm_sqrt_ps(_mm_max_ps(d2, _mm_setzero_ps()));
+    }
+  } else {
+    for (int r = 0; r < kTile; ++r) d[r] = _mm_sub_ps(_mm_set1_ps(1.0f), g[r]);
+  }
+}
+
+// The pairs i < j of a tile that lie inside the matrix, and their mirror images.
+inline void store_tile_pairs(const float (&t)[kTile][kTile], int64_t n, int64_t i0, int64_t j0, float* dist) {
+  for (int64_t r = 0; r < kTile && i0 + r < n; ++r)
+    for (int64_t c = 0; c < kTile && j0 + c < n; ++c) {
+      const int64_t i = i0 + r, j = j0 + c;
+      if (j <= i) continue;
+      dist[i * n + j] = t[r][c];
+      dist[j * n + i] = t[r][c];
+    }
+}
+
+// dist (n x n) from work (n x ld): diagonal tiles first (they give G_ii, needed by every other tile), then
+// the tiles strictly above the diagonal, each written to both triangles. G_ii from the same kernel as G_ij
+// (not from a separate norm loop) makes two equal tokens give G_ii = G_jj = G_ij bitwise, so d_ij = 0
+// exactly. Rows past n in the last tile are clamped to row n - 1 and their results dropped.
+// sq: kTile * ceil(n / kTile) floats of scratch.
+__attribute__((target("avx512f"))) void distances_avx512(const float* work, int64_t n, int64_t ld, Metric metric,
+                                                         float* sq, float* dist) {
+  const int64_t blocks = (n + kTile - 1) / kTile;
+  const float* a[kTile];
+  const float* b[kTile];
+  __m128 g[kTile], d[kTile];
+  alignas(16) float t[kTile][kTile];
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i0 = blk * kTile;
+    for (int r = 0; r < kTile; ++r) a[r] = work + std::min(i0 + r, n - 1) * ld;
+    dot_tile(a, a, ld, g);
+    for (int r = 0; r < kTile; ++r) {
+      _mm_store_ps(t[r], g[r]);
+      sq[i0 + r] = t[r][r];
+    }
+    tile_distances(g, metric, sq, i0, i0, d);
+    for (int r = 0; r < kTile; ++r) _mm_store_ps(t[r], d[r]);
+    store_tile_pairs(t, n, i0, i0, dist);
+  }
+  for (int64_t i = 0; i < n; ++i) dist[i * n + i] = 0.0f;
+  for (int64_t bi = 0; bi < blocks; ++bi) {
+    const int64_t i0 = bi * kTile;
+    for (int r = 0; r < kTile; ++r) a[r] = work + std::min(i0 + r, n - 1) * ld;
+    for (int64_t bj = bi + 1; bj < blocks; ++bj) {
+      const int64_t j0 = bj * kTile;
+      for (int c = 0; c < kTile; ++c) b[c] = work + std::min(j0 + c, n - 1) * ld;
+      dot_tile(a, b, ld, g);
+      tile_distances(g, metric, sq, i0, j0, d);
+      if (i0 + kTile <= n && j0 + kTile <= n) {
+        for (int r = 0; r < kTile; ++r) _mm_storeu_ps(dist + (i0 + r) * n + j0, d[r]);
+        _MM_TRANSPOSE4_PS(d[0], d[1], d[2], d[3]);
+        for (int c = 0; c < kTile; ++c) _mm_storeu_ps(dist + (j0 + c) * n + i0, d[c]);
+      } else {
+        for (int r = 0; r < kTile; ++r) _mm_store_ps(t[r], d[r]);
+        store_tile_pairs(t, n, i0, j0, dist);
+      }
+    }
+  }
+}
+#endif
+
+// torch's own CPU dispatch decides (so ATEN_CPU_CAPABILITY=avx2 also selects the GEMM path here).
+bool use_avx512() {
+#ifdef CLIPFAST_MEDOIDS_AVX512
+  static const bool available = at::get_cpu_capability() == "AVX512";
+  return available;
+#else
+  return false;
+#endif
+}
+
+// First index of the maximum (NaNs never win, as in a strict-> scan; index 0 if values[0] is NaN). The
+// maximum comes from 16 interleaved running maxima (vectorisable, and exact in any order), then one scan
+// finds its first occurrence.
 template <typename T>
-struct RowMedoids {
-  std::vector<T> dist;  // N x N, row-major
-  std::vector<int64_t> medoids;
-  int64_t n;
+[[gnu::always_inline]] inline int64_t first_argmax(const T* values, int64_t n) {
+  constexpr int kLanes = 16;
+  T lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, values[0]);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] = values[i + l] > lanes[l] ? values[i + l] : lanes[l];
+  T top = values[0];
+  for (; i < n; ++i) top = values[i] > top ? values[i] : top;
+  for (int l = 0; l < kLanes; ++l) top = lanes[l] > top ? lanes[l] : top;
+  for (i = 0; i < n; ++i)
+    if (values[i] == top) return i;
+  return 0;
+}
 
-  // argmin_k dist[medoids[k], j] for every token j (ties to the lowest k)
-  std::vector<int64_t> assign(const std::vector<int64_t>& order) const {
-    std::vector<int64_t> assignment(n, 0);
-    for (int64_t j = 0; j < n; ++j) {
-      T best = dist[order[0] * n + j];
-      for (size_t k = 1; k < order.size(); ++k) {
-        const T d = dist[order[k] * n + j];
-        if (d < best) {
-          best = d;
-          assignment[j] = static_cast<int64_t>(k);
-        }
-      }
-    }
-    return assignment;
-  }
-
-  // One assignment + update step; returns whether any medoid changed.
-  bool step() {
-    const std::vector<int64_t> assignment = assign(medoids);
-    const int64_t k_count = static_cast<int64_t>(medoids.size());
-    std::vector<std::vector<int64_t>> members(k_count);
-    for (int64_t j = 0; j < n; ++j) members[assignment[j]].push_back(j);  // ascending within a cluster
-    bool changed = false;
-    for (int64_t k = 0; k < k_count; ++k) {
-      if (members[k].empty()) continue;  // cannot happen after KKZ (a medoid is nearest to itself)
-      int64_t best = members[k][0];
-      T best_cost = 0;
-      for (size_t a = 0; a < members[k].size(); ++a) {
-        const T* row = dist.data() + members[k][a] * n;
-        T cost = 0;
-        for (const int64_t j : members[k]) cost += row[j];
-        if (a == 0 || cost < best_cost) {
-          best_cost = cost;
-          best = members[k][a];
-        }
-      }
-      changed |= best != medoids[k];
-      medoids[k] = best;
-    }
-    return changed;
-  }
+// One thread's buffers, allocated once per parallel_for task (not per row): the row's working copy and
+// its distance matrix stay in L2 from the Gram kernel through the last iteration.
+template <typename T>
+struct RowScratch {
+  int64_t ld;
+  std::unique_ptr<T[]> work, mean, norms, sq, gram, dist, best;
+  std::unique_ptr<int32_t[]> cluster, members;
+  std::unique_ptr<int64_t[]> start, cursor;
+  RowScratch(int64_t n, int64_t dim, int64_t k_count, bool needs_gram)
+      : ld((dim + kPadFloats - 1) / kPadFloats * kPadFloats),
+        work(new T[n * ld]),
+        mean(new T[dim]),
+        norms(new T[n]),
+        sq(new T[n + kPadFloats]),
+        gram(needs_gram ? new T[n * n] : nullptr),
+        dist(new T[n * n]),
+        best(new T[n]),
+        cluster(new int32_t[n]),
+        members(new int32_t[n]),
+        start(new int64_t[k_count + 1]),
+        cursor(new int64_t[k_count]) {}
 };
 
-// KKZ initialisation of one row: the largest RAW norm first, then the farthest from the chosen set.
+// KKZ: the largest RAW norm first, then repeatedly the token farthest from the chosen set (nearest[j]:
+// the distance from token j to its nearest chosen medoid).
 template <typename T>
-RowMedoids<T> initialise(const T* x, int64_t n, int64_t dim, Metric metric, int64_t k_count,
-                         const at::TensorOptions& options) {
-  RowMedoids<T> row;
-  row.n = n;
-  row.dist = row_distances(x, n, dim, metric, options);
-  std::vector<T> norms(n, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t d = 0; d < dim; ++d) norms[i] += x[i * dim + d] * x[i * dim + d];
+[[gnu::always_inline]] inline void kkz(const T* dist, const T* norms, int64_t n, int64_t k_count, T* nearest,
+                                       int64_t* medoids) {
+  medoids[0] = first_argmax(norms, n);
+  std::copy(dist + medoids[0] * n, dist + (medoids[0] + 1) * n, nearest);
+  for (int64_t k = 1; k < k_count; ++k) {
+    medoids[k] = first_argmax(nearest, n);
+    const T* row = dist + medoids[k] * n;
+    for (int64_t j = 0; j < n; ++j) nearest[j] = row[j] < nearest[j] ? row[j] : nearest[j];  // std::min
   }
-  row.medoids.push_back(first_argmax(norms.data(), n));  // the square preserves the argmax
-  std::vector<T> nearest(row.dist.begin() + row.medoids[0] * n, row.dist.begin() + (row.medoids[0] + 1) * n);
-  for (int64_t i = 1; i < k_count; ++i) {
-    const int64_t next = first_argmax(nearest.data(), n);
-    row.medoids.push_back(next);
-    const T* d = row.dist.data() + next * n;
-    for (int64_t j = 0; j < n; ++j) nearest[j] = std::min(nearest[j], d[j]);
+}
+
+// cluster[j] = argmin_k dist[order[k], j] (ties to the lowest k). Medoid rows are scanned one after the
+// other (contiguous) with a running minimum; a strict < keeps the lower k. The select is written as a
+// mask because the compiler turns a ternary on an int into a branch and then does not vectorise.
+template <typename T>
+[[gnu::always_inline]] inline void assign(const T* dist, int64_t n, const int64_t* order, int64_t k_count,
+                                          RowScratch<T>& s) {
+  T* best = s.best.get();
+  int32_t* cluster = s.cluster.get();
+  std::copy(dist + order[0] * n, dist + (order[0] + 1) * n, best);
+  std::fill(cluster, cluster + n, 0);
+  for (int64_t k = 1; k < k_count; ++k) {
+    const T* row = dist + order[k] * n;
+    const int32_t kk = static_cast<int32_t>(k);
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t closer = -static_cast<int32_t>(row[j] < best[j]);  // all ones or zero: a select mask
+      best[j] = row[j] < best[j] ? row[j] : best[j];
+      cluster[j] = (kk & closer) | (cluster[j] & ~closer);
+    }
   }
-  return row;
+}
+
+// One assignment + update step of a row; returns whether any medoid changed.
+template <typename T>
+[[gnu::always_inline]] inline bool step(const T* dist, int64_t n, int64_t k_count, int64_t* medoids,
+                                        RowScratch<T>& s) {
+  assign(dist, n, medoids, k_count, s);
+  // Counting sort by cluster: cluster k's members are members[start[k] .. start[k + 1]), ascending.
+  int64_t* start = s.start.get();
+  int64_t* cursor = s.cursor.get();
+  int32_t* members = s.members.get();
+  std::fill(start, start + k_count + 1, 0);
+  for (int64_t j = 0; j < n; ++j) ++start[s.cluster[j] + 1];
+  for (int64_t k = 0; k < k_count; ++k) start[k + 1] += start[k];
+  std::copy(start, start + k_count, cursor);
+  for (int64_t j = 0; j < n; ++j) members[cursor[s.cluster[j]]++] = static_cast<int32_t>(j);
+  bool changed = false;
+  for (int64_t k = 0; k < k_count; ++k) {
+    const int32_t* first = members + start[k];
+    const int64_t size = start[k + 1] - start[k];
+    if (size == 0) continue;  // cannot happen after KKZ (a medoid is nearest to itself)
+    int64_t best = first[0];
+    T best_cost = 0;
+    for (int64_t a = 0; a < size; ++a) {
+      const T* row = dist + static_cast<int64_t>(first[a]) * n;
+      T cost = 0;
+      for (int64_t b = 0; b < size; ++b) cost += row[first[b]];
+      if (a == 0 || cost < best_cost) {
+        best_cost = cost;
+        best = first[a];
+      }
+    }
+    changed |= best != medoids[k];
+    medoids[k] = best;
+  }
+  return changed;
+}
+
+// Everything for one row: working copy, distances (into s.dist), KKZ, iterations until a step changes
+// nothing (or max_iters), then the sorted medoids and the assignment against them.
+template <typename T, typename Distances>
+[[gnu::always_inline]] inline void solve_row(const T* x, int64_t n, int64_t dim, Metric metric, int64_t k_count,
+                                             int64_t max_iters, RowScratch<T>& s, const Distances& distances,
+                                             int64_t* medoids, int64_t* assignment) {
+  prepare(x, n, dim, s.ld, metric, s.mean.get(), s.norms.get(), s.work.get());
+  distances();
+  kkz(s.dist.get(), s.norms.get(), n, k_count, s.best.get(), medoids);
+  for (int64_t it = 0; it < max_iters; ++it)
+    if (!step(s.dist.get(), n, k_count, medoids, s)) break;
+  std::sort(medoids, medoids + k_count);
+  assign(s.dist.get(), n, medoids, k_count, s);
+  std::copy(s.cluster.get(), s.cluster.get() + n, assignment);
+}
+
+#ifdef CLIPFAST_MEDOIDS_AVX512
+// solve_row with the Gram kernel above, and its inlined generic loops vectorised for AVX-512 too (of
+// their arithmetic only the raw squared norms change: their multiply-adds become FMAs).
+__attribute__((target("avx512f"))) void solve_row_avx512(const float* x, int64_t n, int64_t dim, Metric metric,
+                                                         int64_t k_count, int64_t max_iters, RowScratch<float>& s,
+                                                         int64_t* medoids, int64_t* assignment) {
+  const auto distances = [&] { distances_avx512(s.work.get(), n, s.ld, metric, s.sq.get(), s.dist.get()); };
+  solve_row(x, n, dim, metric, k_count, max_iters, s, distances, medoids, assignment);
+}
+#endif
+
+// One row on the Gram path for its dtype and CPU. medoids: the row's (R, K) output, in KKZ / cluster
+// order until the final sort.
+template <typename T>
+void solve_row_any(const T* x, int64_t n, int64_t dim, Metric metric, int64_t k_count, int64_t max_iters,
+                   const at::TensorOptions& options, RowScratch<T>& s, int64_t* medoids, int64_t* assignment) {
+#ifdef CLIPFAST_MEDOIDS_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512()) return solve_row_avx512(x, n, dim, metric, k_count, max_iters, s, medoids, assignment);
+  }
+#endif
+  const auto distances = [&] {
+    distances_gemm(s.work.get(), n, s.ld, metric, options, s.gram.get(), s.dist.get());
+  };
+  solve_row(x, n, dim, metric, k_count, max_iters, s, distances, medoids, assignment);
 }
 
 std::tuple<at::Tensor, at::Tensor> token_medoids_index_cpu(const at::Tensor& x_in, int64_t k_count,
@@ -168,33 +429,17 @@ std::tuple<at::Tensor, at::Tensor> token_medoids_index_cpu(const at::Tensor& x_i
   const at::Tensor x = x_in.detach().to(dtype).contiguous();
   at::Tensor index = at::empty({rows, k_count}, x.options().dtype(at::kLong));
   at::Tensor assignment = at::empty({rows, n}, x.options().dtype(at::kLong));
-  const int64_t chunk = split_size > 0 ? split_size : 1;  // per-row stopping = chunks of one row
-  const int64_t n_chunks = (rows + chunk - 1) / chunk;
+  const bool needs_gram = dtype == at::kDouble || !use_avx512();
   AT_DISPATCH_FLOATING_TYPES(dtype, "token_medoids_index_cpu", [&] {
     using T = scalar_t;
     const T* x_ptr = x.data_ptr<T>();
     int64_t* index_ptr = index.data_ptr<int64_t>();
     int64_t* assignment_ptr = assignment.data_ptr<int64_t>();
-    at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-        const int64_t r0 = c * chunk, r1 = std::min(rows, r0 + chunk);
-        std::vector<RowMedoids<T>> states;
-        for (int64_t r = r0; r < r1; ++r) {
-          states.push_back(initialise<T>(x_ptr + r * n * dim, n, dim, metric, k_count, x.options()));
-        }
-        for (int64_t it = 0; it < max_iters; ++it) {
-          bool changed = false;
-          for (auto& state : states) changed |= state.step();  // every row of the chunk steps together
-          if (!changed) break;
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          RowMedoids<T>& state = states[r - r0];
-          std::vector<int64_t> sorted = state.medoids;
-          std::sort(sorted.begin(), sorted.end());
-          std::copy(sorted.begin(), sorted.end(), index_ptr + r * k_count);
-          const std::vector<int64_t> final_assignment = state.assign(sorted);
-          std::copy(final_assignment.begin(), final_assignment.end(), assignment_ptr + r * n);
-        }
+    at::parallel_for(0, rows, 1, [&](int64_t r_begin, int64_t r_end) {
+      RowScratch<T> s(n, dim, k_count, needs_gram);
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        solve_row_any<T>(x_ptr + r * n * dim, n, dim, metric, k_count, max_iters, x.options(), s,
+                         index_ptr + r * k_count, assignment_ptr + r * n);
       }
     });
   });

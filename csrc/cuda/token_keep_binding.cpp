@@ -15,6 +15,7 @@
 #include <optional>
 #include <tuple>
 
+#include "clipfast/checks.h"
 #include "clipfast/token_keep_cuda.h"
 
 namespace clipfast {
@@ -31,22 +32,10 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t
 at::Tensor token_keep_index_cuda(const at::Tensor& scores_in, int64_t num_keep, int64_t grid_width, int64_t block) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* kOp = "token_keep_index";
-  TORCH_CHECK(scores_in.dim() == 2, kOp, ": expected scores of shape (batch, patches), got ", scores_in.sizes());
-  TORCH_CHECK(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble, kOp,
-              ": scores must be float32 or float64, got ", scores_in.scalar_type());
+  check_token_keep_index_args(scores_in, num_keep, grid_width, block);
   TORCH_CHECK(scores_in.is_cuda(), kOp, ": expected a CUDA tensor, got scores on ", scores_in.device());
   const int64_t batch = scores_in.size(0), length = scores_in.size(1);
-  TORCH_CHECK(num_keep >= 1 && num_keep <= length, kOp, ": num_keep must be in [1, ", length, "], got ", num_keep);
   TORCH_CHECK(length <= 0x7fffffff, kOp, ": at most 2^31 - 1 patches per row, got ", length);
-  TORCH_CHECK(block >= 1, kOp, ": block must be >= 1, got ", block);
-  if (block > 1) {
-    TORCH_CHECK(grid_width > 0 && length % grid_width == 0, kOp, ": grid_width must divide the ", length,
-                " patches, got ", grid_width);
-    TORCH_CHECK(grid_width % block == 0 && (length / grid_width) % block == 0, kOp, ": block ", block,
-                " must divide the grid's width ", grid_width, " and height ", length / grid_width);
-    TORCH_CHECK(num_keep % (block * block) == 0, kOp, ": num_keep ", num_keep, " must be a multiple of block^2 = ",
-                block * block);
-  }
   const c10::cuda::CUDAGuard device_guard(scores_in.device());
   const at::Tensor scores = scores_in.detach();
   at::Tensor keep_index = at::empty({batch, num_keep}, scores.options().dtype(at::kLong));
