@@ -38,7 +38,7 @@ def keep_kernel_rows(quick: bool, device: str = "cpu"):
     import clipfast
 
     tokens, scores, grad = keep_inputs(device)
-    reps = 5 if quick else 20
+    reps = 5 if quick else 50
 
     def ours_forward():
         return clipfast.attentive_token_keep(tokens, scores, KEEP)[0]
