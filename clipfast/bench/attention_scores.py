@@ -56,7 +56,7 @@ def _vit_b16():
     return open_clip.create_model("ViT-B-16", pretrained=None).visual.eval()
 
 
-def run(batch: int = 32, quick: bool = False) -> List[Dict]:
+def run(batch: int = 32, quick: bool = False, device: str = "cpu") -> List[Dict]:
     """Measure the three methods; quick mode uses at most 4 images and one timed repetition.
 
     Returns one dict per method: ``case``, ``method``, ``ms`` (median wall-clock), ``peak_extra_mb``
@@ -68,9 +68,10 @@ def run(batch: int = 32, quick: bool = False) -> List[Dict]:
     if quick:
         batch = min(batch, 4)
     torch.manual_seed(0)
-    visual = _vit_b16()
-    images = torch.randn(batch, 3, 224, 224)
-    case = f"open_clip ViT-B/16 image tower, random init, eval, fp32, batch {batch}, CPU x{torch.get_num_threads()}"
+    visual = _vit_b16().to(device)
+    images = torch.randn(batch, 3, 224, 224).to(device)
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"
+    case = f"open_clip ViT-B/16 image tower, random init, eval, fp32, batch {batch}, {where}"
 
     def plain():
         with torch.no_grad():
@@ -80,7 +81,7 @@ def run(batch: int = 32, quick: bool = False) -> List[Dict]:
                ("clipfast.attention_scores", lambda: attention_scores(visual, images)),
                ("materialised maps", lambda: materialised_scores(visual, images))]
     reps = 1 if quick else 2
-    timings = {name: bench_measure.measure(step, "cpu", reps=reps, warmup=1) for name, step in methods}
+    timings = {name: bench_measure.measure(step, device, reps=reps, warmup=1) for name, step in methods}
 
     reference = materialised_scores(visual, images)[1]
     diffs = {"clipfast.attention_scores": (attention_scores(visual, images) - reference).abs().max().item(),

@@ -3,7 +3,8 @@
 1. environment report (python -m clipfast.info);
 2. the GPU tests (tests/gpu: Triton and CUDA kernels against the float64 reference, compile, memory);
 3. the GPU benchmark (fp32, D = 512, N up to 65536; open_clip up to 16384) and the token-keep kernel
-   (B = 64, L = 196, D = 768, keep 98) per GPU backend against topk + gather;
+   (B = 64, L = 196, D = 768, keep 98) per GPU backend against topk + gather, and A-CLIP's scores
+   (ViT-B/16, batch 32) against materialising every attention map;
 4. a short table, last.
 """
 
@@ -41,6 +42,9 @@ def main() -> int:
     for backend in [b for b in ("triton", "cuda") if results[b] == 0]:
         with clipfast.use_backend(backend):
             keep[backend] = token_keep.keep_kernel_rows(quick=False, device="cuda")
+    from clipfast.bench import attention_scores
+
+    score_rows = attention_scores.run(batch=32, device="cuda")
     print(f"\ngpu-check summary ({torch.cuda.get_device_name()}, {time.perf_counter() - started:.0f} s)")
     for backend, code in results.items():
         print(f"  GPU tests, {backend}: {'passed' if code == 0 else f'FAILED (pytest exit {code})'}")
@@ -51,6 +55,8 @@ def main() -> int:
     for backend, timings in keep.items():
         print(f"token keep ({backend}): fwd {timings['ours_fwd'].p50 * 1e3:.3f} ms (copy {timings['copy'].p50 * 1e3:.3f} ms), "
               f"fwd+bwd {timings['ours'].p50 * 1e3:.3f} ms vs topk+gather {timings['base'].p50 * 1e3:.3f} ms")
+    for row in score_rows:
+        print(f"scores, {row['method']}: {row['ms']:.1f} ms, {row['peak_extra_mb']:.0f} MiB peak extra")
     return max(results.values())
 
 
