@@ -170,6 +170,14 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     return _ops.siglip_loss(image_features, text_features, scale, bias, int(label_offset), bool(negative_only))
 
 
+def check_medoid_iterations(max_iters, split_size) -> None:
+    """ValueError unless ``max_iters`` is an int >= 0 and ``split_size`` None or an int >= 1."""
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
+        raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
+    if split_size is not None and (isinstance(split_size, bool) or not isinstance(split_size, int) or split_size < 1):
+        raise ValueError(f"split_size must be None or an int >= 1, got {split_size!r}")
+
+
 def token_medoids(x: torch.Tensor, num_medoids: int, *, metric: str = "euclidean", max_iters: int = 100,
                   split_size: Optional[int] = None):
     """Deterministic k-medoids of each row's tokens, keeping the medoid tokens (CenterCLIP).
@@ -203,10 +211,7 @@ def token_medoids(x: torch.Tensor, num_medoids: int, *, metric: str = "euclidean
         raise ValueError(f"num_medoids must be an int in [1, {x.shape[1]}] (the tokens per row), got {num_medoids!r}")
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    if not isinstance(max_iters, int) or max_iters < 0:
-        raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
-    if split_size is not None and (not isinstance(split_size, int) or split_size < 1):
-        raise ValueError(f"split_size must be None or an int >= 1, got {split_size!r}")
+    check_medoid_iterations(max_iters, split_size)
     from clipfast.ops import token_medoids as _medoid_ops
 
     index, assignment = _medoid_ops.token_medoids_index(x.detach(), num_medoids, metric, max_iters, split_size or 0)

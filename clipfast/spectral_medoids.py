@@ -185,6 +185,7 @@ def spectral_token_medoids(x: torch.Tensor, num_medoids: int, *, num_neighbors: 
         :func:`clipfast.token_medoids` (max_iters, split_size).
     """
     _check_inputs(x, num_medoids, "num_medoids", num_neighbors, sigma)
+    functional.check_medoid_iterations(max_iters, split_size)  # before the eigendecomposition, not after
     embedding = spectral_embedding(x, num_medoids, num_neighbors=num_neighbors, sigma=sigma)
     _, index, assignment = functional.token_medoids(embedding, num_medoids, max_iters=max_iters,
                                                     split_size=split_size)
