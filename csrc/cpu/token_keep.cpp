@@ -138,10 +138,6 @@ Rows<T> rows_of(const at::Tensor& t) {
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous(); }
 
-at::ScalarType weights_dtype(at::ScalarType tokens_dtype) {
-  return tokens_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Checks shared by the gather and its backward (`tokens` only by shape, dtype and device).
 void check_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor& keep_index,
                        const std::optional<at::Tensor>& fuse_weights, int64_t num_prefix) {
@@ -150,23 +146,7 @@ void check_gather_args(const char* op, const at::Tensor& tokens, const at::Tenso
   const auto dtype = tokens.scalar_type();
   TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": tokens must be float64, float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(num_prefix >= 0 && num_prefix <= tokens.size(1), op, ": num_prefix must be in [0, ", tokens.size(1),
-              "], got ", num_prefix);
-  const int64_t batch = tokens.size(0), length = tokens.size(1) - num_prefix;
-  TORCH_CHECK(keep_index.dim() == 2 && keep_index.size(0) == batch && keep_index.size(1) <= length, op,
-              ": keep_index must have shape (", batch, ", K) with K <= ", length, ", got ", keep_index.sizes());
-  TORCH_CHECK(keep_index.scalar_type() == at::kLong, op, ": keep_index must be int64, got ",
-              keep_index.scalar_type());
-  TORCH_CHECK(keep_index.device() == tokens.device(), op, ": keep_index on ", keep_index.device(),
-              " but tokens on ", tokens.device());
-  if (!fuse_weights.has_value()) return;
-  const at::Tensor& w = *fuse_weights;
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == batch && w.size(1) == length, op, ": fuse_weights must have shape (",
-              batch, ", ", length, "), got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == weights_dtype(dtype), op, ": fuse_weights must be ", weights_dtype(dtype),
-              " for ", dtype, " tokens, got ", w.scalar_type());
-  TORCH_CHECK(w.device() == tokens.device(), op, ": fuse_weights on ", w.device(), " but tokens on ",
-              tokens.device());
+  check_token_keep_gather_args(op, tokens, keep_index, fuse_weights, num_prefix);
 }
 
 void check_patch_index(int64_t i, int64_t length, const char* op) {
@@ -285,19 +265,13 @@ std::tuple<at::Tensor, at::Tensor> token_keep_gather_backward_cpu(const at::Tens
   const int64_t batch = tokens_in.size(0), dim = tokens_in.size(2);
   const int64_t length = tokens_in.size(1) - num_prefix, num_keep = keep_index_in.size(1);
   const int64_t kept_rows = num_prefix + num_keep + (fused ? 1 : 0);
-  TORCH_CHECK(grad_kept_in.dim() == 3 && grad_kept_in.size(0) == batch && grad_kept_in.size(1) == kept_rows &&
-                  grad_kept_in.size(2) == dim,
-              kOp, ": grad_kept must have shape (", batch, ", ", kept_rows, ", ", dim, "), got ", grad_kept_in.sizes());
-  TORCH_CHECK(grad_kept_in.scalar_type() == tokens_in.scalar_type(), kOp, ": grad_kept must be ",
-              tokens_in.scalar_type(), " like tokens, got ", grad_kept_in.scalar_type());
-  TORCH_CHECK(grad_kept_in.device() == tokens_in.device(), kOp, ": grad_kept on ", grad_kept_in.device(),
-              " but tokens on ", tokens_in.device());
+  check_token_keep_grad(kOp, grad_kept_in, tokens_in, kept_rows);
   const at::Tensor grad_kept = last_dim_contiguous(grad_kept_in.detach());
   const at::Tensor keep_index = keep_index_in.detach().contiguous();
   // Only the fused gradient needs the tokens' values.
   const at::Tensor tokens = fused ? last_dim_contiguous(tokens_in.detach()) : at::Tensor();
   const at::Tensor weights = fused ? fuse_weights_in->detach().contiguous() : at::Tensor();
-  const auto acc_dtype = weights_dtype(tokens_in.scalar_type());
+  const auto acc_dtype = token_keep_weights_dtype(tokens_in.scalar_type());
   // Written once in full, and usually large (B x 197 x 768): huge pages spare it most of its page faults.
   at::Tensor grad_tokens = empty_huge_page_backed({batch, num_prefix + length, dim}, tokens_in.options());
   at::Tensor grad_weights = at::empty({batch, fused ? length : 0}, tokens_in.options().dtype(acc_dtype));

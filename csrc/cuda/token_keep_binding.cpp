@@ -58,24 +58,7 @@ int check_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor
               ": the CUDA kernels take float32, bfloat16 or float16 tokens, got ", dtype,
               " (float64 runs on the cpu or reference backends)");
   TORCH_CHECK(tokens.is_cuda(), op, ": expected CUDA tensors, got tokens on ", tokens.device());
-  TORCH_CHECK(num_prefix >= 0 && num_prefix <= tokens.size(1), op, ": num_prefix must be in [0, ", tokens.size(1),
-              "], got ", num_prefix);
-  const int64_t batch = tokens.size(0), length = tokens.size(1) - num_prefix;
-  TORCH_CHECK(keep_index.dim() == 2 && keep_index.size(0) == batch && keep_index.size(1) <= length, op,
-              ": keep_index must have shape (", batch, ", K) with K <= ", length, ", got ", keep_index.sizes());
-  TORCH_CHECK(keep_index.scalar_type() == at::kLong, op, ": keep_index must be int64, got ",
-              keep_index.scalar_type());
-  TORCH_CHECK(keep_index.device() == tokens.device(), op, ": keep_index on ", keep_index.device(),
-              " but tokens on ", tokens.device());
-  if (fuse_weights.has_value()) {
-    const at::Tensor& w = *fuse_weights;
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == batch && w.size(1) == length, op, ": fuse_weights must have shape (",
-                batch, ", ", length, "), got ", w.sizes());
-    TORCH_CHECK(w.scalar_type() == at::kFloat, op, ": fuse_weights must be float32 for ", dtype, " tokens, got ",
-                w.scalar_type());
-    TORCH_CHECK(w.device() == tokens.device(), op, ": fuse_weights on ", w.device(), " but tokens on ",
-                tokens.device());
-  }
+  check_token_keep_gather_args(op, tokens, keep_index, fuse_weights, num_prefix);
   return dtype == at::kFloat ? CLIPFAST_F32 : dtype == at::kHalf ? CLIPFAST_F16 : CLIPFAST_BF16;
 }
 
@@ -114,13 +97,7 @@ std::tuple<at::Tensor, at::Tensor> token_keep_gather_backward_cuda(const at::Ten
   const int64_t batch = tokens_in.size(0), dim = tokens_in.size(2);
   const int64_t length = tokens_in.size(1) - num_prefix, num_keep = keep_index_in.size(1);
   const int64_t kept_rows = num_prefix + num_keep + (fused ? 1 : 0);
-  TORCH_CHECK(grad_kept_in.dim() == 3 && grad_kept_in.size(0) == batch && grad_kept_in.size(1) == kept_rows &&
-                  grad_kept_in.size(2) == dim,
-              kOp, ": grad_kept must have shape (", batch, ", ", kept_rows, ", ", dim, "), got ", grad_kept_in.sizes());
-  TORCH_CHECK(grad_kept_in.scalar_type() == tokens_in.scalar_type(), kOp, ": grad_kept must be ",
-              tokens_in.scalar_type(), " like tokens, got ", grad_kept_in.scalar_type());
-  TORCH_CHECK(grad_kept_in.device() == tokens_in.device(), kOp, ": grad_kept on ", grad_kept_in.device(),
-              " but tokens on ", tokens_in.device());
+  check_token_keep_grad(kOp, grad_kept_in, tokens_in, kept_rows);
   const c10::cuda::CUDAGuard device_guard(tokens_in.device());
   const at::Tensor grad_kept = grad_kept_in.detach().contiguous();
   const at::Tensor keep_index = keep_index_in.detach().contiguous();

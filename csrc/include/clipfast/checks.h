@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace clipfast {
 
 // x: (rows, dim) and y: (cols, dim), same floating dtype, same device.
@@ -44,6 +46,49 @@ inline void check_token_keep_index_args(const at::Tensor& scores, int64_t num_ke
     TORCH_CHECK(num_keep % (block * block) == 0, op, ": num_keep ", num_keep, " must be a multiple of block^2 = ",
                 block * block);
   }
+}
+
+// The dtype of token_keep's fuse weights and score gradients: float64 for float64 tokens, else float32.
+inline at::ScalarType token_keep_weights_dtype(at::ScalarType tokens_dtype) {
+  return tokens_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// token_keep_gather and its backward, after the backend has checked the tokens' dtype and device: tokens
+// (batch, prefix + patches, dim), only by shape; keep_index (batch, K <= patches) int64; fuse_weights
+// (batch, patches) in token_keep_weights_dtype.
+inline void check_token_keep_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor& keep_index,
+                                         const std::optional<at::Tensor>& fuse_weights, int64_t num_prefix) {
+  TORCH_CHECK(num_prefix >= 0 && num_prefix <= tokens.size(1), op, ": num_prefix must be in [0, ", tokens.size(1),
+              "], got ", num_prefix);
+  const int64_t batch = tokens.size(0), length = tokens.size(1) - num_prefix;
+  TORCH_CHECK(keep_index.dim() == 2 && keep_index.size(0) == batch && keep_index.size(1) <= length, op,
+              ": keep_index must have shape (", batch, ", K) with K <= ", length, ", got ", keep_index.sizes());
+  TORCH_CHECK(keep_index.scalar_type() == at::kLong, op, ": keep_index must be int64, got ",
+              keep_index.scalar_type());
+  TORCH_CHECK(keep_index.device() == tokens.device(), op, ": keep_index on ", keep_index.device(),
+              " but tokens on ", tokens.device());
+  if (!fuse_weights.has_value()) return;
+  const at::Tensor& w = *fuse_weights;
+  const at::ScalarType weights_dtype = token_keep_weights_dtype(tokens.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == batch && w.size(1) == length, op, ": fuse_weights must have shape (",
+              batch, ", ", length, "), got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == weights_dtype, op, ": fuse_weights must be ", weights_dtype, " for ",
+              tokens.scalar_type(), " tokens, got ", w.scalar_type());
+  TORCH_CHECK(w.device() == tokens.device(), op, ": fuse_weights on ", w.device(), " but tokens on ",
+              tokens.device());
+}
+
+// token_keep_gather_backward: grad_kept has the gather output's shape (kept_rows rows), dtype and device.
+inline void check_token_keep_grad(const char* op, const at::Tensor& grad_kept, const at::Tensor& tokens,
+                                  int64_t kept_rows) {
+  const int64_t batch = tokens.size(0), dim = tokens.size(2);
+  TORCH_CHECK(grad_kept.dim() == 3 && grad_kept.size(0) == batch && grad_kept.size(1) == kept_rows &&
+                  grad_kept.size(2) == dim,
+              op, ": grad_kept must have shape (", batch, ", ", kept_rows, ", ", dim, "), got ", grad_kept.sizes());
+  TORCH_CHECK(grad_kept.scalar_type() == tokens.scalar_type(), op, ": grad_kept must be ", tokens.scalar_type(),
+              " like tokens, got ", grad_kept.scalar_type());
+  TORCH_CHECK(grad_kept.device() == tokens.device(), op, ": grad_kept on ", grad_kept.device(), " but tokens on ",
+              tokens.device());
 }
 
 }  // namespace clipfast
