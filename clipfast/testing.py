@@ -137,6 +137,33 @@ def _gloo_entry(rank, worker, world_size, port, args):
         dist.destroy_process_group()
 
 
+def triton_aot_compile(fn, sig: dict, constexprs: dict, divisible_ints, sm: int, options: dict) -> dict:
+    """Compile one Triton kernel for ``sm`` without a GPU, specialised as the JIT specialises contiguous,
+    16-aligned inputs: every pointer and the i32 arguments named in ``divisible_ints`` carry 16-divisibility.
+    Returns the shared memory and the cubin's resource usage (:func:`cubin_resource_usage`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    assert not triton.knobs.runtime.interpret, "the AOT worker must run without TRITON_INTERPRET"
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
+             if ty.startswith("*") or (ty == "i32" and n in divisible_ints)}
+    compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", sm, 32), options=options)
+    return dict(shared=compiled.metadata.shared, **cubin_resource_usage(compiled.asm["cubin"]))
+
+
+def triton_aot_worker_main(jobs: list, compile_job) -> None:
+    """The AOT worker's body: ``compile_job`` over ``jobs`` in a process pool, one JSON list printed last
+    (what :func:`run_triton_aot_worker` reads)."""
+    import json
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        print(json.dumps(list(pool.map(compile_job, jobs))))
+
+
 def run_triton_aot_worker(script: str, timeout: float = 900) -> list:
     """Run ``script``'s AOT compile worker (``python script``, printing one JSON list of per-kernel rows
     last) in a process without TRITON_INTERPRET, where ``@triton.jit`` yields compilable kernels."""

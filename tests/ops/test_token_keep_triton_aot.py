@@ -20,18 +20,17 @@ REG/STACK/SHARED table.
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
 try:
-    import triton
+    import triton  # noqa: F401  (only the gate: the compilation runs in clipfast.testing)
 except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from clipfast.testing import TRITON_SHARED_MEMORY_LIMIT as SHARED_LIMIT  # noqa: E402
-from clipfast.testing import (assert_triton_compile_clean, cubin_resource_usage,  # noqa: E402
-                              run_triton_aot_worker, triton_cuobjdump)
+from clipfast.testing import (assert_triton_compile_clean, run_triton_aot_worker,  # noqa: E402
+                              triton_aot_compile, triton_aot_worker_main, triton_cuobjdump)
 
 CUOBJDUMP = triton_cuobjdump()
 PATCHES = (196, 576)
@@ -85,12 +84,8 @@ def _jobs():
 
 
 def _compile(job):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from clipfast.triton_kernels import token_keep as K
 
-    assert not triton.knobs.runtime.interpret, "the AOT worker must run without TRITON_INTERPRET"
     cfg = job["cfg"]
     fn = {"index": K._keep_index_kernel, "gather": K._gather_rows_kernel, "fused": K._gather_fused_kernel,
           "backward": K._gather_backward_kernel}[job["kernel"]]
@@ -101,21 +96,11 @@ def _compile(job):
         constexprs[name] = int(value)
     constexprs.update({s: 1 for s in ONES if s in fn.arg_names})
     sig = _signature(fn, job["kernel"], job["dtype"], constexprs)
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
-             if ty.startswith("*") or (ty == "i32" and n in DIVISIBLE_INTS)}
-    compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", job["sm"], 32), options=options)
+    usage = triton_aot_compile(fn, sig, constexprs, DIVISIBLE_INTS, job["sm"], options)
     return dict(kernel=job["kernel"], variant=job["variant"], dtype=job["dtype"], sm=job["sm"], L=job["L"],
-                config=" ".join(f"{k}={v}" for k, v in cfg.items()), shared=compiled.metadata.shared,
-                **cubin_resource_usage(compiled.asm["cubin"]))
+                config=" ".join(f"{k}={v}" for k, v in cfg.items()), **usage)
 
 
-def _worker():
-    """Compile every distinct configuration (in parallel); print one JSON list on stdout."""
-    jobs = _jobs()
-    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-        results = list(pool.map(_compile, jobs))
-    print(json.dumps(results))
 
 
 @pytest.mark.slow
@@ -140,4 +125,4 @@ def test_kernels_compile_without_spills_for_sm80_sm90():
 
 
 if __name__ == "__main__":
-    _worker()
+    triton_aot_worker_main(_jobs(), _compile)
