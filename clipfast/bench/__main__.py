@@ -11,6 +11,7 @@ schur, token_medoids, token_keep: see clipfast.bench.schur, .token_medoids and .
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
@@ -90,27 +91,13 @@ def main(argv=None) -> int:
         text, distributed_met = distributed.run(sizes)
         print(text)
         met &= distributed_met
-    if args.op in ("schur", "all"):
-        from clipfast.bench import schur
-
-        print(f"\nclipfast.bench: op=schur quick={args.quick}", flush=True)
-        text, schur_met = schur.run(args.quick, log=lambda m: print(m, flush=True))
-        print(text)
-        met &= schur_met
-    if args.op in ("token_medoids", "all"):
-        from clipfast.bench import token_medoids
-
-        print(f"\nclipfast.bench: op=token_medoids quick={args.quick}", flush=True)
-        text, medoids_met = token_medoids.run(args.quick, log=lambda m: print(m, flush=True))
-        print(text)
-        met &= medoids_met
-    if args.op in ("token_keep", "all"):
-        from clipfast.bench import token_keep
-
-        print(f"\nclipfast.bench: op=token_keep quick={args.quick}", flush=True)
-        text, keep_met = token_keep.run(args.quick, log=lambda m: print(m, flush=True))
-        print(text)
-        met &= keep_met
+    for op in ("schur", "token_medoids", "token_keep"):  # each module's run(quick, log) -> (text, met)
+        if args.op in (op, "all"):
+            module = importlib.import_module(f"clipfast.bench.{op}")
+            print(f"\nclipfast.bench: op={op} quick={args.quick}", flush=True)
+            text, op_met = module.run(args.quick, log=lambda m: print(m, flush=True))
+            print(text)
+            met &= op_met
     return 1 if args.fail_on_miss and not met else 0
 
 
