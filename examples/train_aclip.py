@@ -74,7 +74,7 @@ from tqdm import tqdm
 import clipfast
 from clipfast.attention_scores import attention_scores
 # Shared with the plain CLIP example next to this file: open_clip's AdamW parameter groups, peak RSS.
-from train_clip import build_optimizer, peak_rss_mib
+from train_clip import build_optimizer, peak_rss_mib, synthetic_captions
 
 KEEP_RATIO = 0.5  # A-CLIP's, hard-coded there too
 BLOCK = 2  # A-CLIP selects 2 x 2 blocks of patches
@@ -133,18 +133,10 @@ def build_model(name: str) -> torch.nn.Module:
 
 def synthetic_batches(seed: int, batch_size: int, image_size: int, context: int, vocab: int):
     """Yields (images, token ids) forever, plus the generator, which the crops draw from too."""
-    sot, eot = vocab - 2, vocab - 1
-    positions = torch.arange(context)
     generator = torch.Generator().manual_seed(seed)
     while True:
         images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
-        words = torch.randint(1, sot, (batch_size, context), generator=generator)
-        n_words = torch.randint(1, context - 1, (batch_size, 1), generator=generator)
-        tokens = torch.where(positions <= n_words, words, 0)
-        tokens[:, 0] = sot
-        # open_clip's text tower pools on the largest id, EOT.
-        tokens.scatter_(1, n_words + 1, eot)
-        yield images, tokens, generator
+        yield images, synthetic_captions(batch_size, context, vocab, generator), generator
 
 
 def random_crops(batch_size: int, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -99,20 +99,25 @@ def synthetic_batches(seed: int, per_rank: int, rank: int, world_size: int):
     EOT is the largest id, which is what the text tower pools on.
     """
     vision, text = MODEL_CFG["vision_cfg"], MODEL_CFG["text_cfg"]
-    size, context, vocab = vision["image_size"], text["context_length"], text["vocab_size"]
-    sot, eot = vocab - 2, vocab - 1
+    size = vision["image_size"]
     global_batch = per_rank * world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    positions = torch.arange(context)
     generator = torch.Generator().manual_seed(seed)
     while True:
         images = torch.randn(global_batch, 3, size, size, generator=generator)
-        words = torch.randint(1, sot, (global_batch, context), generator=generator)
-        n_words = torch.randint(1, context - 1, (global_batch, 1), generator=generator)
-        tokens = torch.where(positions <= n_words, words, 0)
-        tokens[:, 0] = sot
-        tokens.scatter_(1, n_words + 1, eot)
+        tokens = synthetic_captions(global_batch, text["context_length"], text["vocab_size"], generator)
         yield images[mine], tokens[mine]
+
+
+def synthetic_captions(batch: int, context: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch, context) token ids shaped like open_clip tokenizer output: SOT, random words, EOT (the
+    largest id, which the text tower pools on), zero padding."""
+    sot, eot = vocab - 2, vocab - 1
+    words = torch.randint(1, sot, (batch, context), generator=generator)
+    n_words = torch.randint(1, context - 1, (batch, 1), generator=generator)
+    tokens = torch.where(torch.arange(context) <= n_words, words, 0)
+    tokens[:, 0] = sot
+    return tokens.scatter_(1, n_words + 1, eot)
 
 
 def build_loss(args, rank: int, world_size: int):
