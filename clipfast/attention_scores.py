@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipfast.dtypes import compute_dtype
+
 __all__ = ["attention_scores", "cls_attention_scores"]
 
 _SUPPORTED = ("open_clip VisionTransformer (or an open_clip model with .visual), timm VisionTransformer, "
@@ -69,12 +71,17 @@ def cls_attention_scores(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[fl
     return _cls_row(q[:, :, :1], k, scale)[:, num_prefix_tokens:]
 
 
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H * Dh) -> (B, H, N, Dh)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
 def _cls_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Head-mean softmax row ``1/H sum_h softmax_j(scale * q_cls[b, h] . k[b, h, j])``: (B, N).
 
     q_cls (B, H, 1, Dh), k (B, H, N, Dh); float32 math, float64 if either input is float64.
     """
-    dtype = _compute_dtype(q_cls, k)
+    dtype = compute_dtype(torch.promote_types(q_cls.dtype, k.dtype))
     logits = torch.matmul(q_cls.to(dtype), k.to(dtype).transpose(-1, -2))  # (B, H, 1, N)
     return _head_mean_softmax(logits[:, :, 0], scale)
 
@@ -82,10 +89,6 @@ def _cls_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor
 def _head_mean_softmax(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """(B, H, N) [CLS] logits -> (B, N) softmax over the keys, averaged over heads."""
     return (logits * scale).softmax(-1).mean(1)
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _linear_key_cls_row(x_cls: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -105,7 +108,7 @@ def _linear_key_cls_row(x_cls: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         weight: (3D, D) packed [W_q; W_k; W_v]; bias: (3D,) or None.
     """
     dim = x.shape[-1]
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x.dtype)
     q0 = F.linear(x_cls, weight[:dim], None if bias is None else bias[:dim])  # (B, 1, D)
     q0 = q0.reshape(q0.shape[0], heads, dim // heads).to(dtype)
     u = torch.einsum("bhe,hed->bhd", q0, weight[dim:2 * dim].to(dtype).reshape(heads, dim // heads, dim))
@@ -330,13 +333,10 @@ def _hf_hooks(attn: nn.Module, add):
     heads = attn.num_heads
     pending = {}
 
-    def heads_first(x):  # (B, n, D) -> (B, H, n, Dh)
-        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
     def record(slot, value):
         pending[slot] = value
         if len(pending) == 2:
-            add(_cls_row(heads_first(pending.pop("q")), heads_first(pending.pop("k")), attn.scale))
+            add(_cls_row(split_heads(pending.pop("q"), heads), split_heads(pending.pop("k"), heads), attn.scale))
 
     return (lambda module, args, out: record("q", out[:, :1]),
             lambda module, args, out: record("k", out))

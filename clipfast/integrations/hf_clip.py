@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import types
 
+from clipfast.attention_scores import split_heads
 from clipfast.functional import clip_loss
 from clipfast.integrations import token_reduction as reduction
 from clipfast.integrations.token_reduction import VisionPatchHandle
@@ -160,7 +161,7 @@ def _layer_parts(layer):
 
     def attention(x):
         h = layer.layer_norm1(x)
-        q, k, v = (reduction.split_heads(proj(h), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (split_heads(proj(h), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0,
                                              scale=attn.scale)
         return x + attn.out_proj(reduction.merge_heads(out)), q, k

@@ -112,7 +112,8 @@ def _block_parts(block):
     import torch
     import torch.nn.functional as F
 
-    from clipfast.integrations.token_reduction import BlockParts, merge_heads, split_heads
+    from clipfast.attention_scores import split_heads
+    from clipfast.integrations.token_reduction import BlockParts, merge_heads
 
     attn = getattr(block, "attn", None)
     if not (isinstance(attn, torch.nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim

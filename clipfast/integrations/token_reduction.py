@@ -31,6 +31,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
+from clipfast.attention_scores import cls_attention_scores
 from clipfast.functional import attentive_token_keep, num_keep_for_ratio, segment_medoids
 from clipfast.integrations._handle import PatchHandle
 
@@ -165,8 +166,6 @@ def install_given_scores(handle: VisionPatchHandle, embedding_output: torch.nn.M
 def self_attention_forward(parts_of: Callable[[torch.nn.Module], BlockParts], removal: TokenRemoval,
                            num_prefix: int):
     """A block ``forward`` (bind with ``types.MethodType``) doing EViT's attention / reduce / MLP."""
-    from clipfast.attention_scores import cls_attention_scores
-
     def forward(block, x, *args, **kwargs):
         if any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):
             raise NotImplementedError("clipfast's EViT token removal supports unmasked vision blocks only "
@@ -225,11 +224,6 @@ def install(handle: VisionPatchHandle, *, embedding_output: torch.nn.Module, gri
     except BaseException:
         handle.unpatch()
         raise
-
-
-def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, H * Dh) -> (B, H, N, Dh)."""
-    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def merge_heads(t: torch.Tensor) -> torch.Tensor:
