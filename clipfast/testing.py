@@ -140,7 +140,8 @@ def _gloo_entry(rank, worker, world_size, port, args):
 def triton_aot_compile(fn, sig: dict, constexprs: dict, divisible_ints, sm: int, options: dict) -> dict:
     """Compile one Triton kernel for ``sm`` without a GPU, specialised as the JIT specialises contiguous,
     16-aligned inputs: every pointer and the i32 arguments named in ``divisible_ints`` carry 16-divisibility.
-    Returns the shared memory and the cubin's resource usage (:func:`cubin_resource_usage`)."""
+    Returns the shared memory, the cubin's resource usage (:func:`cubin_resource_usage`) and ``mma``, the
+    kind of matrix instruction in the PTX (:func:`ptx_matrix_instruction`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -150,7 +151,18 @@ def triton_aot_compile(fn, sig: dict, constexprs: dict, divisible_ints, sm: int,
              if ty.startswith("*") or (ty == "i32" and n in divisible_ints)}
     compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", sm, 32), options=options)
-    return dict(shared=compiled.metadata.shared, **cubin_resource_usage(compiled.asm["cubin"]))
+    return dict(shared=compiled.metadata.shared, mma=ptx_matrix_instruction(compiled.asm["ptx"]),
+                **cubin_resource_usage(compiled.asm["cubin"]))
+
+
+def ptx_matrix_instruction(ptx: str) -> str:
+    """What a kernel multiplies matrices with: ``"wgmma"`` (Hopper warp-group tensor cores),
+    ``"mma"`` (``mma.sync``, Ampere-style tensor cores) or ``"fma"`` (no tensor-core instruction)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    return "fma"
 
 
 def triton_aot_worker_main(jobs: list, compile_job) -> None:
