@@ -63,7 +63,9 @@ token_keep_index.register_fake(_index_fake)
 
 
 def _kept_rows(tokens, keep_index, fuse_weights, num_prefix) -> int:
-    return num_prefix + keep_index.shape[1] + (fuse_weights is not None)
+    # An int, never a bool: under fake tensors ``keep_index.shape[1]`` may be symbolic, and torch 2.11's
+    # symbolic sizes reject ``SymInt + bool`` (sympy's BooleanFalse in a size expression).
+    return num_prefix + keep_index.shape[1] + (0 if fuse_weights is None else 1)
 
 
 def _gather_fake(tokens, keep_index, fuse_weights, num_prefix):
