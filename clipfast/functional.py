@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+import operator
+from typing import Optional, Tuple, Union
 
 import torch
 
 from clipfast.dtypes import compute_dtype
+from clipfast.inputs import NON_FINITE_RULE, as_int, check_no_nan, is_int_like  # noqa: F401  (re-exported)
 from clipfast.ops import contrastive as _ops
 
 Scalar = Union[torch.Tensor, float]
@@ -121,7 +123,8 @@ def contrastive_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, logit_s
         0-d float32 (float64 for float64 inputs).
     """
     _check_features(queries, keys, "queries", "keys")
-    if not isinstance(label_offset, int) or label_offset < 0 or label_offset + queries.shape[0] > keys.shape[0]:
+    label_offset = as_int(label_offset, "label_offset")
+    if label_offset < 0 or label_offset + queries.shape[0] > keys.shape[0]:
         raise ValueError(f"label_offset={label_offset!r} with {queries.shape[0]} queries needs "
                          f"0 <= label_offset <= {keys.shape[0] - queries.shape[0]} for {keys.shape[0]} keys")
     return _infonce(queries, keys, logit_scale, logit_bias, label_offset, label_smoothing, False)
@@ -162,7 +165,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     n, m = image_features.shape[0], text_features.shape[0]
     if logit_bias is None:
         raise ValueError("siglip_loss needs logit_bias (SigLIP learns one; open_clip passes model.logit_bias)")
-    if not negative_only and (not isinstance(label_offset, int) or label_offset < 0 or label_offset + n > m):
+    label_offset = as_int(label_offset, "label_offset")
+    if not negative_only and (label_offset < 0 or label_offset + n > m):
         raise ValueError(f"label_offset={label_offset!r} with {n} images needs 0 <= label_offset <= {m - n} "
                          f"for {m} texts (N != M needs negative_only=True or a label_offset)")
     scale = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
@@ -170,12 +174,14 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     return _ops.siglip_loss(image_features, text_features, scale, bias, int(label_offset), bool(negative_only))
 
 
-def check_medoid_iterations(max_iters, split_size) -> None:
-    """ValueError unless ``max_iters`` is an int >= 0 and ``split_size`` None or an int >= 1."""
-    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
+def check_medoid_iterations(max_iters, split_size) -> Tuple[int, Optional[int]]:
+    """``(max_iters, split_size)`` as ints (integer-like values accepted); ValueError unless ``max_iters``
+    is an int >= 0 and ``split_size`` None or an int >= 1."""
+    if not is_int_like(max_iters) or operator.index(max_iters) < 0:
         raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
-    if split_size is not None and (isinstance(split_size, bool) or not isinstance(split_size, int) or split_size < 1):
+    if split_size is not None and (not is_int_like(split_size) or operator.index(split_size) < 1):
         raise ValueError(f"split_size must be None or an int >= 1, got {split_size!r}")
+    return operator.index(max_iters), None if split_size is None else operator.index(split_size)
 
 
 def token_medoids(x: torch.Tensor, num_medoids: int, *, metric: str = "euclidean", max_iters: int = 100,
@@ -198,20 +204,24 @@ def token_medoids(x: torch.Tensor, num_medoids: int, *, metric: str = "euclidean
             of its chunk cannot move (the reference runs the chunk loop literally; the tests check it).
 
     Returns:
-        ``(medoids (R, K, D), medoid_index (R, K) int64 ascending, assignment (R, N) int64)``; the
-        assignment indexes the sorted medoids. ``medoids`` is gathered from ``x``, so gradients flow to
+        ``(medoids (R, K, D), medoid_index (R, K) int64 strictly ascending (K distinct tokens, also when
+        fewer than K tokens differ: a chosen token is never chosen again and a medoid belongs to its own
+        cluster), assignment (R, N) int64)``; the assignment indexes the sorted medoids. ``medoids`` is gathered from ``x``, so gradients flow to
         the chosen tokens; the indices are not differentiable.
 
     Raises:
         TypeError: non-tensor or non-float x. ValueError: x not 3-D, K outside [1, N], unknown metric,
-        negative max_iters, split_size < 1.
+        negative max_iters, split_size < 1; NaN or Inf in x (indices cannot carry a NaN: by the
+        non-finite rule of :data:`clipfast.inputs.NON_FINITE_RULE`, a ValueError on CPU, a device assert on CUDA).
+        Integer arguments accept any integer-like value (NumPy integers, 0-d integer tensors).
     """
     check_float_tensor(x, "x", ("rows", "tokens", "dim"))
-    if not isinstance(num_medoids, int) or not 1 <= num_medoids <= x.shape[1]:
+    if not is_int_like(num_medoids) or not 1 <= operator.index(num_medoids) <= x.shape[1]:
         raise ValueError(f"num_medoids must be an int in [1, {x.shape[1]}] (the tokens per row), got {num_medoids!r}")
+    num_medoids = operator.index(num_medoids)
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    check_medoid_iterations(max_iters, split_size)
+    max_iters, split_size = check_medoid_iterations(max_iters, split_size)
     from clipfast.ops import token_medoids as _medoid_ops
 
     index, assignment = _medoid_ops.token_medoids_index(x.detach(), num_medoids, metric, max_iters, split_size or 0)
@@ -240,6 +250,8 @@ def segment_medoids(tokens: torch.Tensor, num_frames: int, num_segments: int, nu
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         raise ValueError(f"tokens must be a (batch*frames, prefix+patches, dim) tensor, got "
                          f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+    num_frames, num_segments = as_int(num_frames, "num_frames"), as_int(num_segments, "num_segments")
+    num_prefix_tokens = as_int(num_prefix_tokens, "num_prefix_tokens")
     if num_frames < 1 or tokens.shape[0] % num_frames:
         raise ValueError(f"{tokens.shape[0]} rows are not a whole number of videos of num_frames={num_frames}")
     if num_segments < 1 or num_frames % num_segments:
@@ -265,45 +277,58 @@ def num_keep_for_ratio(num_patches: int, keep_ratio: float, *, block: int = 1) -
     """
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    num_patches, block = as_int(num_patches, "num_patches"), as_int(block, "block")
     if block == 1:
         return max(1, math.ceil(keep_ratio * num_patches))
     blocks = num_patches // (block * block)
     return min(blocks, int(blocks * keep_ratio) + 1) * block * block
 
 
+def is_keep_ratio(num_keep) -> bool:
+    """A keep ratio (a non-integer real such as 0.5 or 1.0) rather than a patch count."""
+    return isinstance(num_keep, numbers.Real) and not isinstance(num_keep, bool) and not is_int_like(num_keep)
+
+
+def resolve_num_keep(patches: int, num_keep, grid: Optional[tuple], block) -> int:
+    """The patch count :func:`attentive_token_keep` keeps of ``patches`` per row, from the shapes only
+    (the patches use it at patch time); ValueError naming what does not fit."""
+    if not is_int_like(block) or operator.index(block) < 1:
+        raise ValueError(f"block must be an int >= 1, got {block!r}")
+    block = operator.index(block)
+    if grid is not None:
+        if len(grid) != 2 or not all(is_int_like(g) and operator.index(g) >= 1 for g in grid) or \
+                operator.index(grid[0]) * operator.index(grid[1]) != patches:
+            raise ValueError(f"grid must be (rows, cols) of positive ints with rows * cols = {patches} patches, "
+                             f"got {grid!r}")
+        if operator.index(grid[0]) % block or operator.index(grid[1]) % block:
+            raise ValueError(f"grid {tuple(grid)} is not divisible into {block} x {block} blocks")
+    elif block > 1:
+        raise ValueError(f"block={block} needs grid=(rows, cols), the patch grid the blocks are cut from")
+    if is_keep_ratio(num_keep):
+        num_keep = num_keep_for_ratio(patches, num_keep, block=block)
+    if not is_int_like(num_keep) or not 1 <= operator.index(num_keep) <= patches:
+        raise ValueError(f"num_keep must be an int in [1, {patches}] (the patches per row) or a ratio in (0, 1], "
+                         f"got {num_keep!r}")
+    num_keep = operator.index(num_keep)
+    if num_keep % (block * block):
+        raise ValueError(f"in block mode num_keep counts patches and must be a multiple of block * block = "
+                         f"{block * block}, got {num_keep}")
+    return num_keep
+
+
 def _check_keep_arguments(tokens, scores, num_keep, num_prefix_tokens, grid, block) -> int:
     check_float_tensor(tokens, "tokens", ("batch", "tokens", "dim"))
     check_float_tensor(scores, "scores", ("batch", "patches"))
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or \
-            not 0 <= num_prefix_tokens < tokens.shape[1]:
+    if not is_int_like(num_prefix_tokens) or not 0 <= operator.index(num_prefix_tokens) < tokens.shape[1]:
         raise ValueError(f"num_prefix_tokens must be an int in [0, {tokens.shape[1]}) for {tokens.shape[1]} tokens, "
                          f"got {num_prefix_tokens!r}")
-    patches = tokens.shape[1] - num_prefix_tokens
+    patches = tokens.shape[1] - operator.index(num_prefix_tokens)
     if scores.shape != (tokens.shape[0], patches):
         raise ValueError(f"scores must have shape (batch, patches) = ({tokens.shape[0]}, {patches}) for tokens of "
                          f"shape {tuple(tokens.shape)} with {num_prefix_tokens} prefix tokens, got {tuple(scores.shape)}")
     if scores.device != tokens.device:
         raise ValueError(f"scores are on {scores.device} but tokens on {tokens.device}")
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be an int >= 1, got {block!r}")
-    if grid is not None:
-        if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid) or \
-                grid[0] * grid[1] != patches:
-            raise ValueError(f"grid must be (rows, cols) of positive ints with rows * cols = {patches} patches, "
-                             f"got {grid!r}")
-        if grid[0] % block or grid[1] % block:
-            raise ValueError(f"grid {tuple(grid)} is not divisible into {block} x {block} blocks")
-    elif block > 1:
-        raise ValueError(f"block={block} needs grid=(rows, cols), the patch grid the blocks are cut from")
-    if isinstance(num_keep, float):
-        num_keep = num_keep_for_ratio(patches, num_keep, block=block)
-    if isinstance(num_keep, bool) or not isinstance(num_keep, int) or not 1 <= num_keep <= patches:
-        raise ValueError(f"num_keep must be an int in [1, {patches}] (the patches per row) or a ratio in (0, 1], "
-                         f"got {num_keep!r}")
-    if num_keep % (block * block):
-        raise ValueError(f"in block mode num_keep counts patches and must be a multiple of block * block = "
-                         f"{block * block}, got {num_keep}")
-    return num_keep
+    return resolve_num_keep(patches, num_keep, grid, block)
 
 
 def attentive_token_keep(tokens: torch.Tensor, scores: torch.Tensor, num_keep: Union[int, float], *,
@@ -313,7 +338,7 @@ def attentive_token_keep(tokens: torch.Tensor, scores: torch.Tensor, num_keep: U
 
     With ``x = tokens[b]``, ``P = num_prefix_tokens`` and ``s = scores[b]``::
 
-        keep_index[b] = sorted(top-K of s)                       (ties to the lower index, NaN highest)
+        keep_index[b] = sorted(top-K of s)                       (ties to the lower index)
         kept[b]       = [x[:P], x[P + keep_index[b]] (, sum_{i dropped} s_i * x[P + i])]
 
     ``block = b > 1`` is A-CLIP's selection: the patch grid ``grid = (rows, cols)`` is cut into b x b blocks,
@@ -334,9 +359,14 @@ def attentive_token_keep(tokens: torch.Tensor, scores: torch.Tensor, num_keep: U
 
     Raises:
         TypeError: non-tensor or non-float tokens / scores. ValueError: wrong shapes, scores that do not
-        match the patches, num_keep out of range, a grid that does not match L or the block size.
+        match the patches, num_keep out of range, a grid that does not match L or the block size; NaN in
+        ``scores`` (a selection cannot carry it: :data:`clipfast.inputs.NON_FINITE_RULE`; +-inf scores are ordered values,
+        NaN in ``tokens`` propagates into ``kept``). Integer arguments accept integer-like values.
     """
     num_keep = _check_keep_arguments(tokens, scores, num_keep, num_prefix_tokens, grid, block)
+    num_prefix_tokens, block = operator.index(num_prefix_tokens), operator.index(block)
+    grid = None if grid is None else (operator.index(grid[0]), operator.index(grid[1]))
+    check_no_nan(scores.detach(), "scores", allow_inf=True)
     from clipfast.ops import token_keep as _keep_ops
 
     rank_scores = scores.detach().to(compute_dtype(tokens.dtype))

@@ -24,11 +24,12 @@ The launcher walks the rows in groups (a Python loop, no host synchronisation); 
   (BLOCK_K,) vector kept between iterations in the output ``medoid_index`` (int64), which doubles as the
   scratch (``tl.debug_barrier`` orders the stores and reloads across threads).
     1. KKZ: ``m_0`` = argmax of the raw norms; then K - 1 times ``m_k`` = argmax of the running-min
-       vector ``min_{j<k} D[m_j, :]`` (updated with the new medoid's distance row). Argmax / argmin with
+       vector ``min_{j<k} D[m_j, :]`` (updated with the new medoid's distance row; chosen lanes are -inf,
+       so the K medoids are distinct tokens even when fewer than K tokens differ). Argmax / argmin with
        lowest-index ties = a max (min) reduction, then the min index among the lanes equal to it.
     2. Up to ``max_iters`` iterations over all rows of the chunk, stopping after the first iteration in
        which no row of the chunk changed: assignment ``a_n = argmin_k D[m_k, n]`` (K distance rows,
-       strict ``<`` so the lowest k wins); update: for i = 0..N-1 load row i of D, ``cost_i = sum_{j: a_j
+       strict ``<`` so the lowest k wins; a medoid's own lane goes to its cluster); update: for i = 0..N-1 load row i of D, ``cost_i = sum_{j: a_j
        = a_i} D[i, j]``, and keep per cluster the lowest-cost (then lowest) i in a (BLOCK_K,) best-cost
        / best-index pair, initialised with the current medoids (an empty cluster keeps its medoid).
        O(N^2 + K N) work per row and iteration; no (K, N, N) temporaries.
@@ -152,12 +153,14 @@ def _lane(vec, offs, i):
 
 @triton.jit
 def _nearest(base, med, kofs, K, N, offs, valid, BLOCK_N: tl.constexpr):
-    """(BLOCK_N,) int32 ``argmin_k D[med[k], n]`` over k < K, lowest k on ties; -1 on lanes >= N."""
+    """(BLOCK_N,) int32 ``argmin_k D[med[k], n]`` over k < K, lowest k on ties, ``k`` on a medoid's own lane;
+    -1 on lanes >= N."""
     best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
     assign = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k in range(0, K):
         m = _lane(med, kofs, k)
         d = tl.load(base + m.to(tl.int64) * N + offs, mask=valid, other=0.0)
+        d = tl.where(offs == m, -float("inf"), d)  # a medoid token belongs to its own cluster
         better = d < best
         best = tl.where(better, d, best)
         assign = tl.where(better, k, assign)
@@ -202,11 +205,13 @@ def _medoids_kernel(
         m = _argmax_lowest(norms, offs, BLOCK_N)
         med = tl.where(kofs == 0, m, 0)
         run_min = tl.load(base + m.to(tl.int64) * N + offs, mask=valid, other=-float("inf"))
+        # A chosen token leaves the running for good (-inf): the K medoids are distinct tokens.
+        run_min = tl.where(offs == m, -float("inf"), run_min)
         for k in range(1, K):
             m = _argmax_lowest(run_min, offs, BLOCK_N)
             med = tl.where(kofs == k, m, med)
             d = tl.load(base + m.to(tl.int64) * N + offs, mask=valid, other=-float("inf"))
-            run_min = tl.minimum(run_min, d)
+            run_min = tl.where(offs == m, -float("inf"), tl.minimum(run_min, d))
         tl.store(med_ptr + r * K + kofs, med.to(tl.int64), mask=kvalid)
     tl.debug_barrier()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from clipfast import backends
+from clipfast.inputs import check_no_nan
 from clipfast.reference import token_medoids as reference
 
 OP = "token_medoids"
@@ -34,6 +35,10 @@ def _kernel(backend: str):
 def token_medoids_index(x: torch.Tensor, num_medoids: int, metric: str, max_iters: int,
                         split_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     backend = backends.select(OP, x.device, x.dtype)
+    # Indices cannot carry a NaN (clipfast.inputs.NON_FINITE_RULE): checked here, in the op body,
+    # so torch.compile graphs keep the check without a graph break. One pass over x against the kernel's
+    # O(N^2 D); on CUDA an async device assert (no host sync).
+    check_no_nan(x, "x (token_medoids)")
     return _kernel(backend)(x, num_medoids, metric, max_iters, split_size)
 
 

@@ -5,10 +5,14 @@ Input ``x: (R, N, D)``: R independent rows (a segment's tokens each). Per row, w
 ``D[i, j]`` (Euclidean ``||x_i - x_j||``, or cosine ``1 - cos(x_i, x_j)`` with norms clamped at 1e-8):
 
 1. KKZ initialisation: ``m_0 = argmax_n ||x_n||`` (raw norms); then ``m_i = argmax_n min_{j<i} D[m_j, n]``
-   (the token farthest from its nearest chosen medoid).
+   over the tokens not chosen yet (the token farthest from its nearest chosen medoid; a chosen token is
+   never picked again, so the K medoids are K distinct tokens even when fewer than K tokens differ).
 2. Up to ``max_iters`` times: assign every token to its nearest medoid (``argmin_k D[m_k, n]`` in the
-   current medoid order); replace each medoid by the member of its cluster with the least total
-   distance to the cluster's members. A row stops when no medoid changes. With ``split_size = s > 0``
+   current medoid order; a medoid token always belongs to its own cluster, as in CenterCLIP, whose
+   diagonal shift makes a token strictly nearest to itself: this only decides exact zero-distance ties
+   such as duplicate tokens); replace each medoid by the member of its cluster with the least total
+   distance to the cluster's members. Clusters are disjoint and each holds its medoid, so the medoids
+   stay distinct. A row stops when no medoid changes. With ``split_size = s > 0``
    (CenterCLIP's chunked stopping) rows are taken in consecutive chunks of s and a chunk iterates all
    its rows until none of them changes.
 3. Medoids sorted ascending; the final assignment is against the sorted medoids.
@@ -61,6 +65,8 @@ def _kkz(dist: list, norms: list, k: int) -> list:
     medoids = [_first_argmax(norms)]
     nearest = list(dist[medoids[0]])
     for _ in range(1, k):
+        for m in medoids:  # chosen tokens are out of the running (distances are >= 0 > -inf)
+            nearest[m] = -float("inf")
         medoids.append(_first_argmax(nearest))
         nearest = [min(a, b) for a, b in zip(nearest, dist[medoids[-1]])]
     return medoids
@@ -68,7 +74,8 @@ def _kkz(dist: list, norms: list, k: int) -> list:
 
 def _assign(dist: list, medoids: list) -> list:
     n = len(dist)
-    return [_first_argmin([dist[m][j] for m in medoids]) for j in range(n)]
+    own = {m: k for k, m in enumerate(medoids)}
+    return [own[j] if j in own else _first_argmin([dist[m][j] for m in medoids]) for j in range(n)]
 
 
 def _update(dist: list, medoids: list) -> list:

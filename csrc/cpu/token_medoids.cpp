@@ -6,9 +6,10 @@
 //              cosine: u_i = x_i / max(|x_i|, 1e-8), d_ij = 1 - u_i.u_j.
 //              Each pair i < j is computed once and mirrored (exactly symmetric, so a two-token cluster's
 //              equal costs tie to the lower index); d_ii = 0.
-//   KKZ        m_0 = argmax_i |x_i| (RAW norms), m_k = argmax_j min_{l<k} d(m_l, j), with a running-min
-//              vector (O(K N)).
-//   iterations m <- step(m): assign every token to argmin_k d(m_k, j); each medoid becomes its cluster's
+//   KKZ        m_0 = argmax_i |x_i| (RAW norms), m_k = argmax_j min_{l<k} d(m_l, j) over the tokens not
+//              chosen yet, with a running-min vector (O(K N)); the K medoids are distinct tokens.
+//   iterations m <- step(m): assign every token to argmin_k d(m_k, j) (a medoid to its own cluster: only
+//              zero-distance ties such as duplicate tokens are decided by it); each medoid becomes its cluster's
 //              member of least in-cluster distance sum (O(K N) + O(sum of squared cluster sizes)); until a
 //              step changes nothing, at most max_iters times.
 // Ties go to the lowest index everywhere. See clipfast/reference/token_medoids.py.
@@ -30,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -306,14 +308,18 @@ template <typename T>
                                        int64_t* medoids) {
   medoids[0] = first_argmax(norms, n);
   std::copy(dist + medoids[0] * n, dist + (medoids[0] + 1) * n, nearest);
+  // A chosen token leaves the running for good (distances are >= 0, and min(-inf, d) stays -inf): the
+  // medoids are distinct tokens even when fewer than K tokens differ.
+  nearest[medoids[0]] = -std::numeric_limits<T>::infinity();
   for (int64_t k = 1; k < k_count; ++k) {
     medoids[k] = first_argmax(nearest, n);
     const T* row = dist + medoids[k] * n;
     for (int64_t j = 0; j < n; ++j) nearest[j] = row[j] < nearest[j] ? row[j] : nearest[j];  // std::min
+    nearest[medoids[k]] = -std::numeric_limits<T>::infinity();
   }
 }
 
-// cluster[j] = argmin_k dist[order[k], j] (ties to the lowest k). Medoid rows are scanned one after the
+// cluster[j] = argmin_k dist[order[k], j] (ties to the lowest k), and cluster[order[k]] = k. Medoid rows are scanned one after the
 // other (contiguous) with a running minimum; a strict < keeps the lower k. The select is written as a
 // mask because the compiler turns a ternary on an int into a branch and then does not vectorise.
 template <typename T>
@@ -332,6 +338,9 @@ template <typename T>
       cluster[j] = (kk & closer) | (cluster[j] & ~closer);
     }
   }
+  // A medoid token belongs to its own cluster (CenterCLIP's diagonal shift): this only decides exact
+  // zero-distance ties (duplicate tokens), and keeps the clusters' medoids distinct through the updates.
+  for (int64_t k = 0; k < k_count; ++k) cluster[order[k]] = static_cast<int32_t>(k);
 }
 
 // One assignment + update step of a row; returns whether any medoid changed.

@@ -3,8 +3,10 @@
 // ("alternate") iterations, as in CenterCLIP's token clustering (Zhao et al., SIGIR 2022). Per row:
 //
 //   D[i][j]   euclidean ||x_i - x_j|| or cosine 1 - cos(x_i, x_j) (norms clamped at 1e-8)
-//   KKZ       m_0 = argmax_n ||x_n|| (raw norm); m_i = argmax_n min_{j<i} D[m_j][n]  (running min vector)
-//   iterate   a_n = argmin_k D[m_k][n];  m'_k = argmin_{i: a_i = k} sum_{j: a_j = k} D[i][j]; stop when m' == m
+//   KKZ       m_0 = argmax_n ||x_n|| (raw norm); m_i = argmax_n min_{j<i} D[m_j][n] over the tokens not
+//             chosen yet (running min vector, chosen entries -inf): K distinct medoids
+//   iterate   a_n = argmin_k D[m_k][n] (a medoid token in its own cluster);
+//             m'_k = argmin_{i: a_i = k} sum_{j: a_j = k} D[i][j]; stop when m' == m
 //   finish    sort the medoids ascending; a_n = argmin over the sorted medoids.   Ties: lowest index, always.
 //
 // Algorithm (driven by csrc/cuda/token_medoids_binding.cpp over tiles of whole chunks of rows):
@@ -260,7 +262,9 @@ __device__ __forceinline__ void kkz(const float* __restrict__ dist, const T* __r
   }
   int m = block_argmax(best_v, best_i, scratch);
   if (threadIdx.x == 0) s.medoids[0] = m;
-  for (int t = threadIdx.x; t < n; t += kThreads) s.scratch[t] = dist[static_cast<int64_t>(m) * n + t];
+  // A chosen token leaves the running for good (-inf; fmin keeps it): the medoids are distinct tokens.
+  for (int t = threadIdx.x; t < n; t += kThreads)
+    s.scratch[t] = t == m ? -INFINITY : static_cast<double>(dist[static_cast<int64_t>(m) * n + t]);
   // m_i = argmax of the running min; each thread only touches its own tokens' entries.
   for (int i = 1; i < k; ++i) {
     best_v = 0.f;
@@ -275,7 +279,8 @@ __device__ __forceinline__ void kkz(const float* __restrict__ dist, const T* __r
     m = block_argmax(best_v, best_i, scratch);
     if (threadIdx.x == 0) s.medoids[i] = m;
     const float* d_m = dist + static_cast<int64_t>(m) * n;
-    for (int t = threadIdx.x; t < n; t += kThreads) s.scratch[t] = fmin(s.scratch[t], static_cast<double>(d_m[t]));
+    for (int t = threadIdx.x; t < n; t += kThreads)
+      s.scratch[t] = t == m ? -INFINITY : fmin(s.scratch[t], static_cast<double>(d_m[t]));
   }
   __syncthreads();
 }
@@ -283,12 +288,12 @@ __device__ __forceinline__ void kkz(const float* __restrict__ dist, const T* __r
 // One assignment + update step of one row. Returns (block-uniformly) whether any medoid changed; ends with
 // a barrier.
 __device__ __forceinline__ bool iterate(const float* __restrict__ dist, int n, int k, const RowState s) {
-  // a_t = argmin_c D[m_c][t], lowest c on ties.
+  // a_t = argmin_c D[m_c][t], lowest c on ties; a medoid token belongs to its own cluster (-inf).
   for (int t = threadIdx.x; t < n; t += kThreads) {
     int best_c = 0;
-    float best = dist[static_cast<int64_t>(s.medoids[0]) * n + t];
+    float best = s.medoids[0] == t ? -INFINITY : dist[static_cast<int64_t>(s.medoids[0]) * n + t];
     for (int c = 1; c < k; ++c) {
-      const float v = dist[static_cast<int64_t>(s.medoids[c]) * n + t];
+      const float v = s.medoids[c] == t ? -INFINITY : dist[static_cast<int64_t>(s.medoids[c]) * n + t];
       if (v < best) {
         best = v;
         best_c = c;
@@ -346,9 +351,9 @@ __device__ __forceinline__ void finish(const float* __restrict__ dist, int n, in
   __syncthreads();
   for (int t = threadIdx.x; t < n; t += kThreads) {
     int best_c = 0;
-    float best = dist[medoid_row[0] * n + t];
+    float best = medoid_row[0] == t ? -INFINITY : dist[medoid_row[0] * n + t];
     for (int c = 1; c < k; ++c) {
-      const float v = dist[medoid_row[c] * n + t];
+      const float v = medoid_row[c] == t ? -INFINITY : dist[medoid_row[c] * n + t];
       if (v < best) {
         best = v;
         best_c = c;

@@ -7,6 +7,7 @@ sums and are compared with tolerances (float64 against float64, 16-bit against t
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,13 +43,58 @@ def test_index_equals_reference(backend, batch, length, num_keep):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_pinned_tie_break(backend):
-    """Equal scores go to the lower index, -0.0 equals +0.0, NaN ranks above every number."""
+    """Equal scores go to the lower index, -0.0 equals +0.0, +-inf are ordered values; inside the index
+    op (whose order is total) NaN ranks above every number."""
     scores = torch.tensor([[1.0, 2.0, 2.0, 1.0, 2.0, 0.0],
                            [0.0, -0.0, 0.0, -1.0, -0.0, 5.0],
-                           [float("nan"), 1.0, float("inf"), float("nan"), 3.0, 1.0]])
+                           [-float("inf"), 1.0, float("inf"), -float("inf"), 3.0, 1.0]])
+    nan_row = torch.tensor([[float("nan"), 1.0, float("inf"), float("nan"), 3.0, 1.0]])
     with clipfast.use_backend(backend):
         _, index = clipfast.attentive_token_keep(_tokens(3, 6, 2), scores, 3)
-    assert index.tolist() == [[1, 2, 4], [0, 1, 5], [0, 2, 3]]
+        nan_index = torch.ops.clipfast.token_keep_index(nan_row, 3, 0, 1)
+    assert index.tolist() == [[1, 2, 4], [0, 1, 5], [1, 2, 4]]
+    assert nan_index.tolist() == [[0, 2, 3]]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_scores_raise(backend):
+    """A selection cannot carry a NaN: the public op raises (clipfast.inputs.NON_FINITE_RULE); NaN in the
+    tokens propagates into the kept rows and the fused token."""
+    scores = torch.rand(2, 6)
+    scores[1, 4] = float("nan")
+    with clipfast.use_backend(backend), pytest.raises(ValueError, match="scores contains NaN"):
+        clipfast.attentive_token_keep(_tokens(2, 6, 2), scores, 3)
+    tokens = _tokens(2, 6, 2)
+    tokens[0, 1 + 5, 0] = float("nan")  # a dropped patch (lowest score) and a kept one
+    scores = torch.arange(12.0).reshape(2, 6)
+    scores[0, 5] = -1.0
+    tokens[1, 1 + 5, 1] = float("nan")
+    with clipfast.use_backend(backend):
+        kept, _ = clipfast.attentive_token_keep(tokens, scores, 3, fuse_dropped=True)
+    assert kept[0, -1].isnan().any() and not kept[0, :-1].isnan().any()
+    assert kept[1, :-1].isnan().any()
+
+
+def test_nan_scores_raise_under_compile():
+    fn = torch.compile(lambda t, s: clipfast.attentive_token_keep(t, s, 2)[0], backend="aot_eager", fullgraph=True)
+    scores = torch.rand(1, 4)
+    assert fn(_tokens(1, 4, 2), scores).shape == (1, 3, 2)
+    scores[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="scores contains NaN"):
+        fn(_tokens(1, 4, 2), scores)
+
+
+def test_integer_like_arguments():
+    tokens, scores = _tokens(2, 16, 3), torch.rand(2, 16, generator=torch.Generator().manual_seed(1))
+    want, want_index = clipfast.attentive_token_keep(tokens, scores, 8, grid=(4, 4), block=2)
+    for num_keep, grid, block, prefix in ((np.int64(8), (np.int64(4), np.int32(4)), np.int64(2), np.int64(1)),
+                                          (torch.tensor(8), (torch.tensor(4), 4), torch.tensor(2), torch.tensor(1))):
+        kept, index = clipfast.attentive_token_keep(tokens, scores, num_keep, grid=grid, block=block,
+                                                    num_prefix_tokens=prefix)
+        assert torch.equal(kept, want) and torch.equal(index, want_index)
+    assert clipfast.num_keep_for_ratio(np.int64(196), np.float32(0.5), block=np.int64(2)) == 100
+    _, index = clipfast.attentive_token_keep(tokens, scores, np.float64(0.5))
+    assert index.shape == (2, 8)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

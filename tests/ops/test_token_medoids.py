@@ -6,6 +6,7 @@ between differently rounded distance matrices meaningless. General inputs are ch
 objective and the medoid property.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +78,58 @@ def test_tie_break_lowest_index(backend):
     want_index, want_assignment = token_medoids_index_reference(base, 2, "euclidean", 100, 0)
     assert torch.equal(index, want_index) and torch.equal(assignment, want_assignment)
     assert index.tolist() == [[1, 2]] or index.tolist() == want_index.tolist()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_more_medoids_than_distinct_tokens_gives_distinct_indices(backend, metric):
+    """K larger than the number of distinct tokens: K distinct ascending indices, each medoid its own
+    cluster's member; all tokens equal and K = N gives every index."""
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randn(6, generator=g) for _ in range(3))
+    x = torch.stack([torch.stack([a, b, a, c, b, a, c, a]), torch.stack([a] * 8)])
+    with clipfast.use_backend(backend):
+        _, index, assignment = clipfast.token_medoids(x, 5, metric=metric)
+        _, every, every_assignment = clipfast.token_medoids(x, 8, metric=metric)
+    if metric == "euclidean":  # duplicates are exact zeros; cosine ones are rounding noise of either sign
+        want_index, want_assignment = token_medoids_index_reference(x, 5, metric, 100, 0)
+        assert torch.equal(index, want_index) and torch.equal(assignment, want_assignment)
+    assert (index[:, 1:] > index[:, :-1]).all(), index
+    for r in range(2):
+        assert torch.equal(assignment[r, index[r]], torch.arange(5))
+    assert torch.equal(every, torch.arange(8).expand(2, 8)) and torch.equal(every_assignment, every)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_finite_tokens_raise(backend, bad):
+    """Indices cannot carry a NaN: one non-finite token raises instead of a valid-looking answer."""
+    x = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(4))
+    x[1, 3, 2] = bad
+    with clipfast.use_backend(backend), pytest.raises(ValueError, match="NaN or Inf"):
+        clipfast.token_medoids(x, 5)
+    with clipfast.use_backend(backend), pytest.raises(ValueError, match="NaN or Inf"):
+        clipfast.segment_medoids(x.reshape(2, 9, 4), 1, 1, 3)
+
+
+def test_non_finite_tokens_raise_under_compile():
+    compiled = torch.compile(lambda t: clipfast.token_medoids(t, 2)[0], backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 6, 4)
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compiled(x)
+
+
+def test_integer_like_arguments():
+    x = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(8))
+    _, want, _ = clipfast.token_medoids(x, 3, max_iters=5, split_size=2)
+    for k, iters, split in ((np.int64(3), np.int32(5), np.int64(2)), (torch.tensor(3), torch.tensor(5), torch.tensor(2))):
+        _, index, _ = clipfast.token_medoids(x, k, max_iters=iters, split_size=split)
+        assert torch.equal(index, want)
+    out = clipfast.segment_medoids(x, np.int64(2), torch.tensor(1), np.int64(3), num_prefix_tokens=np.int8(1))
+    assert out.shape == (1, 4, 4)
+    with pytest.raises(ValueError, match="num_medoids"):
+        clipfast.token_medoids(x, 3.0)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

@@ -137,15 +137,27 @@ def test_ties_go_to_the_lowest_index(metric):
     m2, a2 = _run(x2, 2, metric)
     assert m2.tolist() == [[0, 2]] and a2.tolist() == [[0, 0, 1, 1]]
 
-    # All tokens identical and K = N: every pick is token 0 (all distances are 0). Euclidean only: the
-    # cosine distance of identical tokens is 1 - <u, u>, a rounding error of either sign, not an exact 0.
-    if metric == "cosine":
-        return
+    # All tokens identical and K = N: K distinct medoids all the same (a chosen token is never chosen
+    # again, a medoid is its own cluster's member), whatever the sign of the cosine's rounding error.
     x3 = a.expand(1, 5, 8).contiguous()
     m3, a3 = _run(x3, 5, metric)
     ref_m3, ref_a3 = _reference(x3, 5, metric)
-    assert m3.tolist() == ref_m3.tolist() == [[0] * 5]
-    assert a3.tolist() == ref_a3.tolist() == [[0] * 5]
+    assert m3.tolist() == ref_m3.tolist() == [[0, 1, 2, 3, 4]]
+    assert a3.tolist() == ref_a3.tolist() == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_more_medoids_than_distinct_tokens_are_distinct(metric):
+    """Three distinct tokens, K = 5: the indices are still 5 distinct ascending tokens, as the reference's."""
+    g = torch.Generator().manual_seed(11)
+    a, b, c = (torch.randn(8, generator=g) for _ in range(3))
+    x = torch.stack([a, b, a, c, b, a, c, a])[None]
+    m, asg = _run(x, 5, metric)
+    if metric == "euclidean":  # duplicates are exact zeros; cosine ones are rounding noise of either sign
+        ref_m, ref_a = _reference(x, 5, metric)
+        assert torch.equal(m, ref_m) and torch.equal(asg, ref_a)
+    assert (m[0, 1:] > m[0, :-1]).all()
+    assert torch.equal(asg[0, m[0]], torch.arange(5))
 
 
 @pytest.mark.parametrize("metric", METRICS)
