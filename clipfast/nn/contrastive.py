@@ -17,7 +17,8 @@ from clipfast import distributed, functional
 
 
 def _check_process_group(cls_name: str, rank: int, world_size: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
+    # As open_clip, the rank is not read with world_size == 1 (launchers pass the global rank along).
+    if world_size < 1 or (world_size > 1 and not 0 <= rank < world_size):
         raise ValueError(f"clipfast.nn.{cls_name}: rank={rank} and world_size={world_size} are inconsistent")
 
 
@@ -61,6 +62,49 @@ class ClipLoss(nn.Module):
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
+        self.use_horovod = use_horovod
+        # open_clip's label cache, read and written only by get_ground_truth (forward builds no labels).
+        self.prev_num_logits = 0
+        self.labels = {}
+
+    def get_ground_truth(self, device, num_logits) -> torch.Tensor:
+        """open_clip's ``ClipLoss.get_ground_truth``: ``arange(num_logits)`` int64 on ``device``, offset by
+        ``num_logits * rank`` with ``world_size > 1`` and ``local_loss``; cached per device when
+        ``cache_labels``. Not used by :meth:`forward` (the fused op needs no label tensor)."""
+        if self.prev_num_logits != num_logits or device not in self.labels:
+            labels = torch.arange(num_logits, device=device, dtype=torch.long)
+            if self.world_size > 1 and self.local_loss:
+                labels = labels + num_logits * self.rank
+            if self.cache_labels:
+                self.labels[device] = labels
+                self.prev_num_logits = num_logits
+            return labels
+        return self.labels[device]
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's ``ClipLoss.get_logits``: ``(logits_per_image, logits_per_text)``.
+
+        MATERIALISES the logits (n x N each, N the global batch with ``world_size > 1``; ``local_loss``
+        keeps this rank's rows) exactly as open_clip does, for code that inspects or post-processes them;
+        :meth:`forward` never builds them. With ``world_size > 1`` the features are all-gathered as in
+        :meth:`forward` (``gather_with_grad`` decides whether gradients flow back to the other ranks)."""
+        if self.world_size > 1:
+            _require_process_group("ClipLoss", self.rank, self.world_size)
+            all_image, all_text = distributed.gather_features(
+                image_features, text_features, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad)
+            if self.local_loss:
+                logits_per_image = logit_scale * image_features @ all_text.T
+                logits_per_text = logit_scale * text_features @ all_image.T
+            else:
+                logits_per_image = logit_scale * all_image @ all_text.T
+                logits_per_text = logits_per_image.T
+        else:
+            logits_per_image = logit_scale * image_features @ text_features.T
+            logits_per_text = logit_scale * text_features @ image_features.T
+        if logit_bias is not None:
+            logits_per_image = logits_per_image + logit_bias
+            logits_per_text = logits_per_text + logit_bias
+        return logits_per_image, logits_per_text
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False):
@@ -108,6 +152,33 @@ class SigLipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl or "bidir"
+        self.prev_num_logits = 0  # open_clip's (unused) label cache state
+        self.labels = {}
+
+    def get_ground_truth(self, device, dtype, num_logits, negative_only=False) -> torch.Tensor:
+        """open_clip's ``SigLipLoss.get_ground_truth``: a (num_logits, num_logits) matrix of -1 with +1 on the
+        diagonal (all -1 when ``negative_only``), in ``dtype`` on ``device``. Not used by :meth:`forward`."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = 2 * torch.eye(num_logits, device=device, dtype=dtype) + labels
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's ``SigLipLoss.get_logits``: ``logit_scale * image_features @ text_features.T (+ logit_bias)``,
+        MATERIALISED (N x M), for code that inspects them; :meth:`forward` and :meth:`_loss` never build it."""
+        logits = logit_scale * image_features @ text_features.T
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        return logits
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only=False):
+        """open_clip's ``SigLipLoss._loss`` (one block: the local block with positives on the diagonal, or a
+        remote block as negatives only), fused: ``-sum logsigmoid(labels * logits) / N`` without the logits.
+        ``logit_bias=None`` means no bias, as in open_clip. Subclasses and distributed code call it per block."""
+        if logit_bias is None:
+            logit_bias = torch.zeros((), dtype=torch.float32, device=image_features.device)
+        return functional.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                                      negative_only=bool(negative_only))
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor, output_dict: bool = False):

@@ -60,3 +60,63 @@ def test_return_conventions():
 def test_constructor_signatures_accept_open_clip_arguments():
     clipfast.nn.ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)
     clipfast.nn.SigLipLoss(cache_labels=True, rank=0, world_size=1, dist_impl="bidir")
+
+
+def test_rank_is_not_read_in_one_process():
+    """open_clip accepts any rank with world_size=1 (launchers pass the global rank along)."""
+    image, text, log_s, b = _leaves(16, 8, torch.float32)
+    for cls in ("ClipLoss", "SigLipLoss"):
+        ours, theirs = getattr(clipfast.nn, cls)(rank=1, world_size=1), getattr(open_clip_loss, cls)(rank=1, world_size=1)
+        args = (image, text, log_s.exp(), b)
+        torch.testing.assert_close(ours(*args).float(), theirs(*args).float(), rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="inconsistent"):
+        clipfast.nn.ClipLoss(rank=2, world_size=2)
+    with pytest.raises(ValueError, match="inconsistent"):
+        clipfast.nn.SigLipLoss(world_size=0)
+
+
+def _public_signature(cls, name):
+    import inspect
+
+    return list(inspect.signature(getattr(cls, name)).parameters.values())  # names, kinds, defaults
+
+
+@pytest.mark.parametrize("cls,methods", [("ClipLoss", ("get_ground_truth", "get_logits")),
+                                         ("SigLipLoss", ("get_ground_truth", "get_logits", "_loss"))])
+def test_open_clip_methods_have_open_clips_signatures(cls, methods):
+    for name in methods:
+        assert _public_signature(getattr(clipfast.nn, cls), name) == \
+            _public_signature(getattr(open_clip_loss, cls), name), name
+
+
+@pytest.mark.parametrize("cache_labels", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_clip_loss_methods_match_open_clip(with_bias, cache_labels):
+    image, text, log_s, b = _leaves(12, 8, torch.float64)
+    ours = clipfast.nn.ClipLoss(cache_labels=cache_labels)
+    theirs = open_clip_loss.ClipLoss(cache_labels=cache_labels)
+    bias = b if with_bias else None
+    for a, c in zip(ours.get_logits(image, text, log_s.exp(), bias), theirs.get_logits(image, text, log_s.exp(), bias)):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    for _ in range(2):  # the second call reads the cache when cache_labels
+        assert torch.equal(ours.get_ground_truth(image.device, 12), theirs.get_ground_truth(image.device, 12))
+    assert (ours.prev_num_logits, set(ours.labels)) == (theirs.prev_num_logits, set(theirs.labels))
+
+
+@pytest.mark.parametrize("negative_only", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_siglip_methods_match_open_clip(with_bias, negative_only):
+    image, text, log_s, b = _leaves(12, 8, torch.float64)
+    ours, theirs = clipfast.nn.SigLipLoss(), open_clip_loss.SigLipLoss()
+    bias = b if with_bias else None
+    torch.testing.assert_close(ours.get_logits(image, text, log_s.exp(), bias),
+                               theirs.get_logits(image, text, log_s.exp(), bias), rtol=0, atol=0)
+    assert torch.equal(ours.get_ground_truth(image.device, image.dtype, 12, negative_only=negative_only),
+                       theirs.get_ground_truth(image.device, image.dtype, 12, negative_only=negative_only))
+    ours_loss = ours._loss(image, text, log_s.exp(), bias, negative_only=negative_only)
+    theirs_loss = theirs._loss(image, text, log_s.exp(), bias, negative_only=negative_only)
+    torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-10, atol=1e-10)
+    ours_grads = torch.autograd.grad(ours_loss, (image, text, log_s))
+    theirs_grads = torch.autograd.grad(theirs_loss, (image, text, log_s))
+    for g, h in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(g, h, rtol=1e-9, atol=1e-10)
