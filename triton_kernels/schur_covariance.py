@@ -7,48 +7,69 @@ are paired row by row, ``phi`` maps a row to ``F`` features and
 
 with ``Phi_a = phi(A): (n, F)`` for the maps ``"linear"`` (F = d), ``"row_normalized"``
 (``z / max(||z||, 1e-12)``, F = d) and ``"rff"`` (``[cos(z W), sin(z W)] / sqrt(m)``, ``W = omegas:
-(d, m)``, F = 2m). The ``(n, F)`` feature matrices are never materialised.
+(d, m)``, F = 2m). The sums are the feature Gram of "Dissecting CLIP" (the Schur-complement kernel
+covariance); the full ``(n, F)`` feature matrices are never materialised.
 
 Algorithm
 ---------
-* Forward (all Triton but a torch prologue for row norms). The sums are a GEMM over the sample
-  axis, ``(F x n) @ (n x F)``, whose operand tiles are features computed on the fly from input
-  tiles. ``_feature_gram_kernel`` has grid ``(cdiv(F, BLOCK_F), cdiv(F, BLOCK_F), 3)``: program
-  ``(i, j, b)`` owns the ``BLOCK_F x BLOCK_F`` tile ``(i, j)`` of block ``b`` (0: tt, 1: tx, 2: xx),
-  loops over n in ``BLOCK_N`` chunks, builds the two ``(BLOCK_N, BLOCK_F)`` feature tiles
-  (``_feature_tile``) and accumulates ``tl.dot(feat_a^T, feat_b)`` in fp32.
+* Forward. The sums are a GEMM over the sample axis, ``(F x n) @ (n x F)``.
+  ``_feature_gram_kernel`` (one launch per block ``b``: 0 tt, 1 tx, 2 xx; grid
+  ``(cdiv(F, BLOCK_F), cdiv(F, BLOCK_F))``): program ``(i, j)`` owns output tile ``(i, j)``, loops over
+  the rows in ``BLOCK_N`` chunks, builds the two ``(BLOCK_N, BLOCK_F)`` feature tiles
+  (``_feature_tile``) and accumulates ``tl.dot(feat_a^T, feat_b)`` in fp32 onto the tile's current
+  value (so row chunks can be summed by successive launches).
     - linear: the feature tile is the input slice itself;
     - row_normalized: the input slice times the rows' inverse norms ``1 / max(||z||, 1e-12)``,
       an ``(n,)`` fp32 vector computed by a torch prologue (one O(n d) read of the inputs);
-    - rff: feature columns ``f < m`` are ``cos(z W[:, f])`` and ``f >= m`` are ``sin(z W[:, f-m])``,
-      so a feature tile needs an inner ``tl.dot`` over d in ``BLOCK_K`` chunks. ``z W`` is thus
-      recomputed once per output tile row/column: the inner dots cost a factor ``2 d / BLOCK_F``
-      of the Gram GEMM's ``n F^2`` flops (d = 512, BLOCK_F = 128: 8x more). Accepted to keep the
-      memory at O(F^2) instead of O(n F).
+    - rff: the features of a chunk of ``R`` rows (``R F <= 2^22``) are computed once by
+      ``_rff_feature_kernel`` (grid ``(cdiv(R, BLOCK_N), cdiv(m, BLOCK_M), 2)``, axis 2 = t / x): one
+      ``tl.dot`` gives the ``(BLOCK_N, BLOCK_M)`` phase tile ``u = z W[:, cols]``, whose cosines and
+      sines are stored to columns ``cols`` and ``m + cols`` of the chunk's ``(2, R, F)`` feature buffer
+      in the input dtype. The Gram kernel then reads that buffer as "linear" features, one launch per
+      block and chunk. Each phase is computed once: no ``z W`` recomputation per output tile.
   S_tt and S_xx are symmetric: their programs with ``i > j`` exit at once and those with ``i < j``
-  also store the transposed tile, so the symmetric blocks cost half.
+  also store the transposed tile (exact mirrors), so the symmetric blocks cost half.
 * Backward (Triton for dPhi, torch for the chain rule). With ``A_t = G_tt + G_tt^T``,
   ``B_t = G_tx^T``, ``A_x = G_xx + G_xx^T``, ``B_x = G_tx`` (O(F^2) torch prologue),
   ``dPhi_t = Phi_t A_t + Phi_x B_t`` and ``dPhi_x = Phi_x A_x + Phi_t B_x``.
   The launcher walks the rows in chunks of ``R`` rows (a Python loop; ``R * F <= 2^22``). For each
   chunk ``_feature_grad_kernel`` (grid ``(cdiv(R, BLOCK_N), cdiv(F, BLOCK_C), 2)``, axis 2 = side
   t / x) computes the ``(BLOCK_N, BLOCK_C)`` tile of dPhi by looping over the contraction features
-  in ``BLOCK_F`` chunks, again building the Phi tiles on the fly (rff recomputes ``z W`` once per
-  ``BLOCK_C`` column chunk: a factor ``d / BLOCK_C`` of the ``2 R F^2`` GEMM flops). The chain rule
-  through phi then runs in torch on that ``(R, F)`` fp32 chunk:
+  in ``BLOCK_F`` chunks, building the Phi tiles on the fly as in the forward (rff: from the chunk's
+  feature buffer, filled first by ``_rff_feature_kernel``). The chain rule through phi then runs in
+  torch on that ``(R, F)`` fp32 chunk:
     - linear: ``dz = dphi``;
     - row_normalized: ``dz = (dphi - phi <phi, dphi>) / max(||z||, 1e-12)`` (radial term dropped
       where ``||z|| <= 1e-12``, as in the reference);
-    - rff: ``u = z W``, ``du = (cos u * dphi[:, m:] - sin u * dphi[:, :m]) / sqrt(m)``, ``dz = du W^T``.
+    - rff: with ``phi = [c, s] = [cos u, sin u] / sqrt(m)`` from the feature buffer,
+      ``du = c * dphi[:, m:] - s * dphi[:, :m]`` and ``dz = du W^T`` (no second ``z W``).
   Extra memory is O(F^2 + R F), independent of n.
-* Precision. fp32 inputs: every ``tl.dot`` takes fp32 operands with ``input_precision``.
-  16-bit inputs run the tensor cores: feature tiles (fp32 in registers) and the rff ``W`` tiles
-  are rounded to the input dtype right before each ``tl.dot``; accumulation is fp32. In the
-  backward the ``(F, F)`` matrices are also rounded to the input dtype, after scaling by a power
-  of two ``2^-k ~ 1 / max|M|`` (undone exactly in fp32), so small gradients (``G / n``) are not
-  flushed to fp16 subnormals.
+
+Work (GEMM-equivalents: one is the ``n x F x F`` feature Gram, ``2 n F^2`` flops; every executed
+``tl.dot`` counts ``2 M K N`` flops of its padded operand blocks; ``T = cdiv(F, BLOCK_F)``; tests/ops/
+test_schur_covariance_triton.py counts them under the interpreter):
+
+    forward  linear / row_normalized   2 + 1/T          (S_tx 1, S_tt and S_xx (T + 1) / 2T each)
+             rff                       2 + 1/T + d/F    (d/F: the phases z W of both inputs, once)
+    backward linear / row_normalized   4                (two (n x F) @ (F x F) products per side)
+             rff                       4 + d/F          (+ d/F of torch GEMM: the chain rule's du W^T)
+
+with n, F, d rounded up to whole blocks. Before this layout the rff features were rebuilt inside
+every output tile: ``(4 + 2/T) d / BLOCK_F`` extra forward and ``4 d / BLOCK_C`` extra backward
+GEMM-equivalents (d = 512: +34 and +16), and the backward's torch chain rule recomputed ``z W``.
+The Gram's minimum is 2 (two symmetric halves and S_tx), the backward's 4.
+
+* Precision. 16-bit inputs run the tensor cores: feature tiles (fp32 in registers for
+  row_normalized) and the rff ``W`` tiles are rounded to the input dtype right before each
+  ``tl.dot``, the rff features are stored in the input dtype; accumulation is fp32. In the backward
+  the ``(F, F)`` matrices are also rounded to the input dtype, after scaling by a power of two
+  ``2^-k ~ 1 / max|M|`` (undone exactly in fp32), so small gradients (``G / n``) are not flushed to
+  fp16 subnormals. fp32 inputs: every ``tl.dot`` takes fp32 operands with ``input_precision``, which
+  the op passes from :func:`clipfast.backends.triton_input_precision` (PyTorch's float32 matmul
+  precision): "ieee" is exact fp32 on FMA units, "tf32" runs the tensor cores (operands truncated to
+  10 mantissa bits).
 * Determinism. Every output element is owned by exactly one program and accumulated in a fixed
-  order: no atomics, results are bitwise reproducible run to run.
+  order (row chunks in sequence): no atomics, results are bitwise reproducible run to run.
 
 All launchers accept CUDA tensors, or CPU tensors when Triton runs under its interpreter
 (``TRITON_INTERPRET=1`` set before this module is imported). ``text``/``image`` may be float32,
@@ -72,8 +93,9 @@ ROW_NORM_EPS = 1e-12
 _FEATURE_MAP_ID = {name: i for i, name in enumerate(FEATURE_MAPS)}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INPUT_PRECISIONS = ("ieee", "tf32")
-# Backward row chunk: at most this many fp32 elements of dPhi (16 MiB) exist at a time.
-_GRAD_CHUNK_ELEMS = 1 << 22
+# Row chunk of the rff forward and of every backward: at most this many elements of the (R, F)
+# feature and dPhi buffers (per side) exist at a time.
+_CHUNK_ELEMS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,15 +104,15 @@ _GRAD_CHUNK_ELEMS = 1 << 22
 
 
 @triton.jit
-def _cos_shifted(u, to_sin):
-    """``sin(u)`` where ``to_sin`` else ``cos(u)``, fp32, with no local-memory stack frame.
+def _cos_sin(u):
+    """``(cos(u), sin(u))``, fp32, with no local-memory stack frame.
 
     ``tl.cos``/``tl.sin`` compile to libdevice's accurate ``cosf``/``sinf``, whose Payne-Hanek
     slow path for huge arguments needs a 32-byte local array (STACK 32 in every rff kernel).
     Here: Cody-Waite reduction ``u = k pi/2 + r``, ``|r| <= pi/4`` with pi/2 split into three
     parts (``k * P1`` exact while ``|k| < 2^16``, i.e. ``|u| < ~1e5``; RFF phases are O(1 / sigma)),
     then the Cephes single-precision minimax polynomials for sin and cos on [-pi/4, pi/4] (a few
-    ulp). ``sin(u) = cos(u - pi/2)`` just shifts the quadrant by 3 (mod 4).
+    ulp), shared by both results.
     """
     k = tl.floor(u * 0.6366197723675814 + 0.5)
     r = u - k * 1.5703125
@@ -99,63 +121,101 @@ def _cos_shifted(u, to_sin):
     r2 = r * r
     sin_r = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
     cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
-    quadrant = (k.to(tl.int32) + tl.where(to_sin, 3, 0)) & 3
-    # cos(k pi/2 + r) = cos r, -sin r, -cos r, sin r for k = 0, 1, 2, 3 (mod 4).
-    val = tl.where((quadrant & 1) == 0, cos_r, sin_r)
-    return tl.where((quadrant == 1) | (quadrant == 2), -val, val)
+    quadrant = k.to(tl.int32) & 3
+    # cos(k pi/2 + r) = cos r, -sin r, -cos r, sin r and sin(k pi/2 + r) = sin r, cos r, -sin r, -cos r
+    # for k = 0, 1, 2, 3 (mod 4).
+    odd = (quadrant & 1) == 1
+    cos_u = tl.where(odd, sin_r, cos_r)
+    sin_u = tl.where(odd, cos_r, sin_r)
+    cos_u = tl.where((quadrant == 1) | (quadrant == 2), -cos_u, cos_u)
+    sin_u = tl.where(quadrant >= 2, -sin_u, sin_u)
+    return cos_u, sin_u
+
+
+@triton.jit
+def _rff_feature_kernel(
+    t_ptr,
+    x_ptr,
+    w_ptr,
+    phi_ptr,
+    N,
+    d,
+    m,
+    stride_tn,
+    stride_td,
+    stride_xn,
+    stride_xd,
+    stride_wd,
+    stride_wm,
+    rff_scale,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """phi[s, r, f] = rff_scale * (cos u if f < m else sin u), u = z_r . W[:, f mod m], z = (t, x)[s].
+
+    t, x: (N, d) in the input dtype (a row chunk); w: (d, m) fp32; phi: (2, N, 2m) contiguous, in the
+    input dtype. Grid: (cdiv(N, BLOCK_N), cdiv(m, BLOCK_M), 2); program (r, c, s) computes one phase
+    tile u = z[r-block] @ W[:, c-block] (a K loop over d) and stores its cosines and sines.
+    """
+    tl.static_assert(BLOCK_K >= 16)  # tl.dot needs K >= 16
+    tl.static_assert(BLOCK_N >= 16)
+    tl.static_assert(BLOCK_M >= 16)
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    side = tl.program_id(2)
+    z_is_x = side == 1
+    z_ptr = tl.where(z_is_x, x_ptr, t_ptr)
+    stride_zn = tl.where(z_is_x, stride_xn, stride_tn)
+    stride_zd = tl.where(z_is_x, stride_xd, stride_td)
+
+    rows = pid_r * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    cols = pid_c * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    col_mask = cols < m
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    z_rows = z_ptr + rows[:, None] * stride_zn
+    w_cols = w_ptr + cols[None, :] * stride_wm
+    u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < d
+        z = tl.load(z_rows + ks[None, :] * stride_zd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None] * stride_wd, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        # 16-bit inputs: W rounded to the input dtype for the tensor cores (no-op for fp32).
+        u = tl.dot(z, w.to(z.dtype), u, input_precision=INPUT_PRECISION)
+    cos_u, sin_u = _cos_sin(u)
+    F = 2 * m
+    out = phi_ptr + side.to(tl.int64) * N * F + rows[:, None] * F + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(out, (cos_u * rff_scale).to(phi_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + m, (sin_u * rff_scale).to(phi_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _feature_tile(
     z_ptr,
     inv_ptr,
-    w_ptr,
     rows,
     row_mask,
     feats,
-    d,
-    m,
     F,
     stride_zn,
     stride_zd,
-    stride_wd,
-    stride_wm,
-    rff_scale,
     FEATURE_MAP: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
     """``phi(z[rows])[:, feats]``: (BLOCK_N, BLOCK_F), zero outside ``row_mask`` / ``feats < F``.
 
-    FEATURE_MAP 0 (linear) returns the loaded slice in the input dtype; 1 (row_normalized) and
-    2 (rff) return fp32. ``rows``/``feats`` are int64. ``inv_ptr`` (row inverse norms, fp32) is
-    read only for map 1, ``w_ptr`` (omegas, fp32) only for map 2.
+    FEATURE_MAP 0 (linear; also the rff feature buffer) returns the loaded slice in the input dtype;
+    1 (row_normalized) returns fp32 and reads the row inverse norms ``inv_ptr`` (fp32). ``rows``/``feats``
+    are int64.
     """
-    feat_mask = feats < F
-    if FEATURE_MAP == 2:
-        is_sin = feats >= m
-        w_cols = tl.where(is_sin, feats - m, feats)
-        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-        z_rows = z_ptr + rows[:, None] * stride_zn
-        w_tile_cols = w_ptr + w_cols[None, :] * stride_wm
-        u = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            ks = k0 + offs_k
-            k_mask = ks < d
-            z = tl.load(z_rows + ks[None, :] * stride_zd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_tile_cols + ks[:, None] * stride_wd, mask=k_mask[:, None] & feat_mask[None, :], other=0.0)
-            u = tl.dot(z, w.to(z.dtype), u, input_precision=INPUT_PRECISION)
-        phi = _cos_shifted(u, is_sin[None, :]) * rff_scale
-        # Padding rows have u = 0, i.e. cos u = 1: they must not add to the sums.
-        phi = tl.where(row_mask[:, None] & feat_mask[None, :], phi, 0.0)
-    else:
-        phi = tl.load(z_ptr + rows[:, None] * stride_zn + feats[None, :] * stride_zd,
-                      mask=row_mask[:, None] & feat_mask[None, :], other=0.0)
-        if FEATURE_MAP == 1:
-            inv = tl.load(inv_ptr + rows, mask=row_mask, other=0.0)
-            phi = phi.to(tl.float32) * inv[:, None]
+    phi = tl.load(z_ptr + rows[:, None] * stride_zn + feats[None, :] * stride_zd,
+                  mask=row_mask[:, None] & (feats < F)[None, :], other=0.0)
+    if FEATURE_MAP == 1:
+        inv = tl.load(inv_ptr + rows, mask=row_mask, other=0.0)
+        phi = phi.to(tl.float32) * inv[:, None]
     return phi
 
 
@@ -165,35 +225,29 @@ def _feature_gram_kernel(
     x_ptr,
     inv_t_ptr,
     inv_x_ptr,
-    w_ptr,
     out_ptr,
     N,
-    d,
-    m,
     F,
     stride_tn,
     stride_td,
     stride_xn,
     stride_xd,
-    stride_wd,
-    stride_wm,
-    rff_scale,
     blk,
     FEATURE_MAP: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
-    """out[i, j] = sum_n phi(a_n)[i] phi(b_n)[j] for block blk: (a, b) = (t, t), (t, x), (x, x) for blk = 0, 1, 2.
+    """out[i, j] += sum_n phi(a_n)[i] phi(b_n)[j] for block blk: (a, b) = (t, t), (t, x), (x, x) for blk = 0, 1, 2.
 
-    t, x: (N, d) in the input dtype; out: (F, F) fp32 contiguous, this block's own tensor (one launch
-    per block, so the three results never share storage). Grid: (cdiv(F, BLOCK_F), cdiv(F, BLOCK_F)).
-    Program (i, j) owns output tile (i, j); for the symmetric blocks (blk = 0, 2) tiles below the
-    diagonal are written by the mirror program (j, i) and their own program exits at once.
+    t, x: (N, F) in the input dtype (FEATURE_MAP 0: the features; 1: the rows to normalise); out: (F, F)
+    fp32 contiguous, this block's own tensor (one launch per block, so the three results never share
+    storage), accumulated onto. Grid: (cdiv(F, BLOCK_F), cdiv(F, BLOCK_F)). Program (i, j) owns output
+    tile (i, j); for the symmetric blocks (blk = 0, 2) tiles below the diagonal are written by the
+    mirror program (j, i) and their own program exits at once.
     """
-    tl.static_assert(BLOCK_K >= 16)  # tl.dot needs K >= 16
-    tl.static_assert(BLOCK_N >= 16)
+    tl.static_assert(BLOCK_N >= 16)  # tl.dot needs K >= 16
+    tl.static_assert(BLOCK_F >= 16)
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     symmetric = blk != 1
@@ -213,25 +267,23 @@ def _feature_gram_kernel(
 
     feats_i = pid_i.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
     feats_j = pid_j.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
+    mask = (feats_i < F)[:, None] & (feats_j < F)[None, :]
+    tile = out_ptr + feats_i[:, None] * F + feats_j[None, :]
+    acc = tl.load(tile, mask=mask, other=0.0)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    acc = tl.zeros((BLOCK_F, BLOCK_F), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + offs_n
         row_mask = rows < N
-        fa = _feature_tile(a_ptr, a_inv, w_ptr, rows, row_mask, feats_i, d, m, F, stride_an, stride_ad, stride_wd,
-                           stride_wm, rff_scale, FEATURE_MAP, INPUT_PRECISION, BLOCK_N, BLOCK_F, BLOCK_K)
-        fb = _feature_tile(b_ptr, b_inv, w_ptr, rows, row_mask, feats_j, d, m, F, stride_bn, stride_bd, stride_wd,
-                           stride_wm, rff_scale, FEATURE_MAP, INPUT_PRECISION, BLOCK_N, BLOCK_F, BLOCK_K)
+        fa = _feature_tile(a_ptr, a_inv, rows, row_mask, feats_i, F, stride_an, stride_ad, FEATURE_MAP)
+        fb = _feature_tile(b_ptr, b_inv, rows, row_mask, feats_j, F, stride_bn, stride_bd, FEATURE_MAP)
         # 16-bit inputs: features rounded to the input dtype for the tensor cores (no-op for fp32).
         acc = tl.dot(tl.trans(fa.to(t_ptr.dtype.element_ty)), fb.to(t_ptr.dtype.element_ty), acc,
                      input_precision=INPUT_PRECISION)
 
-    mask = (feats_i < F)[:, None] & (feats_j < F)[None, :]
-    out_blk = out_ptr
-    tl.store(out_blk + feats_i[:, None] * F + feats_j[None, :], acc, mask=mask)
+    tl.store(tile, acc, mask=mask)
     # Mirror of an off-diagonal tile of a symmetric block (the diagonal tile is written once).
     mirror = symmetric & (pid_i < pid_j)
-    tl.store(out_blk + feats_j[None, :] * F + feats_i[:, None], acc, mask=mask & mirror)
+    tl.store(out_ptr + feats_j[None, :] * F + feats_i[:, None], acc, mask=mask & mirror)
 
 
 @triton.jit
@@ -240,37 +292,28 @@ def _feature_grad_kernel(
     x_ptr,
     inv_t_ptr,
     inv_x_ptr,
-    w_ptr,
     mat_ptr,
     out_ptr,
     N,
-    d,
-    m,
     F,
     stride_tn,
     stride_td,
     stride_xn,
     stride_xd,
-    stride_wd,
-    stride_wm,
-    rff_scale,
     FEATURE_MAP: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_F: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
     """out[s, r, c] = sum_f phi(self_r)[f] mat[2s, f, c] + phi(other_r)[f] mat[2s+1, f, c].
 
-    Side s = 0: self = t, other = x; s = 1: self = x, other = t. t, x: (N, d) (a row chunk of the
-    inputs); mat: (4, F, F) = [A_t, B_t, A_x, B_x] fp32 contiguous (pre-scaled by the launcher);
-    out: (2, N, F) fp32 contiguous.
-    Grid: (cdiv(N, BLOCK_N), cdiv(F, BLOCK_C), 2); program (r, c, s) owns out[s, r-block, c-chunk]
-    and rebuilds the Phi tiles of its row block for every contraction chunk of BLOCK_F features.
+    Side s = 0: self = t, other = x; s = 1: self = x, other = t. t, x: (N, F) (a row chunk of the
+    inputs, or of the rff features; FEATURE_MAP as in ``_feature_gram_kernel``); mat: (4, F, F) =
+    [A_t, B_t, A_x, B_x] fp32 contiguous (pre-scaled by the launcher); out: (2, N, F) fp32 contiguous.
+    Grid: (cdiv(N, BLOCK_N), cdiv(F, BLOCK_C), 2); program (r, c, s) owns out[s, r-block, c-chunk].
     """
-    tl.static_assert(BLOCK_K >= 16)  # tl.dot needs K >= 16
-    tl.static_assert(BLOCK_F >= 16)
+    tl.static_assert(BLOCK_F >= 16)  # tl.dot needs K >= 16
     pid_r = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
@@ -295,13 +338,11 @@ def _feature_grad_kernel(
     for f0 in range(0, F, BLOCK_F):
         feats = f0 + offs_f
         mat_mask = (feats < F)[:, None] & col_mask[None, :]
-        ps = _feature_tile(s_ptr, s_inv, w_ptr, rows, row_mask, feats, d, m, F, stride_sn, stride_sd, stride_wd,
-                           stride_wm, rff_scale, FEATURE_MAP, INPUT_PRECISION, BLOCK_N, BLOCK_F, BLOCK_K)
+        ps = _feature_tile(s_ptr, s_inv, rows, row_mask, feats, F, stride_sn, stride_sd, FEATURE_MAP)
         a = tl.load(a_base + feats[:, None] * F, mask=mat_mask, other=0.0)
         acc = tl.dot(ps.to(t_ptr.dtype.element_ty), a.to(t_ptr.dtype.element_ty), acc,
                      input_precision=INPUT_PRECISION)
-        po = _feature_tile(o_ptr, o_inv, w_ptr, rows, row_mask, feats, d, m, F, stride_on, stride_od, stride_wd,
-                           stride_wm, rff_scale, FEATURE_MAP, INPUT_PRECISION, BLOCK_N, BLOCK_F, BLOCK_K)
+        po = _feature_tile(o_ptr, o_inv, rows, row_mask, feats, F, stride_on, stride_od, FEATURE_MAP)
         b = tl.load(b_base + feats[:, None] * F, mask=mat_mask, other=0.0)
         acc = tl.dot(po.to(t_ptr.dtype.element_ty), b.to(t_ptr.dtype.element_ty), acc,
                      input_precision=INPUT_PRECISION)
@@ -319,39 +360,51 @@ _INTERPRETED = not isinstance(_feature_gram_kernel, triton.runtime.JITFunction)
 # --------------------------------------------------------------------------------------------
 
 
-def kernel_configs(F: int, d: int, dtype: torch.dtype) -> dict:
-    """Launch configuration used for ``F`` features, input width ``d`` and input ``dtype``.
+def kernel_configs(F: int, d: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
+    """Launch configuration used for ``F`` features, input width ``d``, input ``dtype`` and fp32 dot
+    ``precision`` ("ieee" or "tf32"; ignored for 16-bit inputs).
 
-    Returns ``{"gram": {...}, "grad": {...}}``; each inner dict holds the kernel's block-size
-    constexprs plus ``num_warps``/``num_stages``, exactly as the launchers pass them, so the AOT
-    test compiles (and checks for spills) what actually runs. The same configuration serves
-    all three feature maps (``BLOCK_K`` is only used by "rff").
+    Returns ``{"gram": {...}, "features": {...}, "grad": {...}}`` ("features": the rff feature kernel,
+    for ``m = F // 2`` frequencies); each inner dict holds the kernel's block-size constexprs plus
+    ``num_warps``/``num_stages``, exactly as the launchers pass them, so the AOT test compiles (and
+    checks for spills and tensor-core instructions) what actually runs.
 
     Policy (fixed table, no ``triton.autotune``: that needs a GPU to benchmark), chosen by
     compiling for sm_80 / sm_90 and keeping tiles with no register spills:
-    * 16-bit inputs (tensor-core ``tl.dot``): Gram tiles 64 x 64 over ``BLOCK_N`` = 32 samples,
-      rff inner dot ``BLOCK_K`` = 32, 8 warps (128 x 128 tiles spilled on sm_80 and sm_90);
-      gradient tiles 64 rows x 128 columns contracting ``BLOCK_F`` = 32 features per step, 8 warps.
-    * fp32 inputs: ``input_precision="ieee"`` lowers ``tl.dot`` to FMA loops holding a thread's
-      operand slices in registers, so the contraction sizes stay at 16: Gram tiles 64 x 64 over
-      ``BLOCK_N`` = 16 samples on 8 warps (4 warps spill for rff), gradient tiles 64 x 64 with
-      ``BLOCK_F`` = 16 on 4 warps.
-    * Small F / d: ``BLOCK_F``/``BLOCK_C``/``BLOCK_K`` shrink to the next power of two (at least
-      16, the ``tl.dot`` minimum) so no lanes are wasted on padding.
+    * Tensor-core dots (16-bit inputs, and fp32 with "tf32"): Gram tiles 64 x 64 over ``BLOCK_N`` = 32
+      samples, 8 warps (128 x 128 tiles spilled on sm_80 and sm_90); gradient tiles 64 rows x 128
+      columns contracting ``BLOCK_F`` = 32 features per step, 8 warps (tf32: 64 columns, 4 warps);
+      rff phase tiles 64 rows x 64 frequencies over ``BLOCK_K`` = 32, 4 warps.
+    * fp32 with "ieee": ``tl.dot`` lowers to FMA loops holding a thread's operand slices in registers,
+      so the contraction sizes stay at 16: Gram tiles 64 x 64 over ``BLOCK_N`` = 16 samples on 8 warps,
+      gradient tiles 64 x 64 with ``BLOCK_F`` = 16 on 4 warps, rff phase tiles 64 x 64 over
+      ``BLOCK_K`` = 16 on 4 warps.
+    * Small F / d / m: ``BLOCK_F``/``BLOCK_C``/``BLOCK_M``/``BLOCK_K`` shrink to the next power of two
+      (at least 16, the ``tl.dot`` minimum) so no lanes are wasted on padding.
+    * Every tile has at least 64 rows on 4 warps per warp group, so sm_90 runs ``wgmma``.
     """
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
+    if precision not in _INPUT_PRECISIONS:
+        raise ValueError(f"precision must be one of {_INPUT_PRECISIONS}, got {precision!r}")
     f_pow2 = max(triton.next_power_of_2(max(int(F), 1)), 16)
+    m_pow2 = max(triton.next_power_of_2(max(int(F) // 2, 1)), 16)
     d_pow2 = max(triton.next_power_of_2(max(int(d), 1)), 16)
-    if dtype == torch.float32:
-        gram = dict(BLOCK_N=16, BLOCK_F=min(f_pow2, 64), BLOCK_K=min(d_pow2, 16), num_warps=8, num_stages=2)
-        grad = dict(BLOCK_N=64, BLOCK_C=min(f_pow2, 64), BLOCK_F=16, BLOCK_K=min(d_pow2, 16), num_warps=4,
+    if dtype == torch.float32 and precision == "ieee":
+        gram = dict(BLOCK_N=16, BLOCK_F=min(f_pow2, 64), num_warps=8, num_stages=2)
+        features = dict(BLOCK_N=64, BLOCK_M=min(m_pow2, 64), BLOCK_K=min(d_pow2, 16), num_warps=4, num_stages=2)
+        grad = dict(BLOCK_N=64, BLOCK_C=min(f_pow2, 64), BLOCK_F=16, num_warps=4, num_stages=2)
+    elif dtype == torch.float32:
+        gram = dict(BLOCK_N=32, BLOCK_F=min(f_pow2, 64), num_warps=8, num_stages=2)
+        features = dict(BLOCK_N=64, BLOCK_M=min(m_pow2, 64), BLOCK_K=min(d_pow2, 32), num_warps=4, num_stages=2)
+        grad = dict(BLOCK_N=64, BLOCK_C=min(f_pow2, 64), BLOCK_F=32 if f_pow2 >= 32 else 16, num_warps=4,
                     num_stages=2)
     else:
-        gram = dict(BLOCK_N=32, BLOCK_F=min(f_pow2, 64), BLOCK_K=min(d_pow2, 32), num_warps=8, num_stages=2)
-        grad = dict(BLOCK_N=64, BLOCK_C=min(f_pow2, 128), BLOCK_F=32 if f_pow2 >= 32 else 16,
-                    BLOCK_K=min(d_pow2, 32), num_warps=8, num_stages=2)
-    return {"gram": gram, "grad": grad}
+        gram = dict(BLOCK_N=32, BLOCK_F=min(f_pow2, 64), num_warps=8, num_stages=2)
+        features = dict(BLOCK_N=64, BLOCK_M=min(m_pow2, 64), BLOCK_K=min(d_pow2, 32), num_warps=4, num_stages=2)
+        grad = dict(BLOCK_N=64, BLOCK_C=min(f_pow2, 128), BLOCK_F=32 if f_pow2 >= 32 else 16, num_warps=8,
+                    num_stages=2)
+    return {"gram": gram, "features": features, "grad": grad}
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,6 +457,34 @@ def _inv_norms(z):
     return 1.0 / norm.clamp_min(ROW_NORM_EPS), norm
 
 
+def _row_chunk(n, F, block_n):
+    """Rows per chunk: whole ``block_n`` blocks, about ``_CHUNK_ELEMS / F`` rows, at most n (rounded up)."""
+    chunk = max(block_n, (_CHUNK_ELEMS // F) // block_n * block_n)
+    return min(chunk, triton.cdiv(n, block_n) * block_n)
+
+
+def _rff_features(t, x, w, phi, m, precision, cfg):
+    """Fill ``phi: (2, rows, 2m)`` (input dtype, contiguous) with the rff features of the chunk ``t``, ``x``."""
+    rows, d = t.shape
+    grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), 2)
+    _rff_feature_kernel[grid](
+        t, x, w, phi, rows, d, m,
+        t.stride(0), t.stride(1), x.stride(0), x.stride(1), w.stride(0), w.stride(1), 1.0 / math.sqrt(m),
+        INPUT_PRECISION=precision, **cfg,
+    )  # fmt: skip
+
+
+def _gram(t, x, inv_t, inv_x, out, fmap, precision, cfg):
+    """Add the three Gram blocks of the rows ``t``, ``x`` ((rows, F), FEATURE_MAP ``fmap``) onto ``out``."""
+    rows, F = t.shape
+    tiles = triton.cdiv(F, cfg["BLOCK_F"])
+    for blk in range(3):
+        _feature_gram_kernel[(tiles, tiles)](
+            t, x, inv_t, inv_x, out[blk], rows, F, t.stride(0), t.stride(1), x.stride(0), x.stride(1), blk,
+            FEATURE_MAP=fmap, INPUT_PRECISION=precision, **cfg,
+        )  # fmt: skip
+
+
 def feature_gram_triton(text, image, feature_map, omegas=None, *, input_precision="ieee"):
     """Feature Gram sums ``(S_tt, S_tx, S_xx)`` of paired rows.
 
@@ -422,22 +503,19 @@ def feature_gram_triton(text, image, feature_map, omegas=None, *, input_precisio
     out = [torch.zeros((F, F), dtype=torch.float32, device=text.device) for _ in range(3)]
     if n == 0 or F == 0:
         return out[0], out[1], out[2]
+    cfgs = kernel_configs(F, d, text.dtype, precision)
     if fmap == 1:
-        inv_t, inv_x = _inv_norms(text)[0], _inv_norms(image)[0]
-    else:  # unused pointer slots get any valid tensor; FEATURE_MAP keeps the kernel from reading them
-        inv_t = inv_x = out[0]
-    if w is None:
-        w = out[0]
-    cfg = kernel_configs(F, d, text.dtype)["gram"]
-    tiles = triton.cdiv(F, cfg["BLOCK_F"])
-    for blk in range(3):
-        _feature_gram_kernel[(tiles, tiles)](
-            text, image, inv_t, inv_x, w, out[blk],
-            n, d, m, F,
-            text.stride(0), text.stride(1), image.stride(0), image.stride(1), w.stride(0), w.stride(1),
-            1.0 / math.sqrt(m) if m else 1.0, blk,
-            FEATURE_MAP=fmap, INPUT_PRECISION=precision, **cfg,
-        )  # fmt: skip
+        _gram(text, image, *(_inv_norms(z)[0] for z in (text, image)), out, fmap, precision, cfgs["gram"])
+    elif fmap == 0:  # unused pointer slots get any valid tensor; FEATURE_MAP keeps the kernel from reading them
+        _gram(text, image, out[0], out[0], out, fmap, precision, cfgs["gram"])
+    else:
+        chunk = _row_chunk(n, F, cfgs["features"]["BLOCK_N"])
+        buf = torch.empty(2 * chunk * F, dtype=text.dtype, device=text.device)
+        for r0 in range(0, n, chunk):
+            t, x = text[r0:r0 + chunk], image[r0:r0 + chunk]
+            phi = buf[: 2 * t.shape[0] * F].view(2, t.shape[0], F)
+            _rff_features(t, x, w, phi, m, precision, cfgs["features"])
+            _gram(phi[0], phi[1], out[0], out[0], out, 0, precision, cfgs["gram"])
     return out[0], out[1], out[2]
 
 
@@ -461,8 +539,9 @@ def _check_grad(name, g, F, device):
     return g.to(torch.float32)
 
 
-def _chain_rule(z, d_phi, fmap, w, m):
-    """dz (rows, d) fp32 from dPhi (rows, F) fp32 for a row chunk ``z`` (torch, see module docstring)."""
+def _chain_rule(z, d_phi, fmap, w, phi):
+    """dz (rows, d) fp32 from dPhi (rows, F) fp32 for a row chunk ``z`` (torch, see module docstring);
+    ``phi``: the chunk's rff features (rows, 2m) for "rff", else unused."""
     if fmap == 0:
         return d_phi
     if fmap == 1:
@@ -470,8 +549,9 @@ def _chain_rule(z, d_phi, fmap, w, m):
         phi = z.to(torch.float32) * inv[:, None]
         radial = (phi * d_phi).sum(1) * (norm > ROW_NORM_EPS)
         return (d_phi - phi * radial[:, None]) * inv[:, None]
-    u = z.to(torch.float32) @ w
-    du = (torch.cos(u) * d_phi[:, m:] - torch.sin(u) * d_phi[:, :m]) * (1.0 / math.sqrt(m))
+    m = w.shape[1]
+    phi = phi.to(torch.float32)
+    du = phi[:, :m] * d_phi[:, m:] - phi[:, m:] * d_phi[:, :m]
     return du @ w.T
 
 
@@ -505,23 +585,30 @@ def feature_gram_backward_triton(grad_tt, grad_tx, grad_xx, text, image, feature
         inv_t = inv_x = mats
     if w is None:
         w = mats
-    cfg = kernel_configs(F, d, text.dtype)["grad"]
-    chunk = max(cfg["BLOCK_N"], (_GRAD_CHUNK_ELEMS // F) // cfg["BLOCK_N"] * cfg["BLOCK_N"])
-    buf = torch.empty(2 * min(chunk, n) * F, dtype=torch.float32, device=text.device)
+    cfgs = kernel_configs(F, d, text.dtype, precision)
+    cfg = cfgs["grad"]
+    chunk = _row_chunk(n, F, cfg["BLOCK_N"])
+    buf = torch.empty(2 * chunk * F, dtype=torch.float32, device=text.device)
+    features = torch.empty(2 * chunk * F, dtype=text.dtype, device=text.device) if fmap == 2 else None
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
         t, x, rows = text[r0:r1], image[r0:r1], r1 - r0
         out = buf[: 2 * rows * F].view(2, rows, F)  # contiguous, as the kernel requires
+        if fmap == 2:  # the kernel reads the chunk's features as "linear" inputs
+            phi = features[: 2 * rows * F].view(2, rows, F)
+            _rff_features(t, x, w, phi, m, precision, cfgs["features"])
+            a_t, a_x, a_inv_t, a_inv_x, kernel_map = phi[0], phi[1], mats, mats, 0
+        else:
+            a_t, a_x, kernel_map = t, x, fmap
+            a_inv_t, a_inv_x = (inv_t[r0:r1], inv_x[r0:r1]) if fmap == 1 else (inv_t, inv_x)
         grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(F, cfg["BLOCK_C"]), 2)
         _feature_grad_kernel[grid](
-            t, x, inv_t[r0:r1] if fmap == 1 else inv_t, inv_x[r0:r1] if fmap == 1 else inv_x, w, mats, out,
-            rows, d, m, F,
-            t.stride(0), t.stride(1), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-            1.0 / math.sqrt(m) if m else 1.0,
-            FEATURE_MAP=fmap, INPUT_PRECISION=precision, **cfg,
+            a_t, a_x, a_inv_t, a_inv_x, mats, out, rows, F,
+            a_t.stride(0), a_t.stride(1), a_x.stride(0), a_x.stride(1),
+            FEATURE_MAP=kernel_map, INPUT_PRECISION=precision, **cfg,
         )  # fmt: skip
         if scale != 1.0:
             out = out * scale
-        d_text[r0:r1] = _chain_rule(t, out[0], fmap, w, m)
-        d_image[r0:r1] = _chain_rule(x, out[1], fmap, w, m)
+        d_text[r0:r1] = _chain_rule(t, out[0], fmap, w, phi[0] if fmap == 2 else None)
+        d_image[r0:r1] = _chain_rule(x, out[1], fmap, w, phi[1] if fmap == 2 else None)
     return d_text, d_image

@@ -29,9 +29,11 @@ except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from clipfast.testing import assert_close_relative, assert_within_low_precision_bound
-from clipfast.reference.schur_covariance import feature_gram_backward_reference, feature_gram_reference
+from clipfast.reference.schur_covariance import (feature_gram_backward_reference, feature_gram_reference,
+                                                 feature_map_reference)
 from clipfast.triton_kernels import schur_covariance as K
 from clipfast.triton_kernels.interpreter_patches import patch_bf16_dot
+from gemm_work import count_dot_flops, emulate_tf32_dot
 
 DEVICE = "cpu" if triton.knobs.runtime.interpret else "cuda"
 MAPS = ("linear", "row_normalized", "rff")
@@ -129,14 +131,15 @@ def small_blocks(monkeypatch):
     """16-wide blocks and 32-row backward chunks (multi-tile grids at interpreter sizes)."""
     real = K.kernel_configs
 
-    def configs(F, d, dtype):
-        cfg = real(F, d, dtype)
-        cfg["gram"].update(BLOCK_N=16, BLOCK_F=16, BLOCK_K=16)
-        cfg["grad"].update(BLOCK_N=16, BLOCK_C=16, BLOCK_F=16, BLOCK_K=16)
+    def configs(F, d, dtype, precision="ieee"):
+        cfg = real(F, d, dtype, precision)
+        cfg["gram"].update(BLOCK_N=16, BLOCK_F=16)
+        cfg["features"].update(BLOCK_N=16, BLOCK_M=16, BLOCK_K=16)
+        cfg["grad"].update(BLOCK_N=16, BLOCK_C=16, BLOCK_F=16)
         return cfg
 
     monkeypatch.setattr(K, "kernel_configs", configs)
-    monkeypatch.setattr(K, "_GRAD_CHUNK_ELEMS", 32 * 48)
+    monkeypatch.setattr(K, "_CHUNK_ELEMS", 32 * 48)
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,12 +257,91 @@ def test_zero_row_is_clamped():
         assert_close_relative(out, r, rtol=1e-5, atol_rel=1e-5)
 
 
-def test_tf32_precision_accepted():
-    text, image, omegas = _inputs(37, 19, 5)
-    grams = K.feature_gram_triton(text, image, "linear", input_precision="tf32")
-    ref = feature_gram_reference(text.cpu().double(), image.cpu().double(), "linear")
-    for out, r in zip(grams, ref):
-        assert_close_relative(out, r, rtol=1e-2, atol_rel=1e-2)
+# ----------------------------------------------------------------------------------------
+# fp32, input_precision="tf32" (PyTorch's "high" / "medium" float32 matmul precision)
+# ----------------------------------------------------------------------------------------
+
+# The interpreter multiplies exact fp32; emulate_tf32_dot truncates the dot operands to 10 mantissa bits
+# as the GPU's tf32 tensor cores do, so these bounds hold on the GPU too. A truncated product is off by
+# at most 2 * 2^-10 of |a b|, so a Gram entry by at most 2^-9 sum_n |phi_a[n, i]| |phi_b[n, j]| (rigorous;
+# + 1e-5 relative for the fp32 summation). Gradients and rff chain two tf32 dots (phases, then the
+# Gram or dPhi product): those are checked at 2^-7 of max|ref|, four times one dot's worst case.
+TF32_DOT = 2.0 ** -9
+TF32_CHAINED = 2.0 ** -7
+
+
+@pytest.mark.parametrize("fmap", MAPS)
+def test_tf32(fmap, small_blocks):
+    text, image, omegas = _inputs(67, 48 if fmap != "rff" else 21, 24)
+    f = 48
+    grads = _grads(f)
+    with emulate_tf32_dot():
+        grams, d = _run(text, image, fmap, omegas, grads, input_precision="tf32")
+    ref_grams, ref_d = _reference(text, image, fmap, omegas, grads)
+    t, x, w = text.cpu().double(), image.cpu().double(), omegas.cpu().double()
+    phi_t, phi_x = (feature_map_reference(z, fmap, w).abs() for z in (t, x))
+    for out, ref, (pa, pb) in zip(grams, ref_grams, ((phi_t, phi_t), (phi_t, phi_x), (phi_x, phi_x))):
+        err = (out.cpu().double() - ref).abs()
+        if fmap == "rff":
+            assert err.max() <= TF32_CHAINED * ref.abs().max()
+        else:
+            assert (err <= TF32_DOT * (pa.T @ pb) + 1e-5 * ref.abs().max()).all()
+        # ... and tf32 is really in use: exact fp32 would be far tighter.
+        assert err.max() > 1e-5 * ref.abs().max()
+    for out, ref in zip(d, ref_d):
+        assert (out.cpu().double() - ref).abs().max() <= TF32_CHAINED * ref.abs().max()
+
+
+def test_precision_ignored_for_16_bit():
+    text, image, omegas = _inputs(37, 19, 5, dtype=torch.bfloat16)
+    grads = _grads(10)
+    ieee = _run(text, image, "rff", omegas, grads)
+    with emulate_tf32_dot():
+        tf32 = _run(text, image, "rff", omegas, grads, input_precision="tf32")
+    for a, b in zip((*ieee[0], *ieee[1]), (*tf32[0], *tf32[1])):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------
+# GEMM work (DESIGN.md section 8): every executed tl.dot, 2 M K N flops each
+# ----------------------------------------------------------------------------------------
+
+
+def _stated_gemm_equivalents(fmap, n, d, f, block_f):
+    """The module docstring's counts for whole blocks: forward 2 + 1/T (+ d/F for rff), backward 4 (+ d/F)."""
+    tiles = f // block_f
+    features = d / f if fmap == "rff" else 0.0
+    return 2 + 1 / tiles + features, 4 + features
+
+
+@pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="counts tl.dot calls of the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmap", MAPS)
+def test_gemm_work(fmap, dtype, small_blocks):
+    # Whole 16-blocks: n = 64 rows (backward chunks of 16 rows: F = 64 and 32 * 48 elements a chunk),
+    # F = 64 features (T = 4 tiles), d = 32 (rff: m = 32).
+    n, d, m = 64, (64 if fmap != "rff" else 32), 32
+    f = 2 * m if fmap == "rff" else d
+    text, image, omegas = _inputs(n, d, m, dtype=dtype)
+    with count_dot_flops() as fwd:
+        K.feature_gram_triton(text, image, fmap, omegas)
+    with count_dot_flops() as bwd:
+        K.feature_gram_backward_triton(*_grads(f), text, image, fmap, omegas)
+    stated_fwd, stated_bwd = _stated_gemm_equivalents(fmap, n, d, f, block_f=16)
+    assert fwd.gemm_equivalents(f, n, f) == pytest.approx(stated_fwd, rel=1e-12)
+    assert bwd.gemm_equivalents(f, n, f) == pytest.approx(stated_bwd, rel=1e-12)
+    # The minimum: the Gram's two halves plus S_tx, and four (n x F) @ (F x F) products back.
+    assert stated_fwd <= 2 + 1 / 4 + d / f and stated_bwd <= 4 + d / f
+
+
+@pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="counts tl.dot calls of the Triton interpreter")
+def test_gemm_work_real_configs():
+    # The launch configuration that runs (BLOCK_F = 64): F = 128, two tiles, rff phases once per row.
+    n, d, m = 128, 64, 64
+    text, image, omegas = _inputs(n, d, m, dtype=torch.bfloat16)
+    with count_dot_flops() as fwd:
+        K.feature_gram_triton(text, image, "rff", omegas)
+    assert fwd.gemm_equivalents(128, n, 128) == pytest.approx(2 + 1 / 2 + d / 128)
 
 
 @pytest.mark.parametrize("fmap", MAPS)
@@ -325,9 +407,16 @@ def test_invalid_inputs():
 
 def test_kernel_configs():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        cfg = K.kernel_configs(5000, 512, dtype)
-        assert set(cfg) == {"gram", "grad"}
-        small = K.kernel_configs(10, 3, dtype)
-        assert small["gram"]["BLOCK_F"] == 16 and small["gram"]["BLOCK_K"] == 16
+        for precision in ("ieee", "tf32"):
+            cfg = K.kernel_configs(5000, 512, dtype, precision)
+            assert set(cfg) == {"gram", "features", "grad"}
+            small = K.kernel_configs(10, 3, dtype, precision)
+            assert small["gram"]["BLOCK_F"] == 16 and small["features"]["BLOCK_K"] == 16
+            assert small["features"]["BLOCK_M"] == 16
+    # 16-bit inputs ignore the fp32 precision; tf32 takes the tensor-core tiles.
+    assert K.kernel_configs(512, 512, torch.bfloat16, "tf32") == K.kernel_configs(512, 512, torch.bfloat16)
+    assert K.kernel_configs(512, 512, torch.float32, "tf32")["gram"]["BLOCK_N"] == 32
     with pytest.raises(TypeError, match="dtype"):
         K.kernel_configs(64, 64, torch.float64)
+    with pytest.raises(ValueError, match="precision"):
+        K.kernel_configs(64, 64, torch.float32, "bf16x3")
