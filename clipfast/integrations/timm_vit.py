@@ -32,7 +32,8 @@ def patch_timm_vit(model, *, token_removal=None, token_medoids=None):
     handle = reduction.VisionPatchHandle(model, "clipfast.patch_timm_vit")
     reduction.install(handle, embedding_output=model.patch_drop, grid=tuple(model.patch_embed.grid_size),
                       blocks=blocks, num_prefix=model.num_prefix_tokens, parts_of=_block_parts,
-                      token_removal=token_removal, token_medoids=token_medoids)
+                      token_removal=token_removal, token_medoids=token_medoids,
+                      has_class_token=getattr(model, "cls_token", None) is not None)
     return handle
 
 

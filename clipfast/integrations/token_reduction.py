@@ -16,7 +16,8 @@ Three insertions, each on the given instance only and undone by ``handle.unpatch
   :func:`clipfast.segment_medoids` of it (video frames folded into the batch: ``(B*T, 1+L, D)`` becomes
   ``(B*S, 1+K, D)``, so the tower returns one embedding per segment).
 
-All shapes are fixed when the patch is made, so ``torch.compile(fullgraph=True)`` traces the patched
+All shapes are fixed, and checked, when the patch is made (a count, grid or block size that does not fit the
+model, or EViT removal on a tower without a class token, raises then, not at the first forward), so ``torch.compile(fullgraph=True)`` traces the patched
 towers without graph breaks.
 """
 
@@ -26,13 +27,15 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import operator
 import types
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
 from clipfast.attention_scores import cls_attention_scores
-from clipfast.functional import attentive_token_keep, num_keep_for_ratio, segment_medoids
+from clipfast.functional import attentive_token_keep, resolve_num_keep, segment_medoids
+from clipfast.inputs import as_int, is_int_like
 from clipfast.integrations._handle import PatchHandle
 
 
@@ -69,7 +72,8 @@ class TokenRemoval:
         """EViT's defaults: keep rate 0.7 at the 4th, 7th and 10th blocks."""
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-        return cls("self_attention", float(keep_ratio), blocks=tuple(blocks), fuse_dropped=bool(fuse_dropped))
+        blocks = tuple(operator.index(b) if is_int_like(b) else b for b in blocks)
+        return cls("self_attention", float(keep_ratio), blocks=blocks, fuse_dropped=bool(fuse_dropped))
 
     def __post_init__(self):
         if self.mode not in ("given_scores", "self_attention"):
@@ -138,27 +142,35 @@ class BlockParts:
 
 def check_block_indices(blocks, depth: int, what: str) -> None:
     for index in blocks:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < depth:
+        if not is_int_like(index) or not 0 <= operator.index(index) < depth:
             raise ValueError(f"{what}: block index {index!r} is not in [0, {depth}) for this {depth}-block tower")
+
+
+def given_scores_num_keep(removal: TokenRemoval, grid: Tuple[int, int]) -> int:
+    """The patches a given-scores removal keeps on this model's ``grid``; ValueError (at patch time) when
+    the count, ratio, grid or block size does not fit the model."""
+    patches = grid[0] * grid[1]
+    block_grid = removal.grid or (grid if removal.block != 1 else None)
+    try:
+        return resolve_num_keep(patches, removal.num_keep, block_grid, removal.block)
+    except ValueError as error:
+        raise ValueError(f"TokenRemoval.given_scores({removal.num_keep!r}, grid={removal.grid!r}, "
+                         f"block={removal.block!r}) does not fit this model's {grid[0]} x {grid[1]} patch grid: "
+                         f"{error}") from None
 
 
 def install_given_scores(handle: VisionPatchHandle, embedding_output: torch.nn.Module, removal: TokenRemoval,
                          num_prefix: int, grid: Tuple[int, int]) -> None:
     """The A-CLIP insertion: a forward hook on ``embedding_output`` (its output: (B, P + L, D))."""
-    patches = grid[0] * grid[1]
-    block_grid = removal.grid or grid
-    if removal.block > 1 and block_grid[0] * block_grid[1] != patches:
-        raise ValueError(f"TokenRemoval grid {block_grid} does not match the model's {patches} patches")
-    num_keep = removal.num_keep
-    if isinstance(num_keep, float):
-        num_keep = num_keep_for_ratio(patches, num_keep, block=removal.block)
-    keep_grid = block_grid if removal.block > 1 else None
+    num_keep = given_scores_num_keep(removal, grid)
+    block = operator.index(removal.block)
+    keep_grid = tuple(operator.index(g) for g in (removal.grid or grid)) if block > 1 else None
 
     def keep_hook(module, inputs, output):
         if handle.scores is None:
             return output
         return attentive_token_keep(output, handle.scores, num_keep, num_prefix_tokens=num_prefix,
-                                    grid=keep_grid, block=removal.block)[0]
+                                    grid=keep_grid, block=block)[0]
 
     handle.add_hook(embedding_output.register_forward_hook(keep_hook))
 
@@ -183,7 +195,11 @@ def self_attention_forward(parts_of: Callable[[torch.nn.Module], BlockParts], re
 
 
 def install_self_attention(handle: VisionPatchHandle, blocks, removal: TokenRemoval, num_prefix: int,
-                           parts_of: Callable[[torch.nn.Module], BlockParts]) -> None:
+                           parts_of: Callable[[torch.nn.Module], BlockParts], has_class_token: bool = True) -> None:
+    if not has_class_token or num_prefix < 1:
+        raise ValueError(f"{handle.name}: TokenRemoval.self_attention (EViT) ranks patches by the [CLS] token's "
+                         "attention, and this model has no class token; use TokenRemoval.given_scores with "
+                         "scores of your own")
     check_block_indices(removal.blocks, len(blocks), "TokenRemoval.self_attention")
     forward = self_attention_forward(parts_of, removal, num_prefix)
     for index in removal.blocks:
@@ -191,26 +207,57 @@ def install_self_attention(handle: VisionPatchHandle, blocks, removal: TokenRemo
         handle.set(blocks[index], "forward", types.MethodType(forward, blocks[index]))
 
 
-def install_medoids(handle: VisionPatchHandle, blocks, medoids: TokenMedoids, num_prefix: int) -> None:
-    """The CenterCLIP insertion: a forward pre-hook replacing block ``medoids.block``'s input."""
+def patches_at_block(block_index: int, patches: int, removal: Optional[TokenRemoval], grid: Tuple[int, int]) -> int:
+    """The patch tokens entering block ``block_index`` when every removal before it keeps what it can keep
+    (the fewest a forward can see: with given scores, the kept count)."""
+    if removal is None:
+        return patches
+    if removal.mode == "given_scores":
+        return min(patches, given_scores_num_keep(removal, grid))
+    for index in sorted(removal.blocks):
+        if index < block_index:
+            patches = max(1, math.ceil(removal.num_keep * patches)) + int(removal.fuse_dropped)
+    return patches
+
+
+def install_medoids(handle: VisionPatchHandle, blocks, medoids: TokenMedoids, num_prefix: int,
+                    patches: Optional[int] = None) -> None:
+    """The CenterCLIP insertion: a forward pre-hook replacing block ``medoids.block``'s input. ``patches``:
+    the patch tokens per frame entering the block, when known, to check ``num_medoids`` at patch time."""
     check_block_indices((medoids.block,), len(blocks), "TokenMedoids")
-    if medoids.num_frames < 1 or medoids.num_segments < 1 or medoids.num_frames % medoids.num_segments:
+    num_frames, num_segments = as_int(medoids.num_frames, "num_frames"), as_int(medoids.num_segments, "num_segments")
+    if num_frames < 1 or num_segments < 1 or num_frames % num_segments:
         raise ValueError(f"TokenMedoids: num_frames={medoids.num_frames} is not divisible into "
                          f"num_segments={medoids.num_segments} segments")
+    if medoids.metric not in ("euclidean", "cosine"):
+        raise ValueError(f"TokenMedoids: metric must be 'euclidean' or 'cosine', got {medoids.metric!r}")
+    tokens = None if patches is None else num_frames // num_segments * patches
+    if not is_int_like(medoids.num_medoids) or operator.index(medoids.num_medoids) < 1 or \
+            (tokens is not None and operator.index(medoids.num_medoids) > tokens):
+        bound = f"[1, {tokens}] (the patch tokens of a {num_frames // num_segments}-frame segment)" \
+            if tokens is not None else ">= 1"
+        raise ValueError(f"TokenMedoids: num_medoids must be an int in {bound}, got {medoids.num_medoids!r}")
+    from clipfast.functional import check_medoid_iterations
+
+    max_iters, split_size = check_medoid_iterations(medoids.max_iters, medoids.split_size)
+    num_medoids = operator.index(medoids.num_medoids)
+    block = operator.index(medoids.block)
 
     def medoid_hook(module, args, kwargs):
-        reduced = segment_medoids(args[0], medoids.num_frames, medoids.num_segments, medoids.num_medoids,
-                                  num_prefix_tokens=num_prefix, metric=medoids.metric, max_iters=medoids.max_iters,
-                                  split_size=medoids.split_size)
+        reduced = segment_medoids(args[0], num_frames, num_segments, num_medoids,
+                                  num_prefix_tokens=num_prefix, metric=medoids.metric, max_iters=max_iters,
+                                  split_size=split_size)
         return (reduced,) + tuple(args[1:]), kwargs
 
-    handle.add_hook(blocks[medoids.block].register_forward_pre_hook(medoid_hook, with_kwargs=True))
+    handle.add_hook(blocks[block].register_forward_pre_hook(medoid_hook, with_kwargs=True))
 
 
 def install(handle: VisionPatchHandle, *, embedding_output: torch.nn.Module, grid: Tuple[int, int], blocks,
             num_prefix: int, parts_of: Callable[[torch.nn.Module], BlockParts],
-            token_removal: Optional[TokenRemoval], token_medoids: Optional[TokenMedoids]) -> None:
-    """Every insertion asked for, on one tower; on any error the handle is unpatched before re-raising."""
+            token_removal: Optional[TokenRemoval], token_medoids: Optional[TokenMedoids],
+            has_class_token: bool = True) -> None:
+    """Every insertion asked for, on one tower; on any error the handle is unpatched before re-raising.
+    Every shape the patch fixes (kept count, block grid, class token, medoid count) is checked here."""
     try:
         if token_removal is not None and token_removal.mode == "given_scores":
             if getattr(embedding_output, "prob", 0.0) > 0:
@@ -218,9 +265,11 @@ def install(handle: VisionPatchHandle, *, embedding_output: torch.nn.Module, gri
                                  f"(prob={embedding_output.prob}); attentive removal replaces it, turn it off")
             install_given_scores(handle, embedding_output, token_removal, num_prefix, grid)
         elif token_removal is not None:
-            install_self_attention(handle, blocks, token_removal, num_prefix, parts_of)
+            install_self_attention(handle, blocks, token_removal, num_prefix, parts_of, has_class_token)
         if token_medoids is not None:
-            install_medoids(handle, blocks, token_medoids, num_prefix)
+            check_block_indices((token_medoids.block,), len(blocks), "TokenMedoids")
+            patches = patches_at_block(operator.index(token_medoids.block), grid[0] * grid[1], token_removal, grid)
+            install_medoids(handle, blocks, token_medoids, num_prefix, patches)
     except BaseException:
         handle.unpatch()
         raise

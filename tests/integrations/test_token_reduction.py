@@ -12,6 +12,7 @@ reversible, and compile with ``fullgraph=True``.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,3 +350,51 @@ def test_bad_configurations_raise_and_leave_the_model_unpatched():
     with pytest.raises(ValueError, match="patch dropout"):
         clipfast.patch_timm_vit(dropout_model, token_removal=TokenRemoval.given_scores(4))
     clipfast.patch_open_clip(model, token_removal=TokenRemoval.given_scores(4)).unpatch()  # nothing left over
+
+
+def test_shapes_are_checked_at_patch_time():
+    """Everything a patch fixes fails when the patch is made, and leaves the model unpatched."""
+    def no_class_token():
+        torch.manual_seed(0)
+        return timm.models.vision_transformer.VisionTransformer(
+            img_size=GRID * PATCH, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=0,
+            class_token=False, global_pool="avg").eval()
+
+    model = no_class_token()
+    with pytest.raises(ValueError, match="no class token"):
+        clipfast.patch_timm_vit(model, token_removal=TokenRemoval.self_attention(1.0, blocks=(0,)))
+    assert "forward" not in vars(model.blocks[0])
+    vit = _timm_vit()  # GRID x GRID patches
+    patches = GRID * GRID
+    bad = [TokenRemoval.given_scores(patches + 1), TokenRemoval.given_scores(0),
+           TokenRemoval.given_scores(0.5, grid=(GRID + 1, GRID)), TokenRemoval.given_scores(3, block=2)]
+    if GRID % 2:
+        bad.append(TokenRemoval.given_scores(0.5, block=2))  # an odd grid has no 2 x 2 blocks
+    for removal in bad:
+        with pytest.raises(ValueError, match="does not fit this model"):
+            clipfast.patch_timm_vit(vit, token_removal=removal)
+        assert not vit.patch_drop._forward_hooks
+    odd = open_clip.transformer.VisionTransformer(image_size=7 * PATCH, patch_size=PATCH, width=WIDTH, layers=1,
+                                                  heads=HEADS, mlp_ratio=4.0, output_dim=32)
+    with pytest.raises(ValueError, match="not divisible into 2 x 2 blocks"):
+        clipfast.patch_open_clip(odd, token_removal=TokenRemoval.given_scores(0.5, block=2))
+    with pytest.raises(ValueError, match=r"num_medoids must be an int in \[1, 2 \*|num_medoids must be an int in"):
+        clipfast.patch_timm_vit(vit, token_medoids=TokenMedoids(block=1, num_frames=4, num_segments=2,
+                                                                num_medoids=2 * patches + 1))
+    with pytest.raises(ValueError, match="num_medoids"):  # fewer patches after EViT removal in block 0
+        clipfast.patch_timm_vit(vit, token_removal=TokenRemoval.self_attention(0.5, blocks=(0,)),
+                                token_medoids=TokenMedoids(block=1, num_frames=2, num_segments=2,
+                                                           num_medoids=patches))
+    assert not any(b._forward_pre_hooks for b in vit.blocks) and "forward" not in vars(vit.blocks[0])
+
+
+def test_integer_like_patch_arguments():
+    vit = _timm_vit()
+    with clipfast.patch_timm_vit(vit, token_removal=TokenRemoval.self_attention(0.5, blocks=(np.int64(1),)),
+                                 token_medoids=TokenMedoids(block=np.int64(2), num_frames=np.int64(2),
+                                                            num_segments=torch.tensor(1), num_medoids=np.int32(3))):
+        out = vit.forward_features(torch.randn(4, 3, GRID * PATCH, GRID * PATCH))
+    assert out.shape[:2] == (2, 1 + 3)
+    with clipfast.patch_timm_vit(vit, token_removal=TokenRemoval.given_scores(np.int64(4))) as handle:
+        with handle.keep_scores(torch.rand(2, GRID * GRID)):
+            assert vit.forward_features(torch.randn(2, 3, GRID * PATCH, GRID * PATCH)).shape[1] == 1 + 4
