@@ -38,6 +38,16 @@ The launcher walks the rows in groups (a Python loop, no host synchronisation); 
   The programs are latency bound (one program per row or chunk); this op is about determinism and matching
   the reference index for index, not peak throughput.
 
+Work (GEMM-equivalents: one is a segment's ``N x N x D`` Gram, ``2 N^2 D`` flops): the distance tiles execute
+no ``tl.dot`` (0 GEMM-equivalents on the tensor cores; tests/ops/test_token_medoids_triton.py counts them under
+the interpreter). They do ``(T + 1) / 2T`` of the Gram's multiply-adds (``T = cdiv(N, BLOCK_I)``: the tiles on
+and above the diagonal, each once, N and D rounded up to whole blocks) as fp32 broadcasts on the CUDA cores,
+16-bit inputs widened to fp32. Kept so on purpose: the exact ties above need every distance between equal
+tokens to be bitwise equal wherever the pair sits in the matrix, which the direct differences give; a
+``tl.dot`` Gram (``G_ii + G_jj - 2 G_ij``) gives it only if the dot rounds each element independently of its
+position, which the interpreter's BLAS-backed dot does not (duplicate tokens then differ in the last bit and
+KKZ / the updates break ties differently). The medoid iterations issue no ``tl.dot`` either.
+
 Determinism: each output is owned by one program and computed in a fixed order (no atomics); results are
 bitwise reproducible run to run. Scratch memory: ``_SCRATCH_ELEMS`` fp32 (256 MiB) at most, or one chunk's
 ``S N^2`` fp32 if larger, plus (rows, N) fp32 norms.

@@ -290,3 +290,16 @@ def test_kernel_configs():
             assert cfg["medoids"]["BLOCK_N"] >= n and cfg["medoids"]["BLOCK_K"] == cfg["medoids"]["BLOCK_N"]
     with pytest.raises(TypeError):
         T.kernel_configs(50, 768, torch.float64)
+
+
+@pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="counts tl.dot calls of the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_work(dtype):
+    """The module docstring's count: the distance tiles and the medoid iterations execute no tl.dot."""
+    from gemm_work import count_dot_flops
+
+    x = torch.randn(2, 40, 16).to(dtype)
+    with count_dot_flops() as work:
+        _run(x, 4, "euclidean")
+        _run(x, 4, "cosine")
+    assert work.calls == 0 and work.flops == 0
