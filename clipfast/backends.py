@@ -92,14 +92,47 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_PRECISION_OVERRIDES = ("ieee", "tf32")
+
+
 def triton_input_precision() -> str:
-    """``tl.dot`` precision of the Triton kernels for fp32 inputs: ``ieee`` (default, exact fp32) or
-    ``tf32`` (tensor cores, ~1e-3 relative error on the logits), from ``CLIPFAST_TRITON_PRECISION``.
-    16-bit inputs always multiply in their own dtype with fp32 accumulation."""
-    precision = os.environ.get("CLIPFAST_TRITON_PRECISION", "ieee").strip().lower()
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"CLIPFAST_TRITON_PRECISION={precision!r}; choose 'ieee' or 'tf32'")
-    return precision
+    """``tl.dot`` precision of the Triton kernels for fp32 inputs, following PyTorch's own setting.
+
+    Read once per op call, on the host, inside the registered op (so ``torch.compile`` never bakes a
+    stale value into a graph: the op body runs at run time). 16-bit inputs always multiply in their
+    own dtype on tensor cores with fp32 accumulation; this only decides fp32:
+
+    ====================================================================  ========  ==============
+    PyTorch setting                                                       Triton    error of a dot
+    ====================================================================  ========  ==============
+    ``torch.backends.cuda.matmul.fp32_precision = "ieee"``, or            ``ieee``  fp32 rounding
+    ``torch.set_float32_matmul_precision("highest")`` (the default)                 (FMA, no tensor cores)
+    ``fp32_precision = "tf32"``, or ``"high"`` / ``"medium"``             ``tf32``  operands rounded
+                                                                                    to 10-bit mantissas
+    ====================================================================  ========  ==============
+
+    "medium" allows bf16 internally; Triton offers ``bf16x3``, but that runs three MMAs per product for
+    about fp32 accuracy, i.e. slower than tf32 and more precise than "medium" asks: tf32 serves both.
+    ``CLIPFAST_TRITON_PRECISION=ieee|tf32`` overrides the PyTorch setting (for experiments; documented
+    in the README), read on every call like the setting itself.
+    """
+    override = os.environ.get("CLIPFAST_TRITON_PRECISION", "").strip().lower()
+    if override:
+        if override not in _PRECISION_OVERRIDES:
+            raise ValueError(f"CLIPFAST_TRITON_PRECISION={override!r}; choose 'ieee' or 'tf32' (or unset it to "
+                             "follow torch.backends.cuda.matmul.fp32_precision)")
+        return override
+    # The per-backend setting (torch >= 2.9) wins; "none" defers to the generic one, then to the legacy
+    # float32_matmul_precision, which raises when legacy and new APIs were mixed: then exact fp32.
+    for setting in (getattr(torch.backends.cuda.matmul, "fp32_precision", "none"),
+                    getattr(torch.backends, "fp32_precision", "none")):
+        if setting in ("ieee", "tf32"):
+            return setting
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "ieee"
+    return "ieee" if legacy == "highest" else "tf32"
 
 
 def triton_importable() -> bool:

@@ -82,10 +82,35 @@ def test_import_without_native_library_falls_back_with_a_warning(tmp_path):
     assert abs(float(result.stdout) - 0.5514) < 1e-3
 
 
-def test_triton_precision_setting(monkeypatch):
+@pytest.fixture
+def fp32_matmul_setting(monkeypatch):
+    """Restores PyTorch's fp32 matmul precision (new per-backend and generic settings) afterwards."""
+    monkeypatch.delenv("CLIPFAST_TRITON_PRECISION", raising=False)
+    cuda_matmul, generic = torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision
+    yield
+    torch.backends.cuda.matmul.fp32_precision = cuda_matmul
+    torch.backends.fp32_precision = generic
+
+
+@pytest.mark.parametrize("setting, expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_triton_precision_follows_float32_matmul_precision(fp32_matmul_setting, setting, expected):
+    torch.set_float32_matmul_precision(setting)
+    assert backends.triton_input_precision() == expected
+
+
+@pytest.mark.parametrize("setting", ["ieee", "tf32"])
+def test_triton_precision_follows_cuda_matmul_fp32_precision(fp32_matmul_setting, setting):
+    torch.backends.cuda.matmul.fp32_precision = setting
+    assert backends.triton_input_precision() == setting
+    torch.backends.cuda.matmul.fp32_precision = "none"  # defers to the generic setting
+    torch.backends.fp32_precision = setting
+    assert backends.triton_input_precision() == setting
+
+
+def test_triton_precision_environment_override(fp32_matmul_setting, monkeypatch):
+    torch.set_float32_matmul_precision("high")
+    monkeypatch.setenv("CLIPFAST_TRITON_PRECISION", "ieee")
     assert backends.triton_input_precision() == "ieee"
-    monkeypatch.setenv("CLIPFAST_TRITON_PRECISION", "tf32")
-    assert backends.triton_input_precision() == "tf32"
     monkeypatch.setenv("CLIPFAST_TRITON_PRECISION", "fp8")
     with pytest.raises(ValueError, match="CLIPFAST_TRITON_PRECISION"):
         backends.triton_input_precision()
@@ -93,8 +118,24 @@ def test_triton_precision_setting(monkeypatch):
 
 @pytest.mark.skipif("triton" not in backends.available_backends("contrastive", "cpu"),
                     reason="Triton unavailable on CPU tensors here (needs triton and TRITON_INTERPRET=1)")
-def test_triton_backend_receives_the_precision(monkeypatch):
-    monkeypatch.setenv("CLIPFAST_TRITON_PRECISION", "tf32")
-    from clipfast.ops import contrastive as ops
+def test_triton_kernels_follow_the_setting_of_each_call_under_compile(fp32_matmul_setting, monkeypatch):
+    """Read at run time inside the registered op: a compiled graph never bakes in a stale precision."""
+    from clipfast.triton_kernels import contrastive as triton_contrastive
 
-    assert ops.kernels("triton").lse.keywords == {"input_precision": "tf32"}
+    seen = []
+    lse = triton_contrastive.contrastive_lse_triton
+
+    def spy(*args, input_precision):
+        seen.append(input_precision)
+        return lse(*args, input_precision=input_precision)
+
+    monkeypatch.setattr(triton_contrastive, "contrastive_lse_triton", spy)
+    img, txt = torch.randn(8, 16), torch.randn(8, 16)
+    loss = torch.compile(clipfast.clip_loss, backend="aot_eager", fullgraph=True)
+    with clipfast.use_backend("triton"):
+        torch.set_float32_matmul_precision("highest")
+        exact = loss(img, txt, torch.tensor(10.0))
+        torch.set_float32_matmul_precision("high")
+        tf32 = loss(img, txt, torch.tensor(10.0))
+    assert seen == ["ieee", "tf32"]
+    torch.testing.assert_close(tf32, exact, rtol=1e-2, atol=0)

@@ -19,12 +19,25 @@ Algorithm
   swapped, because ``S.T = scale * y @ x.T``.
 * Backward. ``G = dF/dS`` for F = row_weight * sum_i row_lse_i + col_weight * sum_j col_lse_j
   (softmax: G_ij = row_weight * exp(S_ij - row_lse_i) + col_weight * exp(S_ij - col_lse_j))
-  or F = sum_ij softplus(S_ij + bias) (sigmoid: G = sigmoid(S + bias)). The kernel recomputes
-  each logit tile from x and y, forms that G tile in registers from the saved LSE vectors
-  and contracts it at once: ``grad_x = G @ y``; launching the same kernel with the roles of
-  x and y swapped gives ``grad_y = G.T @ x``. (dF/dx = scale * grad_x: the caller applies
-  ``scale`` and any loss-specific terms.) The output dimension D is split over a second
-  grid axis, which recomputes S once per D-chunk (see ``_contrastive_grad_kernel``).
+  or F = sum_ij softplus(S_ij + bias) (sigmoid: G = sigmoid(S + bias)). A program owns a row
+  block and sweeps the column tiles: it recomputes each logit tile once from x and y, forms
+  that G tile in registers from the saved LSE vectors and contracts it at once with the
+  matching rows of y, chunk by chunk over D, adding into the program's own gradient rows
+  (``grad_x = G @ y``); launching the same kernel with the roles of x and y swapped gives
+  ``grad_y = G.T @ x``. (dF/dx = scale * grad_x: the caller applies ``scale`` and any
+  loss-specific terms.)
+* Work, in N x M x D GEMM-equivalents (2·N·M·D flops each) for one forward + backward, any
+  D (the block sizes only tile it): the row reduction is 1, a gradient launch 2 (the logit
+  recompute and G @ y). Softmax InfoNCE: 2 (row and column LSE) + 2 x 2 = 6; SigLIP:
+  1 + 2 x 2 = 5. ``tests/ops/test_contrastive_triton_work.py`` counts every executed
+  ``tl.dot`` under the interpreter and holds these numbers. (The previous design split D
+  over a second grid axis and recomputed the logit tile once per D chunk: 12-20 fp32 and
+  8-12 bf16 GEMM-equivalents for the symmetric loss at D = 512-1024.)
+* Precision. 16-bit inputs multiply on tensor cores (mma.sync on sm_80, wgmma on sm_90)
+  with fp32 accumulation, and G is rounded to the input dtype for its GEMM. fp32 inputs take
+  ``input_precision`` from the caller, which follows PyTorch's float32 matmul precision
+  (``clipfast.backends.triton_input_precision``): "ieee" = exact fp32 on FMA units, "tf32" =
+  tensor cores with operands rounded to a 10-bit mantissa.
 * Determinism. Every output element (LSE entry, softplus sum, gradient row chunk) is owned
   by exactly one program and accumulated in a fixed loop order: no atomics, so results are
   bitwise reproducible run to run.
@@ -202,7 +215,6 @@ def _contrastive_grad_kernel(
     stride_gd,
     row_weight,
     col_weight,
-    out_scale,
     SIGMOID: tl.constexpr,
     ROW_TERM: tl.constexpr,
     COL_TERM: tl.constexpr,
@@ -213,28 +225,33 @@ def _contrastive_grad_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """grad[i, d] = out_scale * sum_j G_ij y[j, d]; optionally row_sum[i] = sum_j G_ij.
+    """grad[i, :] += sum_j G_ij y[j, :] over all j; optionally row_sum[i] = sum_j G_ij.
 
-    x: (N, D), y: (M, D), grad: (N, D) fp32, row_sum: (N,) fp32 contiguous.
+    x: (N, D), y: (M, D), grad: (N, D) fp32, zero-filled by the launcher; row_sum: (N,) fp32.
     SIGMOID=False: G_ij = row_weight * exp(S_ij - row_lse[i]) [ROW_TERM]
                         + col_weight * exp(S_ij - col_lse[j]) [COL_TERM].
     SIGMOID=True:  G_ij = sigmoid(S_ij + bias).
-    Grid: (cdiv(N, BLOCK_M), cdiv(D, BLOCK_D)); program (r, c) owns grad[r-block, c-chunk].
+    Grid: (cdiv(N, BLOCK_M),); program r owns the gradient rows of its row block, all of D.
 
-    The second grid axis splits the *output* feature dimension: a program keeps a
-    (BLOCK_M, BLOCK_D) fp32 accumulator in registers, which would not fit for the whole of
-    D = 512..1152 without spilling. The price is that every D-chunk program recomputes the
-    full-D logit tile, i.e. the S recompute costs ceil(D / BLOCK_D) times one GEMM.
+    Work: each logit tile is computed exactly once (one N x M x D GEMM over the grid) and
+    contracted at once with y in D-chunks of BLOCK_D (a second GEMM), so one launch is two
+    GEMM-equivalents for every D. The (BLOCK_M, D) fp32 gradient block cannot live in
+    registers for D up to 1280, so it accumulates in global memory: each column tile adds
+    its contribution chunk by chunk (load, tl.dot, store). Only this program touches those
+    rows, and it visits the column tiles in a fixed order, so the result is deterministic.
+    The block (BLOCK_M * D * 4 bytes, 256 KiB at D = 1024) is re-read while it is hot, from
+    L2; per column tile the read-modify-write moves 8 * BLOCK_M * D bytes against
+    4 * BLOCK_M * BLOCK_N * D flops, i.e. BLOCK_N / 2 flops per byte of L2 traffic.
     """
     tl.static_assert(BLOCK_K >= 16)  # tl.dot needs K >= 16
+    tl.static_assert(BLOCK_N >= 16)  # ... and the column tile is the K of G @ y
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < N
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    d_mask = dd < D
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     scale = tl.load(scale_ptr).to(tl.float32)
+    grad_rows = grad_ptr + rows[:, None] * stride_gn
 
     if SIGMOID:
         bias = tl.load(bias_ptr).to(tl.float32)
@@ -243,7 +260,6 @@ def _contrastive_grad_kernel(
     elif ROW_TERM:
         row_lse = tl.load(row_lse_ptr + rows, mask=row_mask, other=0.0)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + offs_n
         col_mask = cols < M
@@ -258,22 +274,27 @@ def _contrastive_grad_kernel(
             if COL_TERM:
                 col_lse = tl.load(col_lse_ptr + cols, mask=col_mask, other=0.0)
                 g += col_weight * tl.exp(s - col_lse[None, :])
-        # Padding columns must contribute nothing, neither to the row sum nor (0 * inf) to acc.
+        # Padding columns must contribute nothing, neither to the row sum nor (0 * inf) to grad.
         g = tl.where(col_mask[None, :], g, 0.0)
         if SIGMOID and WRITE_ROW_SUM:
             g_sum += tl.sum(g, axis=1)
-        y_chunk = tl.load(y_ptr + cols[:, None] * stride_yn + dd[None, :] * stride_yd,
-                          mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         # Rounding G to the input dtype lets the second GEMM run on 16-bit tensor cores, as
         # FlashAttention does with P. The launcher keeps G within [0, 2] (weights normalised,
-        # undone by out_scale) so fp16 does not flush it to zero. No-op for fp32 inputs.
-        acc = tl.dot(g.to(y_chunk.dtype), y_chunk, acc, input_precision=INPUT_PRECISION)
+        # undone afterwards) so fp16 does not flush it to zero. No-op for fp32 inputs.
+        g = g.to(y_ptr.dtype.element_ty)
+        y_rows = y_ptr + cols[:, None] * stride_yn
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_mask = dd < D
+            y_chunk = tl.load(y_rows + dd[None, :] * stride_yd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            out_mask = row_mask[:, None] & d_mask[None, :]
+            grad_chunk = grad_rows + dd[None, :] * stride_gd
+            acc = tl.load(grad_chunk, mask=out_mask, other=0.0)
+            acc = tl.dot(g, y_chunk, acc, input_precision=INPUT_PRECISION)
+            tl.store(grad_chunk, acc, mask=out_mask)
 
-    tl.store(grad_ptr + rows[:, None] * stride_gn + dd[None, :] * stride_gd, acc * out_scale,
-             mask=row_mask[:, None] & d_mask[None, :])
     if SIGMOID and WRITE_ROW_SUM:
-        if pid_d == 0:
-            tl.store(row_sum_ptr + rows, g_sum, mask=row_mask)
+        tl.store(row_sum_ptr + rows, g_sum, mask=row_mask)
 
 
 # Decided when the decorators ran: under TRITON_INTERPRET=1 they return interpreter objects.
@@ -285,42 +306,52 @@ _INTERPRETED = not isinstance(_contrastive_row_reduce_kernel, triton.runtime.JIT
 # --------------------------------------------------------------------------------------------
 
 
-def kernel_configs(D: int, dtype: torch.dtype) -> dict:
-    """Launch configuration used for feature dimension ``D`` and input ``dtype``.
+def kernel_configs(D: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
+    """Launch configuration used for feature dimension ``D``, input ``dtype`` and fp32 ``precision``.
 
     Returns ``{"row_reduce": {...}, "grad": {...}}``; each inner dict holds the kernel's
     block-size constexprs plus ``num_warps``/``num_stages``, exactly as the launchers pass
-    them, so the AOT test compiles (and checks for spills) what actually runs.
+    them, so the AOT test compiles (and checks for spills and tensor-core instructions) what
+    actually runs.
 
     Policy (fixed table, no ``triton.autotune``: that needs a GPU to benchmark). Sizes were
-    chosen by compiling for sm_80 and sm_90 and keeping the largest tiles with no register
-    spills (STACK 0) and shared memory within the sm_80 limit:
-    * 16-bit inputs (tensor-core ``tl.dot``): ``BLOCK_K`` = 64 elements = one 128 B line per
-      row. The row reduction uses 128 x 64 logit tiles (taller row blocks mean ``y`` is
-      re-streamed from L2 fewer times) on 8 warps with 3 pipeline stages. The gradient uses
-      64 x 64 logit tiles and a 64 x 256 fp32 accumulator on 8 warps (~200-220 registers per
-      thread), so D = 512 / 768 / 1152 needs 2 / 3 / 5 D-chunks.
-    * fp32 inputs: ``input_precision="ieee"`` lowers ``tl.dot`` to FMA loops that hold a
-      thread's whole operand slices (rows x K and K x cols) in registers, so K must stay
-      small: ``BLOCK_K`` = 16 for the logit GEMM and ``BLOCK_N`` = 32 for the gradient, whose
-      ``G @ y`` contracts over the column tile. The same tiles serve "tf32" (fewer registers).
-      Row reduction 64 x 64 on 8 warps; gradient accumulator 64 x 128 on 8 warps, so
-      D = 512 / 768 / 1152 needs 4 / 6 / 9 D-chunks (fp32 is the precision path, not the
-      fast one).
+    chosen by compiling for sm_80 and sm_90 and keeping large tiles with no register spills
+    (STACK 0) and shared memory within the sm_80 limit:
+    * 16-bit inputs (tensor cores: mma.sync on sm_80, wgmma on sm_90): ``BLOCK_K`` = 64
+      elements = one 128 B line per row. The row reduction uses 128 x 64 logit tiles on 8
+      warps with 3 pipeline stages (~125 registers, two programs per SM). The gradient uses
+      64 x 128 logit tiles, contracted with y in 128-wide D chunks (~195 registers): the wide
+      column tile halves the gradient block's L2 read-modify-write per flop (see
+      ``_contrastive_grad_kernel``).
+    * fp32 with ``precision="tf32"`` (tensor cores on fp32 operands): the same shapes with
+      ``BLOCK_K`` = 32 (the same 128 B per row) and 64 x 64 gradient tiles.
+    * fp32 with ``precision="ieee"`` (exact fp32, no tensor cores): ``tl.dot`` lowers to FMA
+      loops that hold a thread's whole operand slices in registers, so K stays small:
+      ``BLOCK_K`` = 16 for the logit GEMM and ``BLOCK_N`` = 32 for the gradient, whose
+      ``G @ y`` contracts over the column tile.
     * Small D: ``BLOCK_K``/``BLOCK_D`` shrink to the next power of two of D (at least 16,
       the ``tl.dot`` minimum) so no lanes are wasted on padding.
+    The block sizes never change the work: every launch is one (row reduction) or two
+    (gradient) N x M x D GEMM-equivalents, for every D.
     """
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
+    if precision not in _INPUT_PRECISIONS:
+        raise ValueError(f"precision must be one of {_INPUT_PRECISIONS}, got {precision!r}")
     d_pow2 = max(triton.next_power_of_2(max(int(D), 1)), 16)
-    if dtype == torch.float32:
-        block_k = min(d_pow2, 16)
-        row = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
-        grad = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=block_k, BLOCK_D=min(d_pow2, 128), num_warps=8, num_stages=2)
-    else:
+    block_d = min(d_pow2, 128)
+    if dtype != torch.float32:
         block_k = min(d_pow2, 64)
         row = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
-        grad = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=min(d_pow2, 256), num_warps=8, num_stages=2)
+        grad = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8, num_stages=2)
+    elif precision == "tf32":
+        block_k = min(d_pow2, 32)
+        row = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        grad = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8, num_stages=2)
+    else:
+        block_k = min(d_pow2, 16)
+        row = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        grad = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8, num_stages=2)
     return {"row_reduce": row, "grad": grad}
 
 
@@ -369,7 +400,7 @@ def _check_precision(input_precision, dtype):
 def _row_reduce(x, y, scale, bias, sigmoid, precision):
     """Launch the row kernel: (N,) fp32. Requires N >= 1 and M >= 1."""
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    cfg = kernel_configs(x.shape[1], x.dtype)["row_reduce"]
+    cfg = kernel_configs(x.shape[1], x.dtype, precision)["row_reduce"]
     grid = (triton.cdiv(x.shape[0], cfg["BLOCK_M"]),)
     _contrastive_row_reduce_kernel[grid](
         x, y, scale, bias, out,
@@ -391,23 +422,23 @@ def _grad(x, y, scale, bias, row_lse, col_lse, row_weight, col_weight, sigmoid, 
     # the fp32 accumulator back by w_max.
     out_scale = max((abs(float(w)) for w, lse in ((row_weight, row_lse), (col_weight, col_lse)) if lse is not None),
                     default=1.0)
-    grad = torch.empty((n, d), dtype=torch.float32, device=x.device)
+    grad = torch.zeros((n, d), dtype=torch.float32, device=x.device)  # the kernel accumulates into it
     row_sum = torch.empty(n, dtype=torch.float32, device=x.device) if write_row_sum else grad
-    cfg = kernel_configs(d, x.dtype)["grad"]
-    # At least one D-chunk so that the row sum is still produced when D == 0.
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), max(triton.cdiv(d, cfg["BLOCK_D"]), 1))
+    cfg = kernel_configs(d, x.dtype, precision)["grad"]
     # Unused pointer slots get any valid tensor; constexpr flags keep the kernel from reading them.
-    _contrastive_grad_kernel[grid](
+    _contrastive_grad_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
         x, y, scale, bias,
         row_lse if row_lse is not None else scale,
         col_lse if col_lse is not None else scale,
         grad, row_sum,
         n, y.shape[0], d,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0), grad.stride(1),
-        float(row_weight) / out_scale, float(col_weight) / out_scale, float(out_scale),
+        float(row_weight) / out_scale, float(col_weight) / out_scale,
         SIGMOID=sigmoid, ROW_TERM=row_lse is not None, COL_TERM=col_lse is not None,
         WRITE_ROW_SUM=write_row_sum, INPUT_PRECISION=precision, **cfg,
     )  # fmt: skip
+    if out_scale != 1.0:
+        grad.mul_(out_scale)
     return grad, (row_sum if write_row_sum else None)
 
 

@@ -1,9 +1,11 @@
 """Ahead-of-time compilation of the Triton contrastive kernels for sm_80 and sm_90, no GPU needed.
 
 Compiles both kernels (SIGMOID False/True; fp32 with "ieee" and "tf32", fp16, bf16) with the
-exact block sizes ``kernel_configs`` picks for D in {512, 768, 1152} and asserts, from
+exact block sizes ``kernel_configs`` picks for D in {512, 768, 1152, 1280} and asserts, from
 ``cuobjdump --dump-resource-usage`` on the cubin, that nothing spills (STACK and LOCAL are 0)
-and that the shared memory fits the architecture (163 KB on sm_80, 227 KB on sm_90).
+and that the shared memory fits the architecture (163 KB on sm_80, 227 KB on sm_90), and, from
+the PTX, that the 16-bit and tf32 paths multiply on tensor cores (``mma.sync`` on sm_80,
+``wgmma`` on sm_90) while exact fp32 ("ieee") stays on FMA units.
 
 Arguments are specialised as the JIT does for contiguous inputs with D % 16 == 0: unit
 feature strides become constexpr 1, and pointers, D and the row strides carry 16-divisibility
@@ -31,7 +33,9 @@ from clipfast.testing import (assert_triton_compile_clean, run_triton_aot_worker
                               triton_aot_compile, triton_cuobjdump)
 
 CUOBJDUMP = triton_cuobjdump()
-FEATURE_DIMS = (512, 768, 1152)
+FEATURE_DIMS = (512, 768, 1152, 1280)
+# The instruction each path must compile to, per architecture.
+EXPECTED_MMA = {"ieee": {80: "fma", 90: "fma"}, "tensor": {80: "mma", 90: "wgmma"}}
 # Launch-time specialisation of a contiguous (rows, D) input: feature strides equal 1.
 UNIT_STRIDES = ("stride_xd", "stride_yd", "stride_gd")
 DIVISIBLE_INTS = ("D", "stride_xn", "stride_yn", "stride_gn")
@@ -82,12 +86,12 @@ def _worker():
     results = {}
     for dtype, (elem, precisions) in dtypes.items():
         for d in FEATURE_DIMS:
-            for name, cfg in K.kernel_configs(d, dtype).items():
-                fn = kernels[name]
-                blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
-                options = {k: cfg[k] for k in ("num_warps", "num_stages")}
-                for flags in _variants(name):
-                    for precision in precisions:
+            for precision in precisions:
+                for name, cfg in K.kernel_configs(d, dtype, precision).items():
+                    fn = kernels[name]
+                    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+                    options = {k: cfg[k] for k in ("num_warps", "num_stages")}
+                    for flags in _variants(name):
                         for cap in SHARED_LIMIT:
                             key = json.dumps([name, elem, precision, flags, cap, cfg], sort_keys=True)
                             if key in results:  # identical constexprs: same binary for another D
@@ -109,14 +113,18 @@ def _worker():
 def test_kernels_compile_without_spills_for_sm80_sm90():
     rows = run_triton_aot_worker(__file__)
 
-    header = (f"{'kernel':10} {'dtype':5} {'prec':4} {'flags':6} {'sm':2} {'D':14} {'REG':>3} {'STACK':>5} "
-              f"{'SHARED':>6}  config")
+    header = (f"{'kernel':10} {'dtype':5} {'prec':4} {'flags':6} {'sm':2} {'D':19} {'MMA':5} {'REG':>3} "
+              f"{'STACK':>5} {'SHARED':>6}  config")
     print("\n" + header)
     for r in rows:
         print(f"{r['kernel']:10} {r['dtype']:5} {r['precision']:4} {r['flags']:6} {r['sm']:2} "
-              f"{','.join(map(str, r['D'])):14} {r['reg']:3} {r['stack']:5} {r['shared']:6}  {r['config']}")
+              f"{','.join(map(str, r['D'])):19} {r['mma']:5} {r['reg']:3} {r['stack']:5} {r['shared']:6}  "
+              f"{r['config']}")
 
     assert_triton_compile_clean(rows)
+    wrong = [r for r in rows
+             if r["mma"] != EXPECTED_MMA["ieee" if (r["dtype"], r["precision"]) == ("fp32", "ieee") else "tensor"][r["sm"]]]
+    assert not wrong, f"kernels not on the expected matrix instructions: {wrong}"
 
 
 if __name__ == "__main__":
