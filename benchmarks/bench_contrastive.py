@@ -18,6 +18,6 @@ def test_contrastive(benchmark, case):
     step = bench_cases.make_step(case)
     benchmark.group = f"{case.loss}-N{case.n}"
     benchmark.extra_info.update({"op": case.op, "provider": case.provider, "N": case.n, "D": case.d,
-                                 "mode": case.mode, "gflop": case.flops / 1e9})
+                                 "mode": case.mode, "gflop": case.flops / 1e9, "useful_gflop": case.useful_flops / 1e9})
     loss = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
     assert loss.isfinite()

@@ -48,7 +48,8 @@ def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tupl
         ceiling_n = max((n for n in ceilings if n <= case.n), default=None)
         rows.append(report.Row(case.loss, case.provider, case.n, case.d, str(case.dtype)[6:], case.mode,
                                timing.p50, timing.p20, timing.p80, timing.peak_extra_bytes,
-                               case.flops / timing.p50 / 1e9, ceilings.get(ceiling_n), ceiling_n))
+                               case.flops / timing.p50 / 1e9, case.useful_flops / timing.p50 / 1e9,
+                               ceilings.get(ceiling_n), ceiling_n))
         log(f"  {case.id}: {timing.p50:.3f} s, {timing.peak_extra_bytes / report.MIB:.0f} MiB extra")
     rows.sort(key=lambda r: (r.loss, r.n))
     os.makedirs(out_dir, exist_ok=True)

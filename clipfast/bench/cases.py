@@ -44,13 +44,48 @@ class Case:
 
     @property
     def flops(self) -> float:
-        """The fused cost model: 4 GEMMs of N x N x D (1 forward, 3 backward), 2 FLOPs per FMA."""
+        """The work this provider really executes: its N x N x D GEMM-equivalents (:data:`GEMM_EQUIVALENTS`)
+        at 2 FLOPs per multiply-add. Throughput on it is how busy the provider keeps the machine."""
+        return gemm_equivalents(self.provider, self.loss, self.mode) * 2.0 * self.n * self.n * self.d
+
+    @property
+    def useful_flops(self) -> float:
+        """The fused cost model, the same for every provider: 4 GEMMs of N x N x D (1 forward, 3 backward:
+        recompute, G @ B, G.T @ A). Throughput on it compares providers by the result they deliver."""
         units = 4 if self.mode == "fwd_bwd" else 1
         return units * 2.0 * self.n * self.n * self.d
 
     @property
     def id(self) -> str:
         return f"{self.loss}-{self.provider}-N{self.n}-D{self.d}-{str(self.dtype)[6:]}-{self.mode}"
+
+
+# N x N x D GEMM-equivalents each provider executes, per (loss, mode), read from the code:
+# - open_clip: ClipLoss multiplies twice (logits_per_image and logits_per_text) and backpropagates both
+#   products (2 GEMMs each); SigLipLoss multiplies once.
+# - reference (eager and compiled): one logits product, its backward 2.
+# - clipfast-cpu: one GEMM per tile gives both LSE directions; backward recomputes each tile once, then
+#   G @ B and G.T @ A (csrc/cpu/contrastive.cpp).
+# - clipfast-triton / clipfast-cuda: row and column LSE sweeps (1 for SigLIP), then one launch per
+#   gradient, each a logit recompute plus G @ y (triton_kernels/contrastive.py, csrc/cuda/contrastive.cu;
+#   tests/ops/test_contrastive_triton_work.py counts the Triton ones).
+GEMM_EQUIVALENTS = {
+    "open_clip": {("clip", "fwd"): 2, ("clip", "fwd_bwd"): 6, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 3},
+    "reference": {("clip", "fwd"): 1, ("clip", "fwd_bwd"): 3, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 3},
+    "clipfast-cpu": {("clip", "fwd"): 1, ("clip", "fwd_bwd"): 4, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 4},
+    "clipfast-triton": {("clip", "fwd"): 2, ("clip", "fwd_bwd"): 6, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 5},
+}
+GEMM_EQUIVALENTS["reference_compiled"] = GEMM_EQUIVALENTS["reference"]
+GEMM_EQUIVALENTS["clipfast-reference"] = GEMM_EQUIVALENTS["reference"]
+GEMM_EQUIVALENTS["clipfast-cuda"] = GEMM_EQUIVALENTS["clipfast-triton"]
+
+
+def gemm_equivalents(provider: str, loss: str, mode: str) -> int:
+    """How many N x N x D GEMMs ``provider`` executes for one ``loss`` step in ``mode``."""
+    try:
+        return GEMM_EQUIVALENTS[provider][(loss, mode)]
+    except KeyError:
+        raise ValueError(f"no GEMM count for provider {provider!r}, loss {loss!r}, mode {mode!r}") from None
 
 
 def _open_clip_loss(loss: str):

@@ -30,7 +30,8 @@ class Row:
     p20: float
     p80: float
     peak_extra_bytes: float
-    gflops: float  # achieved, under the case's cost model
+    gflops: float  # achieved on the provider's real work (its GEMM-equivalents)
+    useful_gflops: float  # achieved under the fused cost model (4 GEMMs fwd+bwd for every provider)
     ceiling_gflops: Optional[float]  # torch.mm on N x D @ D x N in the same run (None: not measured)
     ceiling_n: Optional[int]
 
@@ -53,7 +54,7 @@ def _baseline(rows: list[Row], row: Row) -> Optional[Row]:
 
 def table(rows: list[Row]) -> str:
     header = (f"{'loss':<7}{'N':>7}  {'provider':<19}{'time p50 [p20, p80]':>28}{'peak extra':>13}"
-              f"{'time/oc':>9}{'mem/oc':>9}{'GFLOP/s':>9}{'of mm':>7}")
+              f"{'time/oc':>9}{'mem/oc':>9}{'GFLOP/s':>9}{'of mm':>7}{'useful':>9}")
     lines = [header, "-" * len(header)]
     previous = None
     for row in rows:
@@ -67,7 +68,8 @@ def table(rows: list[Row]) -> str:
         of_mm = f"{100 * row.gflops / row.ceiling_gflops:.0f}%" if row.ceiling_gflops else "-"
         timing = f"{row.p50:.3f} s [{row.p20:.3f}, {row.p80:.3f}]"
         lines.append(f"{row.loss:<7}{row.n:>7}  {row.provider:<19}{timing:>28}"
-                     f"{row.peak_extra_bytes / MIB:>9.1f} MiB{time_ratio:>9}{mem_ratio:>9}{row.gflops:>9.1f}{of_mm:>7}")
+                     f"{row.peak_extra_bytes / MIB:>9.1f} MiB{time_ratio:>9}{mem_ratio:>9}{row.gflops:>9.1f}{of_mm:>7}"
+                     f"{row.useful_gflops:>9.1f}")
     return "\n".join(lines)
 
 
@@ -96,11 +98,11 @@ def targets(rows: list[Row], provider: str) -> tuple[str, bool]:
                 check(ratio <= 0.8, f"fwd+bwd time at N={n}: {ours[n].p50:.3f} s vs {base[n].p50:.3f} s = "
                                     f"{ratio:.2f}x (target <= 0.8x)")
         for n, row in sorted(ours.items()):
-            if row.ceiling_gflops:
-                share = row.gflops / row.ceiling_gflops
+            if row.ceiling_gflops:  # on the fused cost model: credit for the result, not for extra work
+                share = row.useful_gflops / row.ceiling_gflops
                 ceiling_note = "" if row.ceiling_n == n else f" (mm measured at N={row.ceiling_n})"
-                check(share >= 0.7, f"throughput at N={n}: {row.gflops:.0f} GFLOP/s = {100 * share:.0f}% of torch.mm's "
-                                    f"{row.ceiling_gflops:.0f}{ceiling_note} (target >= 70%)")
+                check(share >= 0.7, f"throughput at N={n}: {row.useful_gflops:.0f} useful GFLOP/s = {100 * share:.0f}% "
+                                    f"of torch.mm's {row.ceiling_gflops:.0f}{ceiling_note} (target >= 70%)")
         if 65536 in ours:
             extra = ours[65536].peak_extra_bytes
             check(extra < 2 ** 30, f"N=65536 fwd+bwd completes with {extra / MIB:.0f} MiB extra (target < 1024 MiB; "
@@ -129,6 +131,7 @@ def write_csv(rows: list[Row], path: str, device_name: str) -> None:
                 "peak_memory": ("MiB", row.peak_extra_bytes / MIB, None, None,
                                 base.peak_extra_bytes / MIB if base else None),
                 "throughput": ("GFLOP/s", row.gflops, None, None, base.gflops if base else None),
+                "useful_throughput": ("GFLOP/s", row.useful_gflops, None, None, base.useful_gflops if base else None),
             }
             for metric, (unit, p50, p20, p80, base_value) in values.items():
                 writer.writerow({**common, "provider": f"{row.loss}:{row.provider}", "mode": row.mode,
