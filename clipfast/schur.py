@@ -44,6 +44,7 @@ import torch
 
 from clipfast.dtypes import compute_dtype
 from clipfast.functional import check_float_tensor
+from clipfast.inputs import check_no_nan
 from clipfast.ops.schur_covariance import kernel_covariance
 
 KERNELS = ("cosine", "gaussian")
@@ -61,6 +62,27 @@ ORDERS = (1.0, 1.5, 2.0, 2.5, math.inf)
 # (F = 2500) between float32 and float64. 1e-3 moves well-posed scores by <= 0.3% (cosine 0.007%) from
 # their ridge-free values.
 DEFAULT_RIDGE = 1e-3
+# Why the "normalized" convention computes in float64 when F >= n, whatever the input dtype: C_tt (F x F)
+# then has rank <= n < F, and S is decided by the ridge in C_tt's null space, where its eigenvalues are
+# ridge * tr(C_tt) / F = 1e-3 / F (RFF: tr = 1): at F = 5000 that is 2e-7, within a factor ~20 of float32's
+# resolution of C_tt (eps * lambda_max ~ 1e-8) and S = C_xx - P cancels to that level. Measured on 500
+# paired 64-d embeddings with 2500 frequencies: float32 and float64 SCE 1-10% apart at ridge 1e-3 (still
+# 0.4-1.3% at 1e-2); float32 covariances with float64 algebra 8e-4 at F = 1000 and worse above; float64
+# from the float32-rounded inputs 1e-10. So the whole computation (features, covariance, split, spectrum)
+# runs in float64 there; scores and matrices come back in the input's computation dtype. F < n is well
+# posed and stays in the input dtype (<= 1e-6 apart, see DEFAULT_RIDGE). compute_dtype= overrides it.
+def work_dtype(input_dtype: torch.dtype, convention: str, features: int, n: int,
+               override: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype a Schur split of ``n`` pairs with ``features`` features is computed in (see above)."""
+    if override is not None:
+        if override not in (torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be None, torch.float32 or torch.float64, got {override!r}")
+        return override
+    if convention == "normalized" and features >= n:
+        return torch.float64
+    return compute_dtype(input_dtype)
+
+
 # The published code's absolute jitter before pinv (below float32 resolution: a no-op in float32).
 PUBLISHED_RIDGE = 1e-12
 # The published eigenvalue floor of the score.
@@ -115,9 +137,25 @@ def _check_embeddings(t, name: str) -> None:
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    # A host sync; skipped while torch.compile traces so compiled callers keep one graph.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    # clipfast.inputs.NON_FINITE_RULE: the eigendecompositions would turn a NaN into garbage or a LAPACK
+    # error, so it raises (ValueError on CPU; an async device assert on CUDA and under torch.compile).
+    check_no_nan(t.detach(), name)
+
+
+def _check_directions(t: torch.Tensor, name: str, kernel: str, convention: str) -> None:
+    """The cosine kernels need a direction: a zero row ("normalized") or column ("clip-dissection") has none,
+    and all-zero embeddings would give a zero covariance whose scores (1, 1) look valid."""
+    if kernel != "cosine":
+        return  # the Gaussian kernel of equal (e.g. zero) embeddings is a constant feature: score 1 is right
+    dim, what = (1, "row") if convention == "normalized" else (0, "column")
+    zero = (t.detach() == 0).all(dim=dim)
+    message = (f"{name} has an all-zero {what}; the cosine kernel of a zero vector is undefined (the SCE of "
+               "all-zero embeddings would read (1, 1), a valid-looking score)")
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(zero.any()):
+            raise ValueError(message + f": {what} {int(zero.nonzero()[0, 0])}")
+    else:
+        torch._assert_async(~zero.any(), "clipfast: " + message)
 
 
 def _check_pair(image, text, image_name="image_features", text_name="text_features", min_rows=2) -> None:
@@ -356,7 +394,8 @@ def renyi_scores(matrix: torch.Tensor) -> Dict[float, torch.Tensor]:
 def schur_complement(image_features: torch.Tensor, text_features: torch.Tensor, *, kernel: str = "cosine",
                      sigma: Optional[float] = None, rff_dim: Optional[int] = None,
                      omegas: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                     ridge: Optional[float] = None, convention: str = "normalized") -> SchurComplement:
+                     ridge: Optional[float] = None, convention: str = "normalized",
+                     compute_dtype: Optional[torch.dtype] = None) -> SchurComplement:
     """Joint kernel covariance of paired embeddings and its Schur-complement split.
 
     Feature maps (``F`` features):
@@ -380,6 +419,9 @@ def schur_complement(image_features: torch.Tensor, text_features: torch.Tensor, 
       the published pinv path gives 1.00 vs 3.3),
       ``P = Y^T Y`` with ``Y = L^{-1} C_tx``. ``ridge=0`` gives the exact inverse when C_tt is positive
       definite. C_tt is singular whenever n < F or prompts repeat; the ridge then decides what S keeps.
+      With F >= n that decision is below float32's resolution (1-10% between float32 and float64 at
+      n = 500, F = 5000), so this convention then computes in float64 whatever the input dtype (see
+      :func:`work_dtype`); ``compute_dtype=torch.float32`` opts out (faster, that imprecise).
 
     Args:
         image_features: (n, d) float16/bfloat16/float32/float64, raw or normalised embeddings.
@@ -388,6 +430,7 @@ def schur_complement(image_features: torch.Tensor, text_features: torch.Tensor, 
         rff_dim: number m of random frequencies (F = 2m). omegas: (d, m) frequencies, used as given
             (instead of sigma and rff_dim). generator: draws the frequencies reproducibly.
         ridge: see above. convention: "normalized" or "clip-dissection".
+        compute_dtype: None (automatic, above), torch.float32 or torch.float64.
 
     Returns:
         :class:`SchurComplement`; all matrices (F, F), float32 (float64 for float64 inputs), differentiable
@@ -396,24 +439,46 @@ def schur_complement(image_features: torch.Tensor, text_features: torch.Tensor, 
 
     Raises:
         TypeError: non-tensor or non-float inputs, mixed dtypes, bad ``generator``/``omegas`` type.
-        ValueError: non-2-D inputs, n or d mismatch, n < 2, NaN/Inf values (checked eagerly, a host
-        sync; skipped under torch.compile), unknown kernel or convention, missing or non-positive sigma,
-        missing rff_dim, omegas whose rows differ from d, cosine with Gaussian options, negative ridge.
+        ValueError: non-2-D inputs, n or d mismatch, n < 2, NaN/Inf values (clipfast.inputs.NON_FINITE_RULE:
+        ValueError on CPU; an async device assert, a RuntimeError, on CUDA and under torch.compile), an
+        all-zero row (column for "clip-dissection") with the cosine kernel, unknown kernel or convention,
+        missing or non-positive sigma, missing rff_dim, omegas whose rows differ from d, cosine with Gaussian options, negative ridge.
         torch.linalg.LinAlgError: the Cholesky factor does not exist (ridge 0 with a singular C_tt).
     """
+    split, out_dtype = _work_split(image_features, text_features, kernel, sigma, rff_dim, omegas, generator, ridge,
+                                   convention, compute_dtype)
+    if split.text_cov.dtype == out_dtype:
+        return split
+    cast = [m.to(out_dtype) for m in (split.text_cov, split.cross_cov, split.image_cov, split.text_part,
+                                      split.complement)]
+    return SchurComplement(*cast, split.omegas, kernel, convention, split.ridge)
+
+
+def _work_split(image_features, text_features, kernel, sigma, rff_dim, omegas, generator, ridge, convention,
+                compute_dtype_override):
+    """``(split in the work dtype, output dtype)`` (see :func:`work_dtype`)."""
     _check_pair(image_features, text_features)
     _check_kernel_options(kernel, convention, sigma, rff_dim, omegas, generator)
+    _check_directions(image_features, "image_features", kernel, convention)
+    _check_directions(text_features, "text_features", kernel, convention)
     ridge = _check_ridge(ridge, convention)
     feature_map, omegas = _feature_setup(image_features, kernel, convention, sigma, rff_dim, omegas, generator)
+    features = image_features.shape[1] if omegas is None else 2 * omegas.shape[1]
+    out_dtype = compute_dtype(image_features.dtype)
+    dtype = work_dtype(image_features.dtype, convention, features, image_features.shape[0], compute_dtype_override)
+    if dtype != out_dtype:
+        image_features, text_features = image_features.to(dtype), text_features.to(dtype)
+        omegas = None if omegas is None else omegas.to(dtype)
     c_tt, c_tx, c_xx = kernel_covariance(text_features, image_features, feature_map, omegas)
     text_part, complement = _split(c_tt, c_tx, c_xx, convention, ridge)
-    return SchurComplement(c_tt, c_tx, c_xx, text_part, complement, omegas, kernel, convention, ridge)
+    return SchurComplement(c_tt, c_tx, c_xx, text_part, complement, omegas, kernel, convention, ridge), out_dtype
 
 
 def sce_score(image_features: torch.Tensor, text_features: torch.Tensor, *, kernel: str = "cosine",
               sigma: Optional[float] = None, rff_dim: Optional[int] = None, omegas: Optional[torch.Tensor] = None,
               generator: Optional[torch.Generator] = None, ridge: Optional[float] = None,
-              convention: str = "normalized", order: float = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+              convention: str = "normalized", order: float = 1,
+              compute_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Schur Complement Entropy score of the images and the score of the text part.
 
     ``(score(S), score(P))`` for the split of :func:`schur_complement` (same arguments), with ``l`` the
@@ -437,9 +502,10 @@ def sce_score(image_features: torch.Tensor, text_features: torch.Tensor, *, kern
     """
     _check_choice(convention, "convention", CONVENTIONS)
     q = _check_order(order, convention)
-    split = schur_complement(image_features, text_features, kernel=kernel, sigma=sigma, rff_dim=rff_dim,
-                             omegas=omegas, generator=generator, ridge=ridge, convention=convention)
-    return (_matrix_score(split.complement, convention, q), _matrix_score(split.text_part, convention, q))
+    split, out_dtype = _work_split(image_features, text_features, kernel, sigma, rff_dim, omegas, generator,
+                                   ridge, convention, compute_dtype)
+    return (_matrix_score(split.complement, convention, q).to(out_dtype),
+            _matrix_score(split.text_part, convention, q).to(out_dtype))
 
 
 def rff_features(z: torch.Tensor, omegas: torch.Tensor) -> torch.Tensor:

@@ -184,6 +184,49 @@ def test_float32_and_float64_agree_with_the_default_ridge_when_text_covariance_i
         _close(a.double(), b, rtol=1e-3)
 
 
+def test_more_features_than_pairs_computes_in_float64():
+    """F = 1000 >= n = 100 (the regime of 500 pairs with 2500 frequencies): the ridge decides S below
+    float32's resolution, so float32 inputs are computed in float64 (schur.work_dtype) and agree with a
+    float64 run to 1e-3; forcing float32 shows why (a gap of percents)."""
+    image, text = _pairs(100, 16, seed=21)
+    w = _omegas(16, 500, sigma=4.0)
+    assert schur.work_dtype(torch.float32, "normalized", 1000, 100) == torch.float64
+    assert schur.work_dtype(torch.float32, "normalized", 64, 100) == torch.float32
+    s64 = schur.sce_score(image, text, kernel="gaussian", omegas=w)
+    s32 = schur.sce_score(image.float(), text.float(), kernel="gaussian", omegas=w.float())
+    forced = schur.sce_score(image.float(), text.float(), kernel="gaussian", omegas=w.float(),
+                             compute_dtype=torch.float32)
+    for a, b in zip(s32, s64):
+        assert a.dtype == torch.float32
+        _close(a.double(), b, rtol=1e-3)
+    assert abs(float(forced[0]) - float(s64[0])) > 1e-2 * float(s64[0])
+
+
+@pytest.mark.parametrize("convention", schur.CONVENTIONS)
+def test_zero_embeddings_raise_with_the_cosine_kernel(convention):
+    """All-zero embeddings have no direction: a clear error, not the valid-looking (1.0, 1.0)."""
+    image, text = _pairs(50, 8, seed=3)
+    with pytest.raises(ValueError, match="all-zero"):
+        schur.sce_score(torch.zeros_like(image), torch.zeros_like(text), convention=convention)
+    image[7 if convention == "normalized" else 0, :] = 0
+    image[:, 2] = 0 if convention == "clip-dissection" else image[:, 2]
+    with pytest.raises(ValueError, match="image_features has an all-zero"):
+        schur.sce_score(image, text, convention=convention)
+    # The Gaussian kernel of equal embeddings is a constant feature: one direction, score 1 is the answer.
+    w = _omegas(8, 16)
+    sce, text_part = schur.sce_score(torch.zeros(50, 8, dtype=torch.float64), torch.zeros(50, 8, dtype=torch.float64),
+                                     kernel="gaussian", omegas=w)
+    _close(sce, torch.tensor(1.0, dtype=torch.float64), rtol=1e-6)
+
+
+def test_non_finite_embeddings_raise_under_compile():
+    fn = torch.compile(lambda a, b: schur.sce_score(a, b)[0], backend="aot_eager", fullgraph=True)
+    image, text = _pairs(20, 4, seed=1)
+    image[3, 1] = math.nan
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        fn(image, text)
+
+
 @pytest.mark.parametrize("convention", schur.CONVENTIONS)
 @pytest.mark.parametrize("kernel", schur.KERNELS)
 def test_split_properties(kernel, convention):

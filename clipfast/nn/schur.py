@@ -100,10 +100,12 @@ class SchurComplementEntropy(nn.Module):
         if n < 2:
             raise ValueError(f"SchurComplementEntropy needs at least 2 pairs, has seen {n}")
         blocks = covariance_from_gram(self.text_gram, self.cross_gram, self.image_gram, self.covariance, n)
-        dtype = compute_dtype(self._input_dtype)
+        # The split's dtype follows sce_score's rule (float64 for "normalized" when F >= n: schur.work_dtype).
+        dtype = schur.work_dtype(self._input_dtype, self.convention, blocks[0].shape[0], n)
+        out = compute_dtype(self._input_dtype)
         text_part, complement = schur._split(*(b.to(dtype) for b in blocks), self.convention, self.ridge)
-        return (schur._matrix_score(complement, self.convention, self.order),
-                schur._matrix_score(text_part, self.convention, self.order))
+        return (schur._matrix_score(complement, self.convention, self.order).to(out),
+                schur._matrix_score(text_part, self.convention, self.order).to(out))
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel!r}, convention={self.convention!r}, ridge={self.ridge}, order={self.order}"
