@@ -140,8 +140,8 @@ def _gloo_entry(rank, worker, world_size, port, args):
 def triton_aot_compile(fn, sig: dict, constexprs: dict, divisible_ints, sm: int, options: dict) -> dict:
     """Compile one Triton kernel for ``sm`` without a GPU, specialised as the JIT specialises contiguous,
     16-aligned inputs: every pointer and the i32 arguments named in ``divisible_ints`` carry 16-divisibility.
-    Returns the shared memory, the cubin's resource usage (:func:`cubin_resource_usage`) and ``mma``, the
-    kind of matrix instruction in the PTX (:func:`ptx_matrix_instruction`)."""
+    Returns the shared memory, the cubin's resource usage (:func:`cubin_resource_usage`) and ``kind``, the
+    matrix instructions in the PTX (:func:`ptx_matrix_instruction`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -151,18 +151,25 @@ def triton_aot_compile(fn, sig: dict, constexprs: dict, divisible_ints, sm: int,
              if ty.startswith("*") or (ty == "i32" and n in divisible_ints)}
     compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", sm, 32), options=options)
-    return dict(shared=compiled.metadata.shared, mma=ptx_matrix_instruction(compiled.asm["ptx"]),
+    return dict(shared=compiled.metadata.shared, kind=ptx_matrix_instruction(compiled.asm["ptx"]),
                 **cubin_resource_usage(compiled.asm["cubin"]))
 
 
 def ptx_matrix_instruction(ptx: str) -> str:
-    """What a kernel multiplies matrices with: ``"wgmma"`` (Hopper warp-group tensor cores),
-    ``"mma"`` (``mma.sync``, Ampere-style tensor cores) or ``"fma"`` (no tensor-core instruction)."""
-    if "wgmma.mma_async" in ptx:
-        return "wgmma"
-    if "mma.sync" in ptx:
-        return "mma"
-    return "fma"
+    """The matrix instructions in ``ptx``: ``"wgmma"`` (sm_90 warp-group MMA), ``"mma"`` (``mma.sync``,
+    sm_80 style), ``"mma+wgmma"`` when both occur, or ``"fma"`` when neither does (dots on CUDA cores)."""
+    import re
+
+    kinds = [k for k, pattern in (("mma", r"\bmma\.sync\."), ("wgmma", r"\bwgmma\.mma_async\."))
+             if re.search(pattern, ptx)]
+    return "+".join(kinds) or "fma"
+
+
+def expected_matrix_instruction(sm: int, tensor_cores: bool) -> str:
+    """What a kernel whose every ``tl.dot`` runs on tensor cores (or none does) must show for ``sm``."""
+    if not tensor_cores:
+        return "fma"
+    return "wgmma" if sm >= 90 else "mma"
 
 
 def triton_aot_worker_main(jobs: list, compile_job) -> None:

@@ -16,10 +16,6 @@ fp32 there. On NVIDIA GPUs Triton hands the fp32 registers to the tf32 ``mma``/`
 10 mantissa bits (relative error below 2^-10). :func:`emulate_tf32_dot` reproduces that, so tf32 error
 bounds tested on the CPU mean what they say on the GPU.
 
-For the ahead-of-time tests, :func:`triton_aot_compile_with_kind` compiles a kernel for sm_80 / sm_90 and
-reports which matrix instructions its PTX holds (``mma.sync``, ``wgmma``, or none: FMA), next to the
-resource usage of :func:`clipfast.testing.triton_aot_compile`.
-
 Importable as ``gemm_work`` from tests/ops (pytest puts the test file's folder on ``sys.path``, and so does
 running an AOT worker script). Both context managers wrap whatever ``create_dot`` is installed (e.g. the bf16 fix of
 ``clipfast.triton_kernels.interpreter_patches``), nest in any order, and restore it on exit. They only make
@@ -34,8 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DotWork", "count_dot_flops", "dot_instruction_kinds", "emulate_tf32_dot", "expected_dot_kind",
-           "gemm_equivalents", "tf32_truncate", "triton_aot_compile_with_kind"]
+__all__ = ["DotWork", "count_dot_flops", "emulate_tf32_dot", "gemm_equivalents", "tf32_truncate"]
 
 
 @dataclass
@@ -128,42 +123,3 @@ def emulate_tf32_dot():
 
     with _wrapped_create_dot(make_wrapper):
         yield
-
-
-# --------------------------------------------------------------------------------------------
-# Tensor-core instructions of an ahead-of-time compiled kernel (no GPU, no interpreter)
-# --------------------------------------------------------------------------------------------
-
-
-def dot_instruction_kinds(ptx: str) -> str:
-    """The matrix instructions in ``ptx``: "wgmma" (sm_90 warp-group MMA), "mma" (``mma.sync``, sm_80
-    style), "mma+wgmma" when both occur, or "fma" when neither does (a dot on the CUDA cores)."""
-    import re
-
-    kinds = [k for k, pattern in (("mma", r"\bmma\.sync\."), ("wgmma", r"\bwgmma\.mma_async\."))
-             if re.search(pattern, ptx)]
-    return "+".join(kinds) or "fma"
-
-
-def expected_dot_kind(sm: int, tensor_cores: bool) -> str:
-    """What a kernel whose every ``tl.dot`` is on tensor cores (or none is) must show for ``sm``."""
-    if not tensor_cores:
-        return "fma"
-    return "wgmma" if sm >= 90 else "mma"
-
-
-def triton_aot_compile_with_kind(fn, sig: dict, constexprs: dict, divisible_ints, sm: int, options: dict) -> dict:
-    """:func:`clipfast.testing.triton_aot_compile` plus ``kind`` (:func:`dot_instruction_kinds` of the PTX)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from clipfast.testing import cubin_resource_usage
-
-    assert not triton.knobs.runtime.interpret, "the AOT worker must run without TRITON_INTERPRET"
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
-             if ty.startswith("*") or (ty == "i32" and n in divisible_ints)}
-    compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", sm, 32), options=options)
-    return dict(shared=compiled.metadata.shared, kind=dot_instruction_kinds(compiled.asm["ptx"]),
-                **cubin_resource_usage(compiled.asm["cubin"]))

@@ -29,13 +29,11 @@ except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from clipfast.testing import TRITON_SHARED_MEMORY_LIMIT as SHARED_LIMIT  # noqa: E402
-from clipfast.testing import (assert_triton_compile_clean, run_triton_aot_worker,  # noqa: E402
-                              triton_aot_compile, triton_cuobjdump)
+from clipfast.testing import (assert_triton_compile_clean, expected_matrix_instruction,  # noqa: E402
+                              run_triton_aot_worker, triton_aot_compile, triton_cuobjdump)
 
 CUOBJDUMP = triton_cuobjdump()
 FEATURE_DIMS = (512, 768, 1152, 1280)
-# The instruction each path must compile to, per architecture.
-EXPECTED_MMA = {"ieee": {80: "fma", 90: "fma"}, "tensor": {80: "mma", 90: "wgmma"}}
 # Launch-time specialisation of a contiguous (rows, D) input: feature strides equal 1.
 UNIT_STRIDES = ("stride_xd", "stride_yd", "stride_gd")
 DIVISIBLE_INTS = ("D", "stride_xn", "stride_yn", "stride_gn")
@@ -118,12 +116,12 @@ def test_kernels_compile_without_spills_for_sm80_sm90():
     print("\n" + header)
     for r in rows:
         print(f"{r['kernel']:10} {r['dtype']:5} {r['precision']:4} {r['flags']:6} {r['sm']:2} "
-              f"{','.join(map(str, r['D'])):19} {r['mma']:5} {r['reg']:3} {r['stack']:5} {r['shared']:6}  "
+              f"{','.join(map(str, r['D'])):19} {r['kind']:5} {r['reg']:3} {r['stack']:5} {r['shared']:6}  "
               f"{r['config']}")
 
     assert_triton_compile_clean(rows)
-    wrong = [r for r in rows
-             if r["mma"] != EXPECTED_MMA["ieee" if (r["dtype"], r["precision"]) == ("fp32", "ieee") else "tensor"][r["sm"]]]
+    wrong = [r for r in rows if r["kind"] != expected_matrix_instruction(
+        r["sm"], tensor_cores=(r["dtype"], r["precision"]) != ("fp32", "ieee"))]
     assert not wrong, f"kernels not on the expected matrix instructions: {wrong}"
 
 

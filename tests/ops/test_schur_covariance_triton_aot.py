@@ -84,7 +84,7 @@ def _jobs():
 
 
 def _compile(job):
-    from gemm_work import triton_aot_compile_with_kind
+    from clipfast.testing import triton_aot_compile
 
     from clipfast.triton_kernels import schur_covariance as K
 
@@ -97,7 +97,7 @@ def _compile(job):
     if job["kernel"] != "features":
         constexprs["FEATURE_MAP"] = K.FEATURE_MAPS.index(job["fmap"])
     sig = _signature(fn, job["dtype"], constexprs)
-    usage = triton_aot_compile_with_kind(fn, sig, constexprs, DIVISIBLE_INTS, job["sm"], options)
+    usage = triton_aot_compile(fn, sig, constexprs, DIVISIBLE_INTS, job["sm"], options)
     return dict(kernel=job["kernel"], fmap=job["fmap"], path=job["path"], sm=job["sm"], F=job["F"],
                 config=" ".join(f"{k}={v}" for k, v in cfg.items()), **usage)
 
@@ -105,7 +105,7 @@ def _compile(job):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's NVIDIA backend (cuobjdump) is not installed")
 def test_kernels_compile_without_spills_for_sm80_sm90():
-    from gemm_work import expected_dot_kind
+    from clipfast.testing import expected_matrix_instruction
 
     rows = run_triton_aot_worker(__file__)
     assert {(r["kernel"], r["fmap"], r["path"], r["sm"]) for r in rows} == {
@@ -120,7 +120,7 @@ def test_kernels_compile_without_spills_for_sm80_sm90():
 
     assert_triton_compile_clean(rows)
     wrong = [(r["kernel"], r["fmap"], r["path"], r["sm"], r["kind"]) for r in rows
-             if r["kind"] != expected_dot_kind(r["sm"], tensor_cores=r["path"] != "fp32-ieee")]
+             if r["kind"] != expected_matrix_instruction(r["sm"], tensor_cores=r["path"] != "fp32-ieee")]
     assert not wrong, f"tl.dot not on the expected instructions (mma on sm_80, wgmma on sm_90, fma for ieee): {wrong}"
 
 
