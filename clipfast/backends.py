@@ -23,6 +23,7 @@ every backend and why it was refused; nothing falls back silently.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -62,15 +63,31 @@ class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run the requested op on the given device."""
 
 
+def _native_failure() -> Optional[str]:
+    """None when ``clipfast._C`` loaded (registering torch.ops.clipfast_C), else why not, in one line."""
+    # A missing library is looked up first: importing an absent submodule of the package being
+    # initialised reports a misleading "partially initialized module (circular import)".
+    try:
+        spec = importlib.util.find_spec("clipfast._C")
+    except (ImportError, ValueError) as error:
+        return f"native kernels could not be looked up ({error}); using the PyTorch reference"
+    if spec is None:
+        return ("native kernels not built (installed with CLIPFAST_BUILD_NATIVE=0, or without a C++ compiler); "
+                "using the PyTorch reference")
+    try:
+        importlib.import_module("clipfast._C")
+    except (ImportError, OSError) as error:
+        return (f"native kernels present but not loadable ({error}); using the PyTorch reference "
+                "(rebuild against this torch: pip install --no-build-isolation -e .)")
+    return None
+
+
 def _load_native() -> bool:
     global native_load_error
-    try:
-        from clipfast import _C  # noqa: F401  (loading the library registers torch.ops.clipfast_C)
-    except ImportError as error:
-        native_load_error = f"clipfast._C could not be loaded ({error}); CPU ops fall back to the reference"
-        _log.warning("%s", native_load_error)
-        return False
-    return True
+    native_load_error = _native_failure()
+    if native_load_error is not None:
+        _log.warning("clipfast: %s", native_load_error)
+    return native_load_error is None
 
 
 _NATIVE_LOADED = _load_native()
