@@ -19,7 +19,7 @@ pytestmark = [
 # gpu-check runs each backend in its own process: a faulting kernel must not poison the other's context.
 GPU_BACKENDS = [b for b in os.environ.get("CLIPFAST_GPU_BACKENDS", "triton,cuda").split(",")
                 if torch.cuda.is_available() and backends.refusal_reason("contrastive", b, torch.device("cuda")) is None]
-SHAPES = [(1, 1, 8), (257, 257, 129), (4096, 4096, 512), (1000, 1000, 1152)]
+SHAPES = [(1, 1, 8), (257, 257, 129), (4096, 4096, 512), (1000, 1000, 1152), (999, 999, 1280)]
 
 
 def _inputs(n, d, dtype, scale=14.3, bias=-3.0):
@@ -104,3 +104,54 @@ def test_no_n_by_n_allocation_on_gpu():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra < 512 * 2**20, f"{extra / 2**20:.0f} MiB extra (an N x N fp32 buffer is 4096 MiB)"
+
+
+@pytest.fixture
+def tf32_matmul():
+    """fp32 matmuls in tf32 for the test (PyTorch's setting, which the Triton kernels follow)."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    yield
+    torch.backends.cuda.matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tf32_within_documented_bound(backend, loss_name, tf32_matmul):
+    """tf32 truncates each operand to 10 mantissa bits: a logit of unit-norm features moves by at most
+    delta = 2^-9 s, each LSE / softplus term by at most delta, the loss (a mean of LSE minus positive
+    logit, or of softplus terms) by at most 2 delta. Gradients: G moves by a factor exp(+-2 delta) and
+    the second product truncates once more: element-wise s (expm1(2 delta) + 2^-9) (|G| @ |B|), as in
+    tests/ops/test_contrastive_triton.py."""
+    fused, reference = LOSSES[loss_name]
+    scale = 14.3
+    inputs = _inputs(2048, 512, torch.float32, scale=scale)
+    with clipfast.use_backend(backend):
+        loss, grads = _run(fused, inputs)
+    ref_loss, ref_grads = _run(reference, [t.detach().double().requires_grad_() for t in inputs])
+    delta = 2.0**-9 * scale
+    n = inputs[0].shape[0]
+    a, b = (t.detach().double() for t in inputs[:2])
+    logits = scale * a @ b.T
+    if loss_name == "clip":  # dL/dS, without the label term (exact in every precision)
+        g = (torch.softmax(logits, 1) + torch.softmax(logits, 0)) / (2 * n)
+        loss_bound = 2 * delta  # LSE and positive logit, each within delta
+    else:  # each softplus term moves by at most sigmoid * delta; the positives by delta
+        g = torch.sigmoid(logits + inputs[3].item()) / n
+        loss_bound = delta * (g.sum().item() + 1)
+    assert abs(loss.double().item() - ref_loss.item()) <= loss_bound
+    rel = torch.tensor(2 * delta).expm1().item() + 2.0**-9
+    for grad, ref, bound in ((grads[0], ref_grads[0], scale * rel * (g @ b.abs())),
+                             (grads[1], ref_grads[1], scale * rel * (g.T @ a.abs()))):
+        assert ((grad.double() - ref).abs() <= bound + 1e-6 * ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bitwise_deterministic(backend):
+    inputs = _inputs(3000, 768, torch.bfloat16)
+    with clipfast.use_backend(backend):
+        first = _run(clipfast.clip_loss, inputs)
+        second = _run(clipfast.clip_loss, inputs)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
