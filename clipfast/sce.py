@@ -22,12 +22,27 @@ import torch
 from clipfast import schur
 
 
-def _load(path: str, dtype: Optional[str]) -> torch.Tensor:
-    array = np.load(path, allow_pickle=False)
+DESCRIPTION = """SCE and text-part scores of paired embeddings.
+
+Loads two (n, d) .npy arrays (row i of TEXTS is the prompt of image i) and prints the Schur Complement
+Entropy of the images, the score of the text part, the unexplained share tr(S) / tr(C_xx) and the
+Renyi/Vendi family of both matrices; --plot writes the two spectra to a PNG."""
+
+EPILOG = """example (the published numbers; about 15 s on 2 cores at n = 1000):
+  python -m clipfast.sce images.npy texts.npy --kernel gaussian --sigma 3.5 --rff-dim 2500
+      --convention clip-dissection --plot spectra.png"""
+
+
+def _load(path: str, dtype: Optional[str], parser: argparse.ArgumentParser) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:  # missing, unreadable, or not a .npy array
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        parser.exit(2, f"{parser.prog}: error: cannot read {path}: {reason}\n")
     if array.ndim != 2:
-        raise SystemExit(f"{path}: expected an (n, d) array, got shape {array.shape}")
+        parser.exit(2, f"{parser.prog}: error: {path}: expected an (n, d) array, got shape {array.shape}\n")
     if not np.issubdtype(array.dtype, np.floating):
-        raise SystemExit(f"{path}: expected floating-point embeddings, got {array.dtype}")
+        parser.exit(2, f"{parser.prog}: error: {path}: expected floating-point embeddings, got {array.dtype}\n")
     if dtype is not None:
         array = array.astype(dtype)
     elif array.dtype not in (np.float32, np.float64):
@@ -61,21 +76,26 @@ def _plot(path: str, complement: torch.Tensor, text_part: torch.Tensor, title: s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipfast.sce", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clipfast.sce", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", help="(n, d) .npy image embeddings")
     parser.add_argument("texts", help="(n, d) .npy text embeddings, row i = prompt of image i")
-    parser.add_argument("--kernel", choices=schur.KERNELS, default="cosine")
-    parser.add_argument("--sigma", type=float, help="Gaussian bandwidth (kernel gaussian; published demo: 3.5)")
-    parser.add_argument("--rff-dim", type=int, help="random frequencies m, F = 2m (published demo: 2500)")
-    parser.add_argument("--convention", choices=schur.CONVENTIONS, default="normalized")
+    parser.add_argument("--kernel", choices=schur.KERNELS, default="cosine", help="kernel (default: cosine)")
+    parser.add_argument("--sigma", type=float, help="Gaussian bandwidth, needed with --kernel gaussian "
+                                                    "(published demo: 3.5; no default)")
+    parser.add_argument("--rff-dim", type=int, help="random frequencies m, F = 2m, needed with --kernel gaussian "
+                                                    "(published demo: 2500; no default)")
+    parser.add_argument("--convention", choices=schur.CONVENTIONS, default="normalized",
+                        help="normalized (default) or clip-dissection (the published procedure)")
     parser.add_argument("--ridge", type=float, help="ridge (default: 1e-3 relative for normalized, "
                                                     "1e-12 absolute for clip-dissection)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), help="computation dtype (default: the file's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random frequencies (default 0)")
-    parser.add_argument("--plot", metavar="PATH.png", help="write the two spectra to this PNG")
+    parser.add_argument("--dtype", choices=("float32", "float64"),
+                        help="input dtype (default: the file's; float16 files are read as float32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random frequencies (default: 0)")
+    parser.add_argument("--plot", metavar="PATH.png", help="write the two spectra to this PNG (default: no plot)")
     args = parser.parse_args(argv)
 
-    images, texts = _load(args.images, args.dtype), _load(args.texts, args.dtype)
+    images, texts = _load(args.images, args.dtype, parser), _load(args.texts, args.dtype, parser)
     options = dict(kernel=args.kernel, convention=args.convention, ridge=args.ridge)
     if args.kernel == "gaussian":
         options.update(sigma=args.sigma, rff_dim=args.rff_dim, generator=torch.Generator().manual_seed(args.seed))

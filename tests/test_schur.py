@@ -446,3 +446,20 @@ def test_cli_prints_scores_and_writes_the_spectra(tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         sce_main([str(tmp_path / "images.npy"), str(tmp_path / "texts.npy"), "--kernel", "gaussian"])
+
+
+def test_cli_missing_file_and_help(tmp_path, capsys):
+    """A missing file is one error line (no traceback); --help is plain text with the defaults."""
+    np.save(tmp_path / "t.npy", np.ones((4, 3), dtype=np.float32))
+    with pytest.raises(SystemExit) as exit_info:
+        sce_main([str(tmp_path / "missing.npy"), str(tmp_path / "t.npy")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read" in err and "missing.npy" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        sce_main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out
+    assert "(default: cosine)" in out and "(default: normalized" not in out and "normalized (default)" in out
+    assert "(default: 0)" in out
