@@ -44,7 +44,7 @@ check-cuda:
 # For a machine with a GPU, as it is: its own python3 and torch, no venv, no network (tools/gpu_check.sh).
 # Two steps of at most 5 minutes each; results under $$OUT when set, else bench-results/gpu.
 gpu-check:
-	bash tools/gpu_check.sh build-and-test; bash tools/gpu_check.sh bench
+	bash tools/gpu_check.sh all
 
 # The oldest supported versions (a GPU machine's torch 2.11 / triton 3.6): a separate venv, the CPU
 # suite run on a copy of the working tree (its in-place build must not replace the main one's library).
@@ -67,7 +67,7 @@ compat: $(COMPAT_VENV)/.stamp-deps
 	ln -sfn ../triton_kernels $(COMPAT_SRC)/clipfast/triton_kernels  # what the editable install maps
 	cd $(COMPAT_SRC) && PATH=$(abspath $(COMPAT_VENV))/bin:$$PATH $(abspath $(COMPAT_PY)) setup.py -q build_ext --inplace
 	$(COMPAT_PY) -c "import torch, triton, numpy, transformers as t; print('compat:', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'transformers', t.__version__)"
-	cd $(COMPAT_SRC) && $(abspath $(COMPAT_PY)) -m pytest -q tests benchmarks --benchmark-disable
+	cd $(COMPAT_SRC) && PYTHONPATH=$(abspath $(COMPAT_SRC)) $(abspath $(COMPAT_PY)) -m pytest -q tests benchmarks --benchmark-disable
 
 clean:
 	rm -rf build *.egg-info clipfast/_C*.so bench-results .gpu-deps $(VENV)/.stamp-build

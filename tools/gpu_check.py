@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -426,9 +427,12 @@ def _pytest_summary(lines: list[str]) -> str:
 def gpu_tests(run: Run, backend: str, share: float) -> str:
     started = _now()
     timeout = max(run.remaining() * share - 5, 20)
-    code, lines = run.sub(f"tests {backend}", [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                               "tests/gpu", f"--junitxml={OUT / f'tests-{backend}.xml'}"],
-                          timeout=timeout, env=_python_env({"CLIPFAST_GPU_BACKENDS": backend}))
+    argv = [sys.executable, "-m", "pytest", "-q", "-rfEs", "--durations=15", "-p", "no:cacheprovider", "tests/gpu",
+            f"--junitxml={OUT / f'tests-{backend}.xml'}"]
+    if importlib.util.find_spec("pytest_timeout") is not None:  # one hung test must not eat the whole budget
+        argv += ["--timeout", "120"]
+    code, lines = run.sub(f"tests {backend}", argv, timeout=timeout,
+                          env=_python_env({"CLIPFAST_GPU_BACKENDS": backend}))
     status = "passed" if code == 0 else "timeout" if code == 124 else "FAILED"
     detail = _pytest_summary(lines) if code != 124 else f"killed after {timeout:.0f} s; last: {_pytest_summary(lines)}"
     run.record(f"tests {backend}", status, _now() - started, detail)
