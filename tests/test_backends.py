@@ -1,5 +1,6 @@
 """Backend selection, forced backends, refusal messages and the info CLI."""
 
+import os
 import subprocess
 import sys
 
@@ -59,8 +60,37 @@ def test_dtype_refusal():
 def test_info_cli_reports_every_backend():
     out = subprocess.run([sys.executable, "-m", "clipfast.info"], capture_output=True, text=True, check=True).stdout
     assert "native library" in out
-    for backend in backends.BACKENDS:
-        assert f"contrastive  {backend}" in out
+    rows = [line.split() for line in out.splitlines()[out.splitlines().index("Every backend:") + 2:]]
+    assert {(r[0], r[1]) for r in rows} == {(op, b) for op in backends.OPS for b in backends.BACKENDS}
+    table = out.splitlines()[out.splitlines().index("Every backend:") + 1:]
+    assert len({line.index(line.split()[1]) for line in table}) == 1  # one column for every op, Schur's included
+
+
+def test_info_cli_says_which_backend_runs_each_op_here():
+    env = dict(os.environ, CLIPFAST_BACKEND="reference")
+    for extra, expected in (({}, backends.select("token_medoids", torch.device("cpu"))), (env, "reference")):
+        out = subprocess.run([sys.executable, "-m", "clipfast.info"], capture_output=True, text=True, check=True,
+                             env=extra or None).stdout
+        lines = out.splitlines()
+        here = lines[lines.index("What runs here (float32 inputs):") + 2:lines.index("Every backend:") - 1]
+        cpu_rows = {line.split()[0]: line.split()[2] for line in here if line.split()[1] == "cpu"}
+        assert set(cpu_rows) == set(backends.OPS) and cpu_rows["token_medoids"] == expected
+        assert ("forced (CLIPFAST_BACKEND=reference)" in out) == bool(extra)
+    help_text = subprocess.run([sys.executable, "-m", "clipfast.info", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert help_text.startswith("usage: python -m clipfast.info") and "clipfast " not in help_text.splitlines()[0]
+
+
+def test_bench_cli_help_documents_every_flag():
+    from clipfast.bench.__main__ import main
+
+    out = subprocess.run([sys.executable, "-m", "clipfast.bench", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("usage: python -m clipfast.bench")
+    for flag in ("--op", "--quick", "--device", "--losses", "--sizes", "--out", "--fail-on-miss"):
+        block = out[out.index("\n  " + flag) + 1:].split("\n  -")[0]
+        assert len(block.split()) > 3, flag  # the flag and a help text
+    assert main.__module__ == "clipfast.bench.__main__"
 
 
 def test_import_without_native_library_falls_back_with_a_warning(tmp_path):

@@ -27,6 +27,8 @@ from clipfast.bench import measure as bench_measure
 
 PROVIDERS = ("open_clip", "clipfast-gather", "clipfast-ring")
 SIZES = (1024, 4096)
+# The memory target (1/8 of open_clip's) is judged from this n per rank on (README: met at 4096, not at 1024).
+MEMORY_TARGET_MIN_N = 4096
 DIM = 512
 WORLD_SIZE = 2
 
@@ -101,10 +103,15 @@ def run(sizes=SIZES, world_size: int = WORLD_SIZE) -> tuple[str, bool]:
                          f"{row['peak'] / base:>14.3f}x")
     n = max(sizes)
     base, gather, ring = (rows[(p, n)]["peak"] for p in PROVIDERS)
-    checks = [(gather <= base / 8, f"clipfast-gather per-rank peak extra memory at n={n}: "
-                                   f"{gather / 2**20:.0f} MiB = 1/{base / max(gather, 1):.1f} of open_clip's "
-                                   f"{base / 2**20:.0f} MiB (target <= 1/8)"),
+    if n >= MEMORY_TARGET_MIN_N:
+        memory = (gather <= base / 8, f"clipfast-gather per-rank peak extra memory at n={n}: "
+                                      f"{gather / 2**20:.0f} MiB = 1/{base / max(gather, 1):.1f} of open_clip's "
+                                      f"{base / 2**20:.0f} MiB (target <= 1/8)")
+    else:  # at small n the fixed per-process buffers dominate both providers' memory
+        memory = (None, f"clipfast-gather per-rank peak extra memory <= 1/8 of open_clip's: applies at "
+                        f"n/rank >= {MEMORY_TARGET_MIN_N}, this run's largest is {n}")
+    checks = [memory,
               (ring <= gather, f"clipfast-ring {ring / 2**20:.0f} MiB <= clipfast-gather {gather / 2**20:.0f} MiB")]
     lines.append("Targets (from this run):")
-    lines += [f"  [{'PASS' if ok else 'FAIL'}] {text}" for ok, text in checks]
-    return "\n".join(lines), all(ok for ok, _ in checks)
+    lines += [f"  [{'not run' if ok is None else 'PASS' if ok else 'FAIL'}] {text}" for ok, text in checks]
+    return "\n".join(lines), all(ok is not False for ok, _ in checks)
