@@ -28,7 +28,7 @@ Loads two (n, d) .npy arrays (row i of TEXTS is the prompt of image i) and print
 Entropy of the images, the score of the text part, the unexplained share tr(S) / tr(C_xx) and the
 Renyi/Vendi family of both matrices; --plot writes the two spectra to a PNG."""
 
-EPILOG = """example (the published numbers; about 15 s on 2 cores at n = 1000):
+EPILOG = """example (the published numbers; F = 5000: about 20-40 s on 2 idle cores, minutes on a busy one):
   python -m clipfast.sce images.npy texts.npy --kernel gaussian --sigma 3.5 --rff-dim 2500
       --convention clip-dissection --plot spectra.png"""
 
