@@ -179,7 +179,7 @@ class Run:
             timer.cancel()
         return (124 if timed_out.is_set() else code), lines
 
-    def finish(self, headline: str) -> None:
+    def finish(self, headline: str, extra_markdown: str = "") -> None:
         took = _now() - self.started
         result = {"command": self.command, "headline": headline, "seconds": round(took, 1), "environment": self.info,
                   "steps": self.steps}
@@ -187,9 +187,8 @@ class Run:
         lines = [f"# gpu_check {self.command}", "", headline, "", "| step | status | time | detail |",
                  "| --- | --- | --- | --- |"]
         lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} s | {s['detail']} |" for s in self.steps]
-        extra = OUT / f"{self.command}-extra.md"
-        if extra.exists():
-            lines += ["", extra.read_text().rstrip()]
+        if extra_markdown:
+            lines += ["", extra_markdown.rstrip()]
         (OUT / f"{self.command}.md").write_text("\n".join(lines) + "\n")
         self.say("")
         self.say(f"gpu_check {self.command} summary: {headline} ({took:.0f} s)")
@@ -266,6 +265,8 @@ def check_wheelhouse() -> tuple[list[Path], dict, list[str]]:
             problems.append(f"{name} is listed in SHA256SUMS but missing")
         elif _sha256(path) != digest:
             problems.append(f"{name}: sha256 {_sha256(path)} does not match SHA256SUMS ({digest})")
+        elif not name.endswith("-none-any.whl"):
+            problems.append(f"{name} is not a pure-Python wheel (the GPU machine's Python may differ from this one's)")
         else:
             wheels.append(path)
     carried, requires, modules = set(), {}, []
@@ -294,13 +295,19 @@ def setup_wheels(run: Run) -> bool:
     if not (stamp.exists() and stamp.read_text().strip() == digest and SITE.is_dir()):
         shutil.rmtree(SITE, ignore_errors=True)
         SITE.mkdir(parents=True)
-        code, lines = run.sub("wheelhouse", [sys.executable, "-m", "pip", "install", "--isolated", "--no-index",
-                                             "--no-deps", "--no-warn-script-location", "--quiet", "--target",
-                                             str(SITE)] + [str(w) for w in wheels],
-                              timeout=min(120, max(run.remaining(), 30)), env=_python_env())
-        if code != 0:
-            run.record("wheelhouse", "FAILED", _now() - started, f"pip exit {code}: {lines[-1] if lines else ''}")
-            return False
+        if importlib.util.find_spec("pip") is None:  # pure wheels (checked above) unpack as they are
+            for wheel in wheels:
+                with zipfile.ZipFile(wheel) as archive:
+                    archive.extractall(SITE)
+            run.say(f"gpu_check: no pip here; {len(wheels)} pure-Python wheels unpacked into {SITE}")
+        else:
+            pip = [sys.executable, "-m", "pip", "install", "--isolated", "--no-index", "--no-deps",
+                   "--no-warn-script-location", "--quiet", "--target", str(SITE)]
+            code, lines = run.sub("wheelhouse", pip + [str(w) for w in wheels],
+                                  timeout=min(120, max(run.remaining(), 30)), env=_python_env())
+            if code != 0:
+                run.record("wheelhouse", "FAILED", _now() - started, f"pip exit {code}: {lines[-1] if lines else ''}")
+                return False
         stamp.write_text(digest + "\n")
     code, lines = run.sub("offline import probe", [sys.executable, "-c", PROBE, str(SITE), json.dumps(spec)],
                           timeout=min(120, max(run.remaining(), 30)), env=_python_env())
@@ -403,10 +410,12 @@ def build(run: Run) -> bool:
     archs = os.environ.get("CLIPFAST_CUDA_ARCHS", "8.0;9.0")
     env = _python_env({"MAX_JOBS": str(os.cpu_count() or 1), "CLIPFAST_BUILD_CUDA": "1", "CLIPFAST_BUILD_NATIVE": "1",
                        "TORCH_CUDA_ARCH_LIST": archs})
-    code, lines = run.sub("build", [sys.executable, "setup.py", "build_ext", "--inplace"],
-                          timeout=min(240, max(run.remaining() - 60, 30)), env=env)
+    timeout = min(240, max(run.remaining() - 60, 30))
+    code, lines = run.sub("build", [sys.executable, "setup.py", "build_ext", "--inplace"], timeout=timeout, env=env)
     if code != 0:
-        run.record("build", "FAILED", _now() - started, f"exit {code}: {lines[-1] if lines else ''}")
+        errors = [line for line in lines if "error" in line.lower()] or lines or [""]
+        run.record("build", "timeout" if code == 124 else "FAILED", _now() - started,
+                   f"killed after {timeout:.0f} s" if code == 124 else f"exit {code}: {errors[0][:300]}")
         return False
     code, lines = run.sub("verify build", [sys.executable, "-c", VERIFY_BUILD], timeout=120, env=env)
     if code != 0:
@@ -491,12 +500,10 @@ def bench() -> int:
         detail = f"killed after {timeout:.0f} s; {note}"
     run.record("benchmark", status, _now() - started, detail)
     bench_md = OUT / "gpu-bench.md"
-    if bench_md.exists():
-        (OUT / "bench-extra.md").write_text(bench_md.read_text())
     if state:
         run.info["build_and_test"] = state
     run.finish(f"benchmark {status} on {run.info.get('device')}, torch {run.info.get('torch')}, "
-               f"triton {run.info.get('triton')}")
+               f"triton {run.info.get('triton')}", bench_md.read_text() if bench_md.exists() else "")
     return 0 if code == 0 else 1
 
 
