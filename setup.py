@@ -3,7 +3,9 @@
 The extension always carries the C++ CPU kernels (csrc/cpu). When torch is a CUDA build and a CUDA
 toolkit is found, the CUDA kernels (csrc/cuda) are built into the same library, whether or not a GPU is
 present: the architectures come from CLIPFAST_CUDA_ARCHS (default "8.0;9.0") because none can be
-queried. Environment:
+queried. The CPU kernels' vector loops (csrc/cpu/vec/*.cpp) are compiled once per instruction-set level
+(x86-64: AVX512, AVX2, DEFAULT; aarch64: DEFAULT = NEON) as ATen compiles its own, and chosen at run time
+(csrc/include/clipfast/cpu_kernels.h). Environment:
 
 - CLIPFAST_BUILD_NATIVE=0: no native code at all (the pure-PyTorch package: reference kernels on the
   CPU, Triton on the GPU). The only choice on a machine without a C++ compiler.
@@ -19,9 +21,13 @@ Install with `pip install --no-build-isolation .` (or `-e .`) so the extension i
 torch that will run it; add `-v` to watch the compile progress.
 """
 
+import concurrent.futures
 import glob
 import os
+import platform
+import shlex
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -108,6 +114,54 @@ def _want_cuda(torch):
     return cuda_home
 
 
+# The per-level kernel files (csrc/cpu/vec/*.cpp) are compiled once per instruction-set level, as ATen
+# compiles its own CPU kernels (its -DCPU_CAPABILITY=... flags and -m options per level), and
+# csrc/cpu/dispatch.cpp picks one at run time. See csrc/include/clipfast/cpu_kernels.h.
+def _cpu_levels():
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return [("DEFAULT", []), ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+                ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"])]
+    return [("DEFAULT", [])]  # aarch64: NEON is the baseline, and at::vec uses it there
+
+
+def _level_objects(cpp_extension, torch, build_temp, opt, jobs):
+    """Compile every csrc/cpu/vec/*.cpp once per level into build_temp; returns the objects. Objects newer
+    than their sources, the headers and the flags are kept (the build stays incremental)."""
+    cxx = os.environ.get("CXX", "c++").split()
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "vec", "*.cpp")))
+    headers = glob.glob(os.path.join(ROOT, "csrc", "include", "clipfast", "*.h"))
+    includes = [f"-I{d}" for d in [os.path.join(ROOT, "csrc", "include")] + cpp_extension.include_paths()]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    out_dir = os.path.join(build_temp, "cpu_levels")
+    os.makedirs(out_dir, exist_ok=True)
+    commands = []
+    for level, flags in _cpu_levels():
+        for source in sources:
+            obj = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(source))[0]}.{level}.o")
+            cmd = cxx + opt + ["-std=c++20", "-fPIC", abi, f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{level}"]
+            cmd += flags + includes + ["-c", source, "-o", obj]
+            commands.append((obj, cmd, [source] + headers))
+
+    def compile_one(item):
+        obj, cmd, inputs = item
+        stamp = obj + ".cmd"
+        line = shlex.join(cmd)
+        fresh = (os.path.exists(obj) and os.path.exists(stamp) and open(stamp).read() == line
+                 and all(os.path.getmtime(obj) >= os.path.getmtime(i) for i in inputs))
+        if not fresh:
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"clipfast setup: compiling {os.path.basename(obj)} failed:\n{line}\n"
+                                 f"{result.stdout}{result.stderr}")
+            with open(stamp, "w") as f:
+                f.write(line)
+        return obj
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(compile_one, commands))
+
+
 def _extensions():
     if os.environ.get("CLIPFAST_BUILD_NATIVE", "1") == "0":
         _say("CLIPFAST_BUILD_NATIVE=0: no native library (pure-PyTorch package)")
@@ -119,7 +173,7 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     sources = ["csrc/clipfast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = opt + ["-fopenmp", "-std=c++20"]
+    cxx = opt + ["-fopenmp", "-std=c++20"] + [f"-DCLIPFAST_CPU_{level}" for level, _ in _cpu_levels()]
     cuda_home = _want_cuda(torch)
     if cuda_home is None:
         ext = cpp_extension.CppExtension(
@@ -156,6 +210,12 @@ def _extensions():
                         if cuda else f"{len(extension.sources)} C++ sources (CPU kernels only)")
                 _say(f"compiling {extension.name}: {what}; {jobs} parallel jobs; "
                      f"this takes a few minutes on a few cores")
+            jobs = int(os.environ.get("MAX_JOBS", (os.cpu_count() or 1) + 2))
+            objects = _level_objects(cpp_extension, torch, self.build_temp, opt, jobs)
+            _say(f"per-level CPU kernels: {', '.join(level for level, _ in _cpu_levels())} "
+                 f"({len(objects)} objects)")
+            for extension in self.extensions:
+                extension.extra_objects = list(extension.extra_objects or []) + objects
             super().build_extensions()
 
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -21,12 +21,11 @@
 //
 // Work: the O(N^2 D) Gram dominates. Rows are spread over the threads one by one (balanced whatever the
 // split_size); a thread holds one row's working copy and N x N distances, which stay in L2 from the Gram
-// to the last iteration. fp32 on AVX-512 CPUs: a hand-written Gram kernel over the upper triangle only
-// (half the FLOPs of a GEMM, no GEMM dispatch per row); otherwise (fp64, other CPUs) ATen's GEMM on the
-// blocks of the upper triangle.
+// to the last iteration. The Gram kernel (csrc/cpu/vec/token_medoids_tiles.cpp) covers the upper triangle
+// only (half the FLOPs of a GEMM, no GEMM dispatch per row), written once on at::vec and compiled for
+// every instruction-set level (AVX-512, AVX2, baseline x86, NEON), chosen at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,20 +36,16 @@
 #include <tuple>
 #include <type_traits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define CLIPFAST_MEDOIDS_AVX512 1
-#endif
-
 #include "clipfast/checks.h"
+#include "clipfast/cpu_kernels.h"
 
 namespace clipfast {
 namespace {
 
 constexpr double kCosineNormEps = 1e-8;
-// Row length of the working copy: a multiple of 16 elements (one 64-byte fp32 vector), zero-padded, so the
-// Gram kernel has no tail (the zeros add nothing to a dot product).
-constexpr int64_t kPadFloats = 16;
+// Row length of the working copy: a multiple of cpu::kMedoidPad elements (whole vectors at every level),
+// zero-padded, so the Gram kernel has no tail (the zeros add nothing to a dot product).
+constexpr int64_t kPadFloats = cpu::kMedoidPad;
 
 enum class Metric { kEuclidean, kCosine };
 
@@ -78,7 +73,7 @@ template <typename T>
 // One row's working copy work (n x ld, columns >= dim zero): tokens centred on the row mean (Euclidean)
 // or scaled to unit norm (cosine); norms = the RAW squared norms (KKZ's first pick: the square keeps the
 // argmax; cosine's scale). Two passes over x: the mean needs every token before the first can be centred.
-// The centred squared norms are not taken here but from the Gram's own diagonal (see distances_avx512).
+// The centred squared norms are not taken here but from the Gram's own diagonal (see csrc/cpu/vec/token_medoids_tiles.cpp).
 template <typename T>
 [[gnu::always_inline]] inline void prepare(const T* x, int64_t n, int64_t dim, int64_t ld, Metric metric, T* mean,
                                            T* norms, T* work) {
@@ -102,161 +97,6 @@ template <typename T>
     }
     std::fill(wi + dim, wi + ld, T(0));
   }
-}
-
-template <typename T>
-T pair_distance(Metric metric, T sq_i, T sq_j, T g) {
-  return metric == Metric::kEuclidean ? std::sqrt(std::max(T(0), sq_i + sq_j - 2 * g)) : T(1) - g;
-}
-
-// Distances through ATen's GEMM (fp64, or CPUs without AVX-512), then pair by pair. Only the upper
-// triangle of the Gram is needed: the rows go in 3 blocks and only the 6 block products on or above the
-// diagonal are computed (2/3 of the FLOPs; more, smaller blocks lose more GEMM efficiency than they save,
-// measured with MKL at N = 98..196), each written in place into `gram` through a strided view.
-template <typename T>
-void distances_gemm(const T* work, int64_t n, int64_t ld, Metric metric, const at::TensorOptions& options, T* gram,
-                    T* dist) {
-  constexpr int64_t kBlocks = 3;
-  const int64_t block = (n + kBlocks - 1) / kBlocks;
-  for (int64_t i0 = 0; i0 < n; i0 += block) {
-    const int64_t ni = std::min(block, n - i0);
-    const at::Tensor a = at::from_blob(const_cast<T*>(work) + i0 * ld, {ni, ld}, options);
-    for (int64_t j0 = i0; j0 < n; j0 += block) {
-      const int64_t nj = std::min(block, n - j0);
-      const at::Tensor b = at::from_blob(const_cast<T*>(work) + j0 * ld, {nj, ld}, options);
-      at::Tensor out = at::from_blob(gram + i0 * n + j0, {ni, nj}, {n, 1}, options);
-      at::mm_out(out, a, b.t());
-    }
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    dist[i * n + i] = T(0);
-    for (int64_t j = i + 1; j < n; ++j) {
-      const T d = pair_distance(metric, gram[i * n + i], gram[j * n + j], gram[i * n + j]);
-      dist[i * n + j] = d;
-      dist[j * n + i] = d;
-    }
-  }
-}
-
-#ifdef CLIPFAST_MEDOIDS_AVX512
-// Gram kernel: 4 x 4 tiles of dot products, 16 zmm accumulators (4 rows x 4 columns, one 16-float slice
-// of D each), so every loaded vector feeds 4 FMAs and the FMA latency is hidden; lanes are summed once per
-// tile. The 4 row tokens of a tile row stay in L1 while its column tiles stream from L2.
-constexpr int64_t kTile = 4;
-
-// GCC 12's unmasked AVX-512 casts and shuffles pass an _mm*_undefined_* vector as the merge source of the
-// masked builtin they wrap, which -Wmaybe-uninitialized reports once inlined here (a false positive).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// (sum of v[c]'s 16 lanes for c < 4) as one 4-vector. Every v[c] goes through the same add tree, so equal
-// dot products give bitwise equal sums wherever they sit in a tile (a duplicated token gets d = 0 exactly).
-__attribute__((target("avx512f"))) inline __m128 lane_sums(const __m512 v[kTile]) {
-  __m128 quarter[kTile];
-  for (int c = 0; c < kTile; ++c) {
-    const __m256 hi = _mm512_castps512_ps256(_mm512_shuffle_f32x4(v[c], v[c], 0xEE));  // 128-bit lanes 2, 3
-    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v[c]), hi);
-    quarter[c] = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-  }
-  return _mm_hadd_ps(_mm_hadd_ps(quarter[0], quarter[1]), _mm_hadd_ps(quarter[2], quarter[3]));
-}
-#pragma GCC diagnostic pop
-
-// g[r][c] = <a[r], b[c]> over ld floats (ld a multiple of 16).
-__attribute__((target("avx512f"))) inline void dot_tile(const float* const a[kTile], const float* const b[kTile],
-                                                        int64_t ld, __m128 g[kTile]) {
-  __m512 acc[kTile][kTile];
-  for (auto& row : acc)
-    for (auto& v : row) v = _mm512_setzero_ps();
-  for (int64_t d = 0; d < ld; d += 16) {
-    __m512 va[kTile], vb[kTile];
-    for (int r = 0; r < kTile; ++r) va[r] = _mm512_loadu_ps(a[r] + d);
-    for (int c = 0; c < kTile; ++c) vb[c] = _mm512_loadu_ps(b[c] + d);
-    for (int r = 0; r < kTile; ++r)
-      for (int c = 0; c < kTile; ++c) acc[r][c] = _mm512_fmadd_ps(va[r], vb[c], acc[r][c]);
-  }
-  for (int r = 0; r < kTile; ++r) g[r] = lane_sums(acc[r]);
-}
-
-// Distances of the tile at rows i0.., columns j0.. from its dot products: the same formula as
-// pair_distance (sq_i + sq_j first, then - 2 g; max(x, 0) maps NaN to 0 as std::max(0, x) does).
-__attribute__((target("avx512f"))) inline void tile_distances(const __m128 g[kTile], Metric metric, const float* sq,
-                                                              int64_t i0, int64_t j0, __m128 d[kTile]) {
-  if (metric == Metric::kEuclidean) {
-    const __m128 sq_j = _mm_loadu_ps(sq + j0);
-    for (int r = 0; r < kTile; ++r) {
-      const __m128 d2 = _mm_sub_ps(_mm_add_ps(_mm_set1_ps(sq[i0 + r]), sq_j), _mm_add_ps(g[r], g[r]));
-      d[r] = _mm_sqrt_ps(_mm_max_ps(d2, _mm_setzero_ps()));
-    }
-  } else {
-    for (int r = 0; r < kTile; ++r) d[r] = _mm_sub_ps(_mm_set1_ps(1.0f), g[r]);
-  }
-}
-
-// The pairs i < j of a tile that lie inside the matrix, and their mirror images.
-inline void store_tile_pairs(const float (&t)[kTile][kTile], int64_t n, int64_t i0, int64_t j0, float* dist) {
-  for (int64_t r = 0; r < kTile && i0 + r < n; ++r)
-    for (int64_t c = 0; c < kTile && j0 + c < n; ++c) {
-      const int64_t i = i0 + r, j = j0 + c;
-      if (j <= i) continue;
-      dist[i * n + j] = t[r][c];
-      dist[j * n + i] = t[r][c];
-    }
-}
-
-// dist (n x n) from work (n x ld): diagonal tiles first (they give G_ii, needed by every other tile), then
-// the tiles strictly above the diagonal, each written to both triangles. G_ii from the same kernel as G_ij
-// (not from a separate norm loop) makes two equal tokens give G_ii = G_jj = G_ij bitwise, so d_ij = 0
-// exactly. Rows past n in the last tile are clamped to row n - 1 and their results dropped.
-// sq: kTile * ceil(n / kTile) floats of scratch.
-__attribute__((target("avx512f"))) void distances_avx512(const float* work, int64_t n, int64_t ld, Metric metric,
-                                                         float* sq, float* dist) {
-  const int64_t blocks = (n + kTile - 1) / kTile;
-  const float* a[kTile];
-  const float* b[kTile];
-  __m128 g[kTile], d[kTile];
-  alignas(16) float t[kTile][kTile];
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t i0 = blk * kTile;
-    for (int r = 0; r < kTile; ++r) a[r] = work + std::min(i0 + r, n - 1) * ld;
-    dot_tile(a, a, ld, g);
-    for (int r = 0; r < kTile; ++r) {
-      _mm_store_ps(t[r], g[r]);
-      sq[i0 + r] = t[r][r];
-    }
-    tile_distances(g, metric, sq, i0, i0, d);
-    for (int r = 0; r < kTile; ++r) _mm_store_ps(t[r], d[r]);
-    store_tile_pairs(t, n, i0, i0, dist);
-  }
-  for (int64_t i = 0; i < n; ++i) dist[i * n + i] = 0.0f;
-  for (int64_t bi = 0; bi < blocks; ++bi) {
-    const int64_t i0 = bi * kTile;
-    for (int r = 0; r < kTile; ++r) a[r] = work + std::min(i0 + r, n - 1) * ld;
-    for (int64_t bj = bi + 1; bj < blocks; ++bj) {
-      const int64_t j0 = bj * kTile;
-      for (int c = 0; c < kTile; ++c) b[c] = work + std::min(j0 + c, n - 1) * ld;
-      dot_tile(a, b, ld, g);
-      tile_distances(g, metric, sq, i0, j0, d);
-      if (i0 + kTile <= n && j0 + kTile <= n) {
-        for (int r = 0; r < kTile; ++r) _mm_storeu_ps(dist + (i0 + r) * n + j0, d[r]);
-        _MM_TRANSPOSE4_PS(d[0], d[1], d[2], d[3]);
-        for (int c = 0; c < kTile; ++c) _mm_storeu_ps(dist + (j0 + c) * n + i0, d[c]);
-      } else {
-        for (int r = 0; r < kTile; ++r) _mm_store_ps(t[r], d[r]);
-        store_tile_pairs(t, n, i0, j0, dist);
-      }
-    }
-  }
-}
-#endif
-
-// torch's own CPU dispatch decides (so ATEN_CPU_CAPABILITY=avx2 also selects the GEMM path here).
-bool use_avx512() {
-#ifdef CLIPFAST_MEDOIDS_AVX512
-  static const bool available = at::get_cpu_capability() == "AVX512";
-  return available;
-#else
-  return false;
-#endif
 }
 
 // First index of the maximum (NaNs never win, as in a strict-> scan; index 0 if values[0] is NaN). The
@@ -283,16 +123,15 @@ template <typename T>
 template <typename T>
 struct RowScratch {
   int64_t ld;
-  std::unique_ptr<T[]> work, mean, norms, sq, gram, dist, best;
+  std::unique_ptr<T[]> work, mean, norms, sq, dist, best;
   std::unique_ptr<int32_t[]> cluster, members;
   std::unique_ptr<int64_t[]> start, cursor;
-  RowScratch(int64_t n, int64_t dim, int64_t k_count, bool needs_gram)
+  RowScratch(int64_t n, int64_t dim, int64_t k_count)
       : ld((dim + kPadFloats - 1) / kPadFloats * kPadFloats),
         work(new T[n * ld]),
         mean(new T[dim]),
         norms(new T[n]),
         sq(new T[n + kPadFloats]),
-        gram(needs_gram ? new T[n * n] : nullptr),
         dist(new T[n * n]),
         best(new T[n]),
         cluster(new int32_t[n]),
@@ -395,29 +234,19 @@ template <typename T, typename Distances>
   std::copy(s.cluster.get(), s.cluster.get() + n, assignment);
 }
 
-#ifdef CLIPFAST_MEDOIDS_AVX512
-// solve_row with the Gram kernel above, and its inlined generic loops vectorised for AVX-512 too (of
-// their arithmetic only the raw squared norms change: their multiply-adds become FMAs).
-__attribute__((target("avx512f"))) void solve_row_avx512(const float* x, int64_t n, int64_t dim, Metric metric,
-                                                         int64_t k_count, int64_t max_iters, RowScratch<float>& s,
-                                                         int64_t* medoids, int64_t* assignment) {
-  const auto distances = [&] { distances_avx512(s.work.get(), n, s.ld, metric, s.sq.get(), s.dist.get()); };
-  solve_row(x, n, dim, metric, k_count, max_iters, s, distances, medoids, assignment);
-}
-#endif
-
-// One row on the Gram path for its dtype and CPU. medoids: the row's (R, K) output, in KKZ / cluster
-// order until the final sort.
+// One row: the distances come from the per-level Gram kernel (clipfast/cpu_kernels.h). medoids: the row's
+// (R, K) output, in KKZ / cluster order until the final sort.
 template <typename T>
 void solve_row_any(const T* x, int64_t n, int64_t dim, Metric metric, int64_t k_count, int64_t max_iters,
-                   const at::TensorOptions& options, RowScratch<T>& s, int64_t* medoids, int64_t* assignment) {
-#ifdef CLIPFAST_MEDOIDS_AVX512
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512()) return solve_row_avx512(x, n, dim, metric, k_count, max_iters, s, medoids, assignment);
+                   RowScratch<T>& s, int64_t* medoids, int64_t* assignment) {
+  const cpu::MedoidTiles<T>* gram;
+  if constexpr (std::is_same_v<T, double>) {
+    gram = &cpu::kernels().medoids_f64;
+  } else {
+    gram = &cpu::kernels().medoids_f32;
   }
-#endif
   const auto distances = [&] {
-    distances_gemm(s.work.get(), n, s.ld, metric, options, s.gram.get(), s.dist.get());
+    gram->distances(s.work.get(), n, s.ld, metric == Metric::kCosine, s.sq.get(), s.dist.get());
   };
   solve_row(x, n, dim, metric, k_count, max_iters, s, distances, medoids, assignment);
 }
@@ -438,16 +267,15 @@ std::tuple<at::Tensor, at::Tensor> token_medoids_index_cpu(const at::Tensor& x_i
   const at::Tensor x = x_in.detach().to(dtype).contiguous();
   at::Tensor index = at::empty({rows, k_count}, x.options().dtype(at::kLong));
   at::Tensor assignment = at::empty({rows, n}, x.options().dtype(at::kLong));
-  const bool needs_gram = dtype == at::kDouble || !use_avx512();
   AT_DISPATCH_FLOATING_TYPES(dtype, "token_medoids_index_cpu", [&] {
     using T = scalar_t;
     const T* x_ptr = x.data_ptr<T>();
     int64_t* index_ptr = index.data_ptr<int64_t>();
     int64_t* assignment_ptr = assignment.data_ptr<int64_t>();
     at::parallel_for(0, rows, 1, [&](int64_t r_begin, int64_t r_end) {
-      RowScratch<T> s(n, dim, k_count, needs_gram);
+      RowScratch<T> s(n, dim, k_count);
       for (int64_t r = r_begin; r < r_end; ++r) {
-        solve_row_any<T>(x_ptr + r * n * dim, n, dim, metric, k_count, max_iters, x.options(), s,
+        solve_row_any<T>(x_ptr + r * n * dim, n, dim, metric, k_count, max_iters, s,
                          index_ptr + r * k_count, assignment_ptr + r * n);
       }
     });
