@@ -1,6 +1,6 @@
 """The GPU check's rehearsal on a machine without a GPU (tools/gpu_check.py, clipfast.bench.gpu_check).
 
-A lent GPU machine is offline and has only what the working tree carries: here, the wheelhouse is
+The GPU machine the check is written for is offline and has only what the working tree carries: here, the wheelhouse is
 checked, installed with --no-index and imported with every socket refused, exactly as the check's
 set-up step does there; both commands must stop cleanly without a GPU; the benchmark's code runs on
 the CPU at a tiny size. Packaging facts the check relies on are pinned as well.

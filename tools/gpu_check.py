@@ -1,4 +1,4 @@
-"""The GPU check: build, test and benchmark clipfast on a lent GPU machine, as that machine is.
+"""The GPU check: build, test and benchmark clipfast on a GPU machine, as that machine is.
 
 Usage, from the repository root (``tools/gpu_check.sh`` picks the interpreter and runs this file)::
 
@@ -21,7 +21,7 @@ Design notes
   machine image is known to hold); a probe then imports them with every socket refused and the Hugging
   Face hub offline, and checks the requirement versions actually found. ``make test`` runs this same
   step on a CPU machine (tests/test_gpu_check.py), so a missing wheel or an import that needs the
-  network fails there, not on the lent machine.
+  network fails there, not on the GPU machine.
 - The extension is built in place (``setup.py build_ext --inplace``, ``MAX_JOBS`` = all cores,
   ``TORCH_CUDA_ARCH_LIST`` 8.0;9.0 unless ``CLIPFAST_CUDA_ARCHS`` says otherwise) with
   ``CLIPFAST_BUILD_CUDA=1``: no toolkit, no CUDA kernels, no silent CPU-only library. A check after the
@@ -32,7 +32,7 @@ Design notes
 - Every step is a subprocess with a timeout taken from the command's budget (``GPU_CHECK_BUDGET_S``,
   default 285 s), its output streamed to the terminal and the log; a failed or timed-out step is
   recorded and the next one still runs, and the summary is always written and printed last.
-- Results: ``$OUT`` when set (the only folder that comes back from a lent machine), else
+- Results: ``$OUT`` when set (on a machine that hands back only that folder), else
   ``bench-results/gpu``: ``<command>.log``, ``<command>.json`` (every step), ``<command>.md`` (a short
   summary), ``tests-<backend>.xml``; the benchmark's rows in ``gpu-bench.json`` and its table in
   ``gpu-bench.md``. State between the two commands (the build and test outcome, which decides whether
@@ -71,7 +71,7 @@ OUT = Path(os.environ.get("OUT") or ROOT / "bench-results" / "gpu")
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "285"))
 NO_GPU = 2
 
-# Distributions the lent machine's image holds (its package list) that the carried wheels require.
+# Distributions the GPU machine's image holds (its package list) that the carried wheels require.
 MACHINE_PROVIDES = {"torch", "torchvision", "triton", "numpy", "regex", "tqdm", "huggingface-hub", "safetensors",
                     "timm", "transformers", "pytest", "pytest-benchmark", "hypothesis", "ninja", "setuptools",
                     "packaging", "filelock", "fsspec", "pyyaml", "pillow", "matplotlib"}
