@@ -103,6 +103,7 @@ def main(argv=None) -> int:
         sizes = args.sizes or ((1024,) if args.quick else distributed.SIZES)
         print(f"\nclipfast.bench: op=distributed n/rank={list(sizes)}", flush=True)
         text, distributed_met = distributed.run(sizes)
+        print(report.machine_line())
         print(text)
         met &= distributed_met
     for op in ("schur", "token_medoids", "token_keep"):  # each module's run(quick, log) -> (text, met)
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
             module = importlib.import_module(f"clipfast.bench.{op}")
             print(f"\nclipfast.bench: op={op} quick={args.quick}", flush=True)
             text, op_met = module.run(args.quick, log=lambda m: print(m, flush=True))
+            print(report.machine_line())
             print(text)
             met &= op_met
     return 1 if args.fail_on_miss and not met else 0

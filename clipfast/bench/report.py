@@ -5,8 +5,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import ctypes
+import functools
 import json
 import os
+import platform
+import re
 import subprocess
 from typing import Optional
 
@@ -36,6 +40,54 @@ class Row:
     ceiling_n: Optional[int]
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _clipfast_cpu_level() -> str:
+    """The instruction-set level of the CPU kernels clipfast chose in this process (csrc/cpu/dispatch.cpp),
+    read from the native library's C symbol; ATen's own capability when the library did not load."""
+    try:
+        from clipfast import _C  # noqa: PLC0415 (the native library, when it was built)
+
+        lib = ctypes.CDLL(_C.__file__)
+        lib.clipfast_cpu_level.restype = ctypes.c_char_p
+        return lib.clipfast_cpu_level().decode()
+    except (ImportError, OSError, AttributeError):
+        return f"no native kernels; ATen {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _blas() -> str:
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", config)
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", config)
+    name = blas.group(1) if blas else "unknown"
+    return f"{name} {mkl.group(1)}" if name == "mkl" and mkl else name
+
+
+@functools.lru_cache(maxsize=None)
+def machine() -> dict:
+    """What a CPU number depends on besides the thread count: CPU model, the kernels' ISA level, BLAS."""
+    return {"cpu": _cpu_model(), "arch": platform.machine(), "cpus": os.cpu_count(), "isa": _clipfast_cpu_level(),
+            "aten_isa": torch.backends.cpu.get_cpu_capability(), "blas": _blas(), "torch": torch.__version__}
+
+
+def machine_line() -> str:
+    """One line for the top of every table; the load average is read now (CPU timings on a shared machine
+    are only comparable within one run)."""
+    m = machine()
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"machine: {m['cpu']} ({m['arch']}, {m['cpus']} CPUs) | ISA: {m['isa']} (ATen: {m['aten_isa']}) | "
+            f"threads: {torch.get_num_threads()} | BLAS: {m['blas']} | torch {m['torch']} | load avg {load}")
+
+
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -55,7 +107,7 @@ def _baseline(rows: list[Row], row: Row) -> Optional[Row]:
 def table(rows: list[Row]) -> str:
     header = (f"{'loss':<7}{'N':>7}  {'provider':<19}{'time p50 [p20, p80]':>28}{'peak extra':>13}"
               f"{'time/oc':>9}{'mem/oc':>9}{'GFLOP/s':>9}{'of mm':>7}{'useful':>9}")
-    lines = [header, "-" * len(header)]
+    lines = [machine_line(), header, "-" * len(header)]
     previous = None
     for row in rows:
         if previous is not None and (row.loss, row.n) != previous:
@@ -115,9 +167,10 @@ def targets(rows: list[Row], provider: str) -> tuple[str, bool]:
 def write_csv(rows: list[Row], path: str, device_name: str) -> None:
     fields = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80",
               "baseline_provider", "ratio_vs_baseline", "dtype", "shape_json", "device_name",
-              "clipfast_version", "git_sha", "torch_version", "timestamp"]
+              "machine", "clipfast_version", "git_sha", "torch_version", "timestamp"]
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    common = {"op": "contrastive", "x_name": "N", "device_name": device_name, "clipfast_version": clipfast.__version__,
+    common = {"op": "contrastive", "x_name": "N", "device_name": device_name, "machine": machine_line().removeprefix("machine: "),
+              "clipfast_version": clipfast.__version__,
               "git_sha": _git_sha(), "torch_version": torch.__version__, "timestamp": stamp,
               "baseline_provider": BASELINE}
     with open(path, "w", newline="") as f:
