@@ -48,6 +48,17 @@ def _check_features(image_features, text_features, name_a="image_features", name
         raise ValueError(f"{name_a} is on {image_features.device} but {name_b} on {text_features.device}")
 
 
+def _autocast_features(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under ``torch.autocast``, fp32 features go into the products in the autocast dtype, as the matmul of
+    open_clip's loss does there; the scale, the bias and the loss stay fp32 and the gradients come back to
+    the features in fp32 (the cast is differentiable)."""
+    device_type = a.device.type
+    if a.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return a.to(dtype), b.to(dtype)
+    return a, b
+
+
 def _as_scalar_tensor(value: Optional[Scalar], name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
     """A one-element float tensor on ``like``'s device; Python numbers are converted, shapes kept."""
     if value is None:
@@ -94,8 +105,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         mixed devices, non-finite or negative ``logit_scale`` (on a GPU this check is an async device
         assert, to avoid a host sync), ``label_smoothing`` outside [0, 1].
 
-    Numerics: bf16/fp16 inputs accumulate in fp32. NaN or Inf in the features propagate to a NaN
-    (or Inf) loss; nothing is silently masked. Non-contiguous and expanded inputs are accepted (made
+    Numerics: bf16/fp16 inputs accumulate in fp32. Under ``torch.autocast`` fp32 features multiply in
+    the autocast dtype, as open_clip's matmul does there (loss and scale stay fp32); outside it, fp32
+    features on a GPU follow PyTorch's float32 matmul precision (exact fp32 by default, tf32 under
+    ``"high"``). NaN or Inf in the features propagate to a NaN (or Inf) loss; nothing is silently masked. Non-contiguous and expanded inputs are accepted (made
     contiguous, O(N*D)). CPU results are bitwise reproducible for a fixed number of threads.
     """
     _check_features(image_features, text_features)
@@ -135,6 +148,7 @@ def _infonce(queries, keys, logit_scale, logit_bias, label_offset, label_smoothi
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     scale = _as_scalar_tensor(logit_scale, "logit_scale", queries)
     bias = _as_scalar_tensor(logit_bias, "logit_bias", queries)
+    queries, keys = _autocast_features(queries, keys)
     loss, _, _ = _ops.contrastive_loss(queries, keys, scale, bias, label_offset, symmetric,
                                        float(label_smoothing))
     return loss
@@ -171,6 +185,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
                          f"for {m} texts (N != M needs negative_only=True or a label_offset)")
     scale = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     bias = _as_scalar_tensor(logit_bias, "logit_bias", image_features)
+    image_features, text_features = _autocast_features(image_features, text_features)
     return _ops.siglip_loss(image_features, text_features, scale, bias, int(label_offset), bool(negative_only))
 
 

@@ -5,6 +5,7 @@ Kept free of clipfast imports so that the op modules and the user API can both u
 
 from __future__ import annotations
 
+import numbers
 import operator
 
 import torch
@@ -22,24 +23,20 @@ input, on CUDA at the next synchronisation. Inf counts as NaN wherever it makes 
 def as_int(value, name: str) -> int:
     """``value`` as a Python int: ints, NumPy integers and one-element integer tensors (``operator.index``);
     TypeError for anything else, bools included."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
+    if not is_int_like(value):
         raise TypeError(f"{name} must be an int (or an integer-valued NumPy scalar / 0-d tensor), got "
-                        f"{type(value).__name__} {value!r}") from None
+                        f"{type(value).__name__} {value!r}")
+    return operator.index(value)
 
 
 def is_int_like(value) -> bool:
-    """True for what :func:`as_int` accepts."""
+    """True for what :func:`as_int` accepts. Decided from types alone, without catching an exception of
+    ``operator.index``: torch.compile (torch 2.11) cannot trace that try/except."""
     if isinstance(value, bool):
         return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, numbers.Integral) or hasattr(type(value), "__index__")
 
 
 def check_no_nan(t: torch.Tensor, name: str, *, allow_inf: bool = False) -> None:
@@ -47,7 +44,12 @@ def check_no_nan(t: torch.Tensor, name: str, *, allow_inf: bool = False) -> None
     away: ValueError on CPU in eager mode, ``torch._assert_async`` on other devices and under torch.compile."""
     what = "NaN" if allow_inf else "NaN or Inf"
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = bool(torch.isnan(t).any()) if allow_inf else not bool(torch.isfinite(t).all())
+        # One reduction decides the common case without a full-size mask: a NaN (or an Inf) element makes
+        # the sum NaN (non-finite). Only a suspicious sum, which finite values can also give by overflow
+        # or inf - inf, pays for the element-wise check.
+        total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        suspicious = bool(torch.isnan(total)) if allow_inf else not bool(torch.isfinite(total))
+        bad = suspicious and (bool(torch.isnan(t).any()) if allow_inf else not bool(torch.isfinite(t).all()))
         if bad:
             raise ValueError(f"{name} contains {what}; clipfast raises instead of returning an answer that would "
                              "hide it (see clipfast.inputs.NON_FINITE_RULE)")

@@ -185,3 +185,18 @@ def test_cpu_kernel_is_deterministic():
             runs.append((loss, *torch.autograd.grad(loss, (image, text, s))))
     for run in runs[1:]:
         assert all(torch.equal(x, y) for x, y in zip(run, runs[0]))
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_autocast_multiplies_fp32_features_in_the_autocast_dtype(loss_name):
+    """As open_clip's matmul under autocast: same loss as bf16 features, fp32 gradients for fp32 leaves."""
+    fused, _ = LOSSES[loss_name]
+    inputs = _inputs(64, 64, 32, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused(*inputs)
+    grads = torch.autograd.grad(loss, inputs[:2])
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in inputs[:2]]
+    loss_low = fused(*low, *inputs[2:])
+    assert loss.dtype == torch.float32 and torch.equal(loss, loss_low)
+    for g, g_low in zip(grads, torch.autograd.grad(loss_low, low)):
+        assert g.dtype == torch.float32 and torch.equal(g, g_low.float())
