@@ -69,7 +69,10 @@ class Case:
 # - clipfast-triton / clipfast-cuda: row and column LSE sweeps (1 for SigLIP), then one launch per
 #   gradient, each a logit recompute plus G @ y (triton_kernels/contrastive.py, csrc/cuda/contrastive.cu;
 #   tests/ops/test_contrastive_triton_work.py counts the Triton ones).
+# - inf_cl (GPU benchmark only, CLIP as two one-directional calls): per direction one LSE sweep and two
+#   gradient kernels (dq, dk) that each recompute the logits: 1 + 2 x 2 = 5, 10 in all.
 GEMM_EQUIVALENTS = {
+    "inf_cl": {("clip", "fwd"): 2, ("clip", "fwd_bwd"): 10},
     "open_clip": {("clip", "fwd"): 2, ("clip", "fwd_bwd"): 6, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 3},
     "reference": {("clip", "fwd"): 1, ("clip", "fwd_bwd"): 3, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 3},
     "clipfast-cpu": {("clip", "fwd"): 1, ("clip", "fwd_bwd"): 4, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 4},
