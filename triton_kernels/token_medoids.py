@@ -9,15 +9,26 @@ Algorithm
 The launcher walks the rows in groups (a Python loop, no host synchronisation); a group holds at most
 ``_SCRATCH_ELEMS`` fp32 distances (whole chunks of ``split_size`` rows) and runs two kernels:
 
-* ``_pairwise_distance_kernel``, grid ``(rows, cdiv(N, BLOCK_I), cdiv(N, BLOCK_J))``: the (N, N) fp32
-  distance matrix of each row into a scratch tensor, plus each token's raw norm ``||x_n||_2`` (for the KKZ
-  start). Only tiles on or above the diagonal are computed; each is mirrored, so the matrix is exactly
-  symmetric (exact ties, e.g. the two members of a two-token cluster, stay ties). Tiles are accumulated
-  over D in ``BLOCK_D`` chunks as a (BLOCK_I, BLOCK_J, BLOCK_D) broadcast:
-    - euclidean: ``sum_d (x_id - x_jd)^2`` by direct differences (no ``||x||^2 + ||y||^2 - 2 x.y``
-      cancellation, so tokens of norm ~1000 keep full fp32 accuracy), then ``sqrt``;
-    - cosine: ``1 - <x_i, x_j> / (max(||x_i||, 1e-8) max(||x_j||, 1e-8))``.
-  The diagonal is set to exactly 0. Inputs of any float dtype are widened to fp32 on load.
+* ``_pairwise_distance_kernel``, two passes: the (N, N) fp32 distance matrix of each row into a scratch
+  tensor from the row's Gram ``G_ij = <c_i, c_j>``, plus each token's raw norm ``||x_n||_2`` (for the KKZ
+  start; an fp32 sum of squares). ``c = x - mean_row`` (fp32) for euclidean on fp32 inputs (distances are
+  translation invariant; centring cuts the cancellation below), ``c = x`` otherwise. Gram tiles are
+  ``tl.dot`` products accumulated over D in ``BLOCK_D`` chunks, all by one helper (``_gram_tile``):
+    - diagonal pass, grid ``(rows, T)``, ``T = cdiv(N, BLOCK_I)``: tile (b, b); its diagonal ``G_ii`` goes to a
+      (rows, N) scratch, and its upper triangle to the distances (mirrored);
+    - off-diagonal pass, grid ``(rows, T, T)``: tile (bi, bj) for bi < bj, mirrored to (bj, bi) (programs with
+      bi >= bj exit at once), reading ``G_ii`` and ``G_jj`` from the scratch;
+    - euclidean ``sqrt(max((G_ii + G_jj) - 2 G_ij, 0))``; cosine ``1 - G_ij / (max(sqrt G_ii, 1e-8)
+      max(sqrt G_jj, 1e-8))``. The diagonal is set to exactly 0.
+  Guarantees: each pair is computed once and mirrored, so the matrix is exactly symmetric (exact ties, e.g.
+  the two members of a two-token cluster, stay ties). Two copies of a token are at euclidean distance
+  exactly 0: ``G_ii``, ``G_i'i'`` and ``G_ii'`` are dot products of equal vectors by the same code path
+  (diagonal tiles run the same loop as off-diagonal ones, and ``G_ii`` is read from a tile, never recomputed
+  another way), and on a GPU each ``mma`` / ``wgmma`` output element (or each element of the FMA loop of an
+  "ieee" fp32 dot) is accumulated by the same sequence of k-steps whatever its position in the tile, so the
+  three are bitwise equal and ``(G + G) - 2 G = 0``. The Triton interpreter's ``tl.dot`` (one BLAS matmul)
+  rounds elements differently by position; the tests run it through ``gemm_work.position_independent_dot``,
+  which restores the GPU behaviour. Cosine duplicates are rounding noise of either sign (as in the reference).
 * ``_medoids_kernel``, grid ``(cdiv(rows, S),)`` with ``S = split_size`` (or 1 when ``split_size == 0``):
   one program owns a chunk of S consecutive rows, so chunk-level stopping needs no cross-program sync.
   Per-token quantities are (BLOCK_N,) vectors, ``BLOCK_N = next_pow2(N)``; the medoid list of a row is a
@@ -38,19 +49,26 @@ The launcher walks the rows in groups (a Python loop, no host synchronisation); 
   The programs are latency bound (one program per row or chunk); this op is about determinism and matching
   the reference index for index, not peak throughput.
 
-Work (GEMM-equivalents: one is a segment's ``N x N x D`` Gram, ``2 N^2 D`` flops): the distance tiles execute
-no ``tl.dot`` (0 GEMM-equivalents on the tensor cores; tests/ops/test_token_medoids_triton.py counts them under
-the interpreter). They do ``(T + 1) / 2T`` of the Gram's multiply-adds (``T = cdiv(N, BLOCK_I)``: the tiles on
-and above the diagonal, each once, N and D rounded up to whole blocks) as fp32 broadcasts on the CUDA cores,
-16-bit inputs widened to fp32. Kept so on purpose: the exact ties above need every distance between equal
-tokens to be bitwise equal wherever the pair sits in the matrix, which the direct differences give; a
-``tl.dot`` Gram (``G_ii + G_jj - 2 G_ij``) gives it only if the dot rounds each element independently of its
-position, which the interpreter's BLAS-backed dot does not (duplicate tokens then differ in the last bit and
-KKZ / the updates break ties differently). The medoid iterations issue no ``tl.dot`` either.
+Work (GEMM-equivalents: one is a segment's ``N x N x D`` Gram, ``2 N^2 D`` flops; every executed ``tl.dot``
+counts ``2 M K N`` flops of its padded operand blocks; tests/ops/test_token_medoids_triton.py counts them under
+the interpreter): the distance tiles execute ``(T + 1) / 2T`` GEMM-equivalents on ``tl.dot`` (the T diagonal
+tiles and the ``T (T - 1) / 2`` tiles above them, each once; N and D rounded up to whole blocks), e.g. 3/4 at
+T = 2, 17/32 at N = 1024 (T = 16). Before, the same ``(T + 1) / 2T`` of multiply-adds ran as fp32 broadcasts
+on the CUDA cores and 0 on ``tl.dot``. The medoid iterations issue no ``tl.dot``.
+
+Precision. 16-bit inputs multiply in their own dtype on the tensor cores (exact products, fp32 accumulation;
+not centred, which would round ``x - mean`` back to 16 bits). fp32 inputs: the dots take the centred fp32
+operands with ``input_precision``, which the op passes from :func:`clipfast.backends.triton_input_precision`
+(PyTorch's float32 matmul precision): "ieee" is exact fp32 on the FMA units, "tf32" runs the tensor cores
+(operands truncated to 10 mantissa bits: distances to about 1e-3 relative of the largest in the row).
+The Gram form trades the old direct differences' full accuracy for tensor cores: a squared distance carries an
+absolute error of a few ulps of ``||c_i||^2``, so tokens far from their row's mean (in units of their
+distances) lose relative accuracy.
 
 Determinism: each output is owned by one program and computed in a fixed order (no atomics); results are
 bitwise reproducible run to run. Scratch memory: ``_SCRATCH_ELEMS`` fp32 (256 MiB) at most, or one chunk's
-``S N^2`` fp32 if larger, plus (rows, N) fp32 norms.
+``S N^2`` fp32 if larger, plus (rows, N) fp32 norms and Gram diagonals and, for centred rows, (rows, D) fp32
+means.
 
 All launchers accept CUDA tensors, or CPU tensors when Triton runs under its interpreter (``TRITON_INTERPRET=1``
 set before this module is imported). ``x`` may be float32, float16 or bfloat16 with arbitrary strides; index
@@ -68,6 +86,7 @@ COSINE_NORM_EPS = 1e-8
 MAX_TOKENS = 1024
 _METRIC_ID = {name: i for i, name in enumerate(METRICS)}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INPUT_PRECISIONS = ("ieee", "tf32")
 # At most this many fp32 distances (256 MiB) exist at a time, unless a single split_size chunk needs more.
 _SCRATCH_ELEMS = 1 << 26
 
@@ -78,8 +97,49 @@ _SCRATCH_ELEMS = 1 << 26
 
 
 @triton.jit
+def _gram_tile(x_row, mean_row, offs_i, offs_j, mask_i, mask_j, D, stride_xn, stride_xd,
+               CENTRE: tl.constexpr, DIAGONAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(G, sq)``: the (BLOCK_I, BLOCK_J) fp32 Gram tile ``<c_i, c_j>`` accumulated over D in BLOCK_D chunks by
+    ``tl.dot``, with ``c = x - mean`` (fp32) when CENTRE else ``c = x`` in the input dtype; and, when DIAGONAL
+    (``offs_j == offs_i``: one operand), the raw fp32 ``||x_i||^2`` of the rows (zeros otherwise).
+
+    Diagonal and off-diagonal tiles run this same loop (same operands' dtype, same BLOCK_D chunks, same
+    instruction), so a dot product of two equal token vectors is the same fp32 value wherever it sits."""
+    offs_d = tl.arange(0, BLOCK_D)
+    xi_ptrs = x_row + offs_i.to(tl.int64)[:, None] * stride_xn
+    xj_ptrs = x_row + offs_j.to(tl.int64)[:, None] * stride_xn
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + offs_d
+        d_mask = ds < D
+        col = ds.to(tl.int64)[None, :] * stride_xd
+        xi = tl.load(xi_ptrs + col, mask=mask_i[:, None] & d_mask[None, :], other=0.0)
+        if DIAGONAL:
+            sq += tl.sum(xi.to(tl.float32) * xi.to(tl.float32), axis=1)
+        if CENTRE:
+            mu = tl.load(mean_row + ds, mask=d_mask, other=0.0)
+            ci = tl.where(mask_i[:, None], xi.to(tl.float32) - mu[None, :], 0.0)
+        else:
+            ci = xi
+        if DIAGONAL:
+            cj = ci
+        else:
+            xj = tl.load(xj_ptrs + col, mask=mask_j[:, None] & d_mask[None, :], other=0.0)
+            if CENTRE:
+                cj = tl.where(mask_j[:, None], xj.to(tl.float32) - mu[None, :], 0.0)
+            else:
+                cj = xj
+        acc = tl.dot(ci, tl.trans(cj), acc, input_precision=INPUT_PRECISION)
+    return acc, sq
+
+
+@triton.jit
 def _pairwise_distance_kernel(
     x_ptr,
+    mean_ptr,
+    gdiag_ptr,
     dist_ptr,
     norm_ptr,
     N,
@@ -88,55 +148,56 @@ def _pairwise_distance_kernel(
     stride_xn,
     stride_xd,
     METRIC: tl.constexpr,
+    CENTRE: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dist[r, i, j] = D(x[r, i], x[r, j]) fp32 (METRIC 0 euclidean, 1 cosine), norm[r, i] = ||x[r, i]||_2.
+    """dist[r, i, j] = D(x[r, i], x[r, j]) fp32 (METRIC 0 euclidean, 1 cosine) from the Gram of the row.
 
-    x: (rows, N, D) any strides; dist: (rows, N, N) and norm: (rows, N) fp32 contiguous.
-    Grid: (rows, cdiv(N, BLOCK_I), cdiv(N, BLOCK_J)); program (r, bi, bj) with bi <= bj owns tile (bi, bj)
-    of row r and its mirror (bj, bi) (programs with bi > bj exit at once); the diagonal programs also store
-    the norms of their block.
+    x: (rows, N, D) any strides; mean: (rows, D) fp32 row means (read when CENTRE: euclidean, fp32 inputs);
+    gdiag: (rows, N) fp32 Gram diagonal ``G_ii``; dist: (rows, N, N) and norm: (rows, N) fp32 contiguous.
+    DIAGONAL pass, grid (rows, cdiv(N, BLOCK_I)): program (r, b) computes the diagonal tile (b, b), stores
+    its upper triangle mirrored, its diagonal ``G_ii`` into gdiag and the raw norms ``||x_i||_2``.
+    Off-diagonal pass (after it), grid (rows, T, T): program (r, bi, bj) with bi < bj computes tile (bi, bj)
+    and mirrors it to (bj, bi), reading ``G_ii``, ``G_jj`` from gdiag (programs with bi >= bj exit at once).
     """
     tl.static_assert(BLOCK_I == BLOCK_J)
+    tl.static_assert(BLOCK_D >= 16)  # tl.dot needs K >= 16 for 16-bit operands
     row = tl.program_id(0).to(tl.int64)
     pid_i = tl.program_id(1)
-    pid_j = tl.program_id(2)
-    if pid_i > pid_j:  # the lower triangle is the mirror of the upper one
-        return
+    if DIAGONAL:
+        pid_j = pid_i
+    else:
+        pid_j = tl.program_id(2)
+        if pid_i >= pid_j:  # the diagonal pass did bi == bj; the lower triangle is the mirror
+            return
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_i = offs_i < N
     mask_j = offs_j < N
-    offs_d = tl.arange(0, BLOCK_D)
-    x_row = x_ptr + row * stride_xr
-    xi_ptrs = x_row + offs_i.to(tl.int64)[:, None] * stride_xn
-    xj_ptrs = x_row + offs_j.to(tl.int64)[:, None] * stride_xn
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    sq_i = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    sq_j = tl.zeros((BLOCK_J,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + offs_d
-        d_mask = ds < D
-        col = ds.to(tl.int64)[None, :] * stride_xd
-        xi = tl.load(xi_ptrs + col, mask=mask_i[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        xj = tl.load(xj_ptrs + col, mask=mask_j[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        if METRIC == 0:
-            diff = xi[:, None, :] - xj[None, :, :]
-            acc += tl.sum(diff * diff, axis=2)
-        else:
-            acc += tl.sum(xi[:, None, :] * xj[None, :, :], axis=2)
-            sq_j += tl.sum(xj * xj, axis=1)
-        sq_i += tl.sum(xi * xi, axis=1)
-    norm_i = tl.sqrt(sq_i)
-    if METRIC == 0:
-        dist = tl.sqrt(tl.maximum(acc, 0.0))
+    acc, sq = _gram_tile(x_ptr + row * stride_xr, mean_ptr + row * D, offs_i, offs_j, mask_i, mask_j, D,
+                         stride_xn, stride_xd, CENTRE, DIAGONAL, INPUT_PRECISION, BLOCK_I, BLOCK_J, BLOCK_D)
+    eye = offs_i[:, None] == offs_j[None, :]
+    if DIAGONAL:
+        # G_ii from the tile itself (a sum of one element and zeros: exact).
+        g_i = tl.sum(tl.where(eye, acc, 0.0), axis=1)
+        g_j = tl.sum(tl.where(eye, acc, 0.0), axis=0)
+        tl.store(gdiag_ptr + row * N + offs_i, g_i, mask=mask_i)
+        tl.store(norm_ptr + row * N + offs_i, tl.sqrt(sq), mask=mask_i)
     else:
-        inv_i = 1.0 / tl.maximum(norm_i, 1e-8)
-        inv_j = 1.0 / tl.maximum(tl.sqrt(sq_j), 1e-8)
+        g_i = tl.load(gdiag_ptr + row * N + offs_i, mask=mask_i, other=0.0)
+        g_j = tl.load(gdiag_ptr + row * N + offs_j, mask=mask_j, other=0.0)
+    if METRIC == 0:
+        # Equal tokens: G_ii = G_jj = G_ij bitwise, so (G + G) - 2 G = 0 exactly (also as one FMA).
+        dist = tl.sqrt(tl.maximum((g_i[:, None] + g_j[None, :]) - 2.0 * acc, 0.0))
+    else:
+        inv_i = 1.0 / tl.maximum(tl.sqrt(g_i), 1e-8)
+        inv_j = 1.0 / tl.maximum(tl.sqrt(g_j), 1e-8)
         dist = 1.0 - acc * (inv_i[:, None] * inv_j[None, :])
-    dist = tl.where(offs_i[:, None] == offs_j[None, :], 0.0, dist)
+    dist = tl.where(eye, 0.0, dist)
     # Exactly symmetric: (i, j) with i <= j is computed once and mirrored to (j, i). Two-member clusters
     # then tie exactly (cost D[a, b] = D[b, a]) and go to the lower index, as in the reference.
     out = dist_ptr + row * N * N
@@ -145,7 +206,6 @@ def _pairwise_distance_kernel(
     tl.store(out + offs_i.to(tl.int64)[:, None] * N + offs_j[None, :], dist, mask=valid & upper)
     tl.store(out + offs_j.to(tl.int64)[None, :] * N + offs_i[:, None], dist,
              mask=valid & (offs_i[:, None] < offs_j[None, :]))
-    tl.store(norm_ptr + row * N + offs_i, norm_i, mask=mask_i & (pid_i == pid_j))
 
 
 @triton.jit
@@ -276,26 +336,32 @@ _INTERPRETED = not isinstance(_medoids_kernel, triton.runtime.JITFunction)
 # --------------------------------------------------------------------------------------------
 
 
-def kernel_configs(N: int, D: int, dtype: torch.dtype) -> dict:
-    """Launch configuration used for segments of ``N`` tokens of width ``D`` and input ``dtype``.
+def kernel_configs(N: int, D: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
+    """Launch configuration used for segments of ``N`` tokens of width ``D``, input ``dtype`` and fp32 dot
+    ``precision`` ("ieee" or "tf32"; ignored for 16-bit inputs).
 
     Returns ``{"distance": {...}, "medoids": {...}}``: each kernel's block-size constexprs plus
-    ``num_warps``/``num_stages``, exactly as the launcher passes them, so the AOT test compiles (and checks
-    for spills) what actually runs. Fixed table, no ``triton.autotune`` (that needs a GPU to benchmark):
+    ``num_warps``/``num_stages``, exactly as the launcher passes them (both distance passes use the same
+    one), so the AOT test compiles (and checks for spills and tensor-core instructions) what actually runs.
+    Fixed table, no ``triton.autotune`` (that needs a GPU to benchmark):
 
-    * distance: 32 x 32 output tiles over ``BLOCK_D`` = 8 input columns per step (the (32, 32, 8) fp32
-      broadcast is 64 registers a thread on 4 warps), shrunk to ``next_pow2(N)`` / ``next_pow2(D)`` for
-      tiny segments. Same for every dtype (16-bit inputs are widened to fp32 on load).
+    * distance: 64 x 64 Gram tiles on 4 warps (one warp group: sm_90 runs ``wgmma``), shrunk to
+      ``next_pow2(N)`` (at least 16) for small segments; ``BLOCK_D`` = 32 input columns per ``tl.dot`` on
+      the tensor-core paths (16-bit inputs, fp32 with "tf32"), 16 for fp32 "ieee" (FMA loops holding a
+      thread's operand slices in registers); at least 16 (the ``tl.dot`` minimum), ``next_pow2(D)`` if smaller.
     * medoids: ``BLOCK_N = next_pow2(N)`` token lanes and ``BLOCK_K = BLOCK_N`` medoid lanes (K <= N, so
       one configuration per N whatever K); ``BLOCK_N / 32`` warps (1 to 8) up to 256 lanes, so one lane per
       thread, then ``BLOCK_N / 128`` (4 lanes per thread; 8 warps at 1024).
     """
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
+    if precision not in _INPUT_PRECISIONS:
+        raise ValueError(f"precision must be one of {_INPUT_PRECISIONS}, got {precision!r}")
     n_pow2 = triton.next_power_of_2(max(int(N), 1))
     d_pow2 = triton.next_power_of_2(max(int(D), 1))
-    tile = min(n_pow2, 32)
-    distance = dict(BLOCK_I=tile, BLOCK_J=tile, BLOCK_D=min(d_pow2, 8), num_warps=4, num_stages=2)
+    tile = min(max(n_pow2, 16), 64)
+    depth = 16 if (dtype == torch.float32 and precision == "ieee") else 32
+    distance = dict(BLOCK_I=tile, BLOCK_J=tile, BLOCK_D=min(max(d_pow2, 16), depth), num_warps=4, num_stages=2)
     # One token lane per thread up to 256 lanes, four above: with two lanes per thread (256 on 4 warps,
     # 512 on 8) ptxas spilled the iteration counter on sm_80 (STACK 8).
     warps = max(1, min(n_pow2 // 32, 8)) if n_pow2 <= 256 else n_pow2 // 128
@@ -312,7 +378,7 @@ def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_inputs(x, num_medoids, metric, max_iters, split_size):
+def _check_inputs(x, num_medoids, metric, max_iters, split_size, input_precision):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 3:
@@ -336,9 +402,44 @@ def _check_inputs(x, num_medoids, metric, max_iters, split_size):
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
     if split_size < 0:
         raise ValueError(f"split_size must be >= 0 (0: per-row convergence), got {split_size}")
+    if input_precision not in _INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
 
 
-def token_medoids_index_triton(x, num_medoids, metric="euclidean", max_iters=10, split_size=0):
+def _launch_distances(xs, dist, norms, gdiag, metric, precision, dcfg):
+    """The two ``_pairwise_distance_kernel`` passes over the rows of ``xs`` into the scratch tensors."""
+    rows, N, D = xs.shape
+    # Euclidean distances are translation invariant: fp32 tokens are centred on their row's mean before
+    # the Gram (less cancellation in G_ii + G_jj - 2 G_ij). 16-bit tokens stay as they are (exact products).
+    centre = metric == "euclidean" and xs.dtype == torch.float32
+    mean = torch.mean(xs, dim=1).contiguous() if centre else gdiag
+    blocks = triton.cdiv(N, dcfg["BLOCK_I"])
+    consts = dict(METRIC=_METRIC_ID[metric], CENTRE=centre, INPUT_PRECISION=precision, **dcfg)
+    _pairwise_distance_kernel[(rows, blocks)](
+        xs, mean, gdiag, dist, norms, N, D, xs.stride(0), xs.stride(1), xs.stride(2), DIAGONAL=True, **consts,
+    )  # fmt: skip
+    if blocks > 1:  # after the diagonal pass: the off-diagonal tiles read its G_ii
+        _pairwise_distance_kernel[(rows, blocks, blocks)](
+            xs, mean, gdiag, dist, norms, N, D, xs.stride(0), xs.stride(1), xs.stride(2), DIAGONAL=False, **consts,
+        )  # fmt: skip
+
+
+def _pairwise_distances(x, metric="euclidean", input_precision="ieee"):
+    """``(dist, norms)``: the (R, N, N) fp32 distance matrices and (R, N) raw token norms the medoid kernel
+    reads (for tests)."""
+    _check_inputs(x, 1, metric, 0, 0, input_precision)
+    R, N, D = x.shape
+    precision = input_precision if x.dtype == torch.float32 else "ieee"
+    dist = torch.empty((R, N, N), dtype=torch.float32, device=x.device)
+    norms = torch.empty((R, N), dtype=torch.float32, device=x.device)
+    gdiag = torch.empty((R, N), dtype=torch.float32, device=x.device)
+    if R:
+        _launch_distances(x, dist, norms, gdiag, metric, precision, kernel_configs(N, D, x.dtype, precision)["distance"])
+    return dist, norms
+
+
+def token_medoids_index_triton(x, num_medoids, metric="euclidean", max_iters=10, split_size=0, *,
+                               input_precision="ieee"):
     """k-medoids (KKZ init) of every row of tokens.
 
     Args:
@@ -347,34 +448,34 @@ def token_medoids_index_triton(x, num_medoids, metric="euclidean", max_iters=10,
         metric: "euclidean" or "cosine".
         max_iters: >= 0 assignment/update iterations at most.
         split_size: 0 for per-row convergence, s > 0 to iterate chunks of s consecutive rows together.
+        input_precision: ``tl.dot`` precision of the distance tiles for fp32 inputs, "ieee" (exact fp32, FMA)
+            or "tf32" (tensor cores); the op passes :func:`clipfast.backends.triton_input_precision`.
+            16-bit inputs always multiply in their own dtype on the tensor cores.
 
     Returns:
         ``(medoid_index, assignment)``: (R, K) int64 ascending token indices, and (R, N) int64 indices into
         the sorted medoids.
     """
-    _check_inputs(x, num_medoids, metric, max_iters, split_size)
+    _check_inputs(x, num_medoids, metric, max_iters, split_size, input_precision)
     R, N, D = x.shape
     K = num_medoids
     medoid_index = torch.empty((R, K), dtype=torch.int64, device=x.device)
     assignment = torch.empty((R, N), dtype=torch.int64, device=x.device)
     if R == 0:
         return medoid_index, assignment
-    cfg = kernel_configs(N, D, x.dtype)
+    precision = input_precision if x.dtype == torch.float32 else "ieee"
+    cfg = kernel_configs(N, D, x.dtype, precision)
     dcfg, mcfg = cfg["distance"], cfg["medoids"]
     chunk = split_size if split_size > 0 else 1
     group = max(chunk, (_SCRATCH_ELEMS // (N * N)) // chunk * chunk)
     group = min(group, triton.cdiv(R, chunk) * chunk)
     dist = torch.empty((min(group, R), N, N), dtype=torch.float32, device=x.device)
     norms = torch.empty((min(group, R), N), dtype=torch.float32, device=x.device)
-    metric_id = _METRIC_ID[metric]
+    gdiag = torch.empty((min(group, R), N), dtype=torch.float32, device=x.device)
     for r0 in range(0, R, group):
         r1 = min(r0 + group, R)
         rows = r1 - r0
-        xs = x[r0:r1]
-        grid = (rows, triton.cdiv(N, dcfg["BLOCK_I"]), triton.cdiv(N, dcfg["BLOCK_J"]))
-        _pairwise_distance_kernel[grid](
-            xs, dist, norms, N, D, xs.stride(0), xs.stride(1), xs.stride(2), METRIC=metric_id, **dcfg,
-        )  # fmt: skip
+        _launch_distances(x[r0:r1], dist, norms, gdiag, metric, precision, dcfg)
         _medoids_kernel[(triton.cdiv(rows, chunk),)](
             dist, norms, medoid_index[r0:r1], assignment[r0:r1], rows, N, K, max_iters, chunk, **mcfg,
         )  # fmt: skip

@@ -12,6 +12,8 @@ present), ``cuda`` (csrc/cuda/token_medoids.cu, opt-in) and ``reference``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from clipfast import backends
@@ -27,7 +29,9 @@ def _kernel(backend: str):
     if backend == "triton":
         from clipfast.triton_kernels import token_medoids as triton_medoids
 
-        return triton_medoids.token_medoids_index_triton
+        # fp32 distance tiles follow PyTorch's float32 matmul precision ("ieee" exact, "tf32" tensor cores).
+        return functools.partial(triton_medoids.token_medoids_index_triton,
+                                 input_precision=backends.triton_input_precision())
     return torch.ops.clipfast_C.token_medoids_index  # cpu and cuda: dispatched on the tensor's device
 
 

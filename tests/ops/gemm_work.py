@@ -16,8 +16,16 @@ fp32 there. On NVIDIA GPUs Triton hands the fp32 registers to the tf32 ``mma``/`
 10 mantissa bits (relative error below 2^-10). :func:`emulate_tf32_dot` reproduces that, so tf32 error
 bounds tested on the CPU mean what they say on the GPU.
 
+The interpreter's ``tl.dot`` is one ``np.matmul`` (BLAS): how an output element is rounded depends on where
+it sits in the block (BLAS micro-kernels and edge paths sum in different orders), so the dot products of two
+copies of a token can differ in the last bit. On a GPU they cannot: every output element of an ``mma`` /
+``wgmma`` (or of the FMA loop of an "ieee" fp32 dot) is accumulated by the same sequence of k-steps whatever
+its row and column in the tile, so equal operand rows and columns give bitwise equal results.
+:func:`position_independent_dot` reproduces that, for kernels whose guarantees rest on it (exact zeros between
+duplicate tokens in the token-medoid distances).
+
 Importable as ``gemm_work`` from tests/ops (pytest puts the test file's folder on ``sys.path``, and so does
-running an AOT worker script). Both context managers wrap whatever ``create_dot`` is installed (e.g. the bf16 fix of
+running an AOT worker script). The context managers wrap whatever ``create_dot`` is installed (e.g. the bf16 fix of
 ``clipfast.triton_kernels.interpreter_patches``), nest in any order, and restore it on exit. They only make
 sense under the interpreter and raise ``RuntimeError`` otherwise.
 """
@@ -30,7 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DotWork", "count_dot_flops", "emulate_tf32_dot", "gemm_equivalents", "tf32_truncate"]
+__all__ = ["DotWork", "count_dot_flops", "emulate_tf32_dot", "gemm_equivalents", "position_independent_dot",
+           "tf32_truncate"]
 
 
 @dataclass
@@ -118,6 +127,35 @@ def emulate_tf32_dot():
             if input_precision == tf32:
                 a, b = to_tf32(a), to_tf32(b)
             return original(self, a, b, d, input_precision, *args, **kwargs)
+
+        return create_dot
+
+    with _wrapped_create_dot(make_wrapper):
+        yield
+
+
+@contextlib.contextmanager
+def position_independent_dot():
+    """Opt-in: every ``tl.dot`` is accumulated k by k in a fixed order, the same for every output element:
+    ``acc = fl(acc + fl(a[:, k] b[k, :]))`` for k = 0 .. K - 1, each step a rank-1 call of the installed
+    ``create_dot`` (a single product per element: no BLAS summation order). Equal rows of ``a`` and equal
+    columns of ``b`` then give bitwise equal outputs wherever they sit, as on a GPU (module docstring).
+
+    Composes with the other wrappers: entered before :func:`count_dot_flops` (``with
+    position_independent_dot(), count_dot_flops()``) the count sees the kernel's calls unsplit; entered after
+    it, ``flops`` is unchanged and ``calls`` / ``by_shape`` count the K rank-1 steps. Operand conversions of
+    inner wrappers (bf16 widening, tf32 truncation) are element-wise, so they apply the same per slice."""
+    from triton.runtime.interpreter import TensorHandle
+
+    def make_wrapper(original):
+        def create_dot(self, a, b, d, *args, **kwargs):
+            k = a.data.shape[-1]
+            acc = d
+            for step in range(k):
+                a_k = TensorHandle(np.ascontiguousarray(a.data[..., step:step + 1]), a.dtype.scalar)
+                b_k = TensorHandle(np.ascontiguousarray(b.data[..., step:step + 1, :]), b.dtype.scalar)
+                acc = original(self, a_k, b_k, acc, *args, **kwargs)
+            return acc
 
         return create_dot
 

@@ -18,6 +18,12 @@ The reference runs in float64 on the *same* (already rounded) inputs.
   slack: fp32 vs float64 distances may reorder near-ties). A few fixed-seed cases are also compared index
   for index (chunked stopping with small max_iters); their gaps are far above fp32 rounding.
 
+The distance tiles are Gram products on ``tl.dot``; duplicate tokens get exact-zero distances only because each
+dot output element is accumulated in the same order wherever it sits in the tile, as on a GPU. The
+interpreter's BLAS-backed dot does not do that, so under the interpreter every test here runs inside
+``gemm_work.position_independent_dot`` (an autouse fixture); ``test_distance_tiles_exact_zeros_and_symmetry``
+checks the guarantees on the distance matrices themselves across several tiles, in every dtype path.
+
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 when CUDA is unavailable), so shapes are small (R <= 8, N <= 64, D <= 32, K <= 12).
 """
@@ -35,6 +41,18 @@ from clipfast.triton_kernels import token_medoids as T
 
 DEVICE = "cpu" if triton.knobs.runtime.interpret else "cuda"
 METRICS = ("euclidean", "cosine")
+
+
+@pytest.fixture(autouse=True)
+def _gpu_like_dot():
+    """Under the interpreter, tl.dot rounds every output element as a GPU does (see the module docstring)."""
+    if not triton.knobs.runtime.interpret:
+        yield
+        return
+    from gemm_work import position_independent_dot
+
+    with position_independent_dot():
+        yield
 
 
 def _run(x, k, metric, max_iters=100, split_size=0):
@@ -112,7 +130,8 @@ def test_margin_inputs_non_contiguous():
 
 
 def test_large_norm_tokens_exact():
-    """||x|| ~ 1000: the euclidean distances have full fp32 accuracy (direct differences)."""
+    """||x|| ~ 1000 (cluster radii 1 to 2): the fp32 Gram (tokens centred on their row's mean) keeps the
+    in-cluster distances accurate enough for the margin."""
     x, em, ea = _margin_inputs(4, 8, 24, seed=4, centre_norm=1000.0)
     assert x.norm(dim=-1).min() > 990
     _assert_margin(x, em, ea, "euclidean")
@@ -292,14 +311,63 @@ def test_kernel_configs():
         T.kernel_configs(50, 768, torch.float64)
 
 
+# (dtype, fp32 dot precision) of every distance-tile path.
+PATHS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
+
+
+@pytest.mark.parametrize("dtype,precision", PATHS, ids=["fp32-ieee", "fp32-tf32", "fp16", "bf16"])
+def test_distance_tiles_exact_zeros_and_symmetry(dtype, precision):
+    """N = 150 over three 64-token blocks, duplicates in every block: every distance matrix is exactly
+    symmetric, euclidean duplicates are exactly 0 (G_ii, G_jj and G_ij are the same dot), and both metrics
+    are within their path's rounding of the float64 distances of the same (rounded) tokens."""
+    from contextlib import nullcontext
+
+    g = torch.Generator().manual_seed(12)
+    n, d = 150, 40
+    base = 3 * torch.randn(20, d, generator=g) + 5  # a shared offset: the centring matters
+    which = torch.randint(0, 20, (2, n), generator=g)
+    x = base[which].to(dtype)
+    same = which[:, :, None] == which[:, None, :]
+    tol = {"ieee": 1e-5, "tf32": 4e-3}[precision] if dtype == torch.float32 else 1e-5
+    tf32 = nullcontext
+    if precision == "tf32" and triton.knobs.runtime.interpret:
+        from gemm_work import emulate_tf32_dot as tf32
+    for metric in METRICS:
+        with tf32():
+            dist, norms = T._pairwise_distances(x.to(DEVICE), metric, precision)
+        dist, norms = dist.cpu(), norms.cpu()
+        assert torch.equal(dist, dist.transpose(1, 2)), metric
+        assert (dist.diagonal(dim1=1, dim2=2) == 0).all()
+        ref = distance_matrices(x.double(), metric)
+        scale = ref.amax() if metric == "euclidean" else 1.0
+        assert (dist.double() - ref).abs().max() <= tol * scale * 8, metric
+        torch.testing.assert_close(norms.double(), x.double().norm(dim=-1), rtol=1e-6, atol=0)
+        if metric == "euclidean":
+            assert (dist[same] == 0).all(), "duplicate tokens at a nonzero distance"
+        else:  # cosine: 1 - G_ij / (||x_i|| ||x_j||) of duplicates is rounding noise of either sign
+            assert dist[same].abs().max() <= 4e-7
+
+
 @pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="counts tl.dot calls of the Triton interpreter")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemm_work(dtype):
-    """The module docstring's count: the distance tiles and the medoid iterations execute no tl.dot."""
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
+                                             (torch.bfloat16, "ieee")], ids=["fp32-ieee", "fp32-tf32", "bf16"])
+def test_gemm_work(dtype, precision):
+    """The module docstring's count: per row and metric, the distance tiles execute (T + 1) / 2T Gram
+    GEMM-equivalents on tl.dot (each tile on or above the diagonal once; N and D padded to whole blocks);
+    the medoid iterations execute none."""
     from gemm_work import count_dot_flops
 
-    x = torch.randn(2, 40, 16).to(dtype)
+    rows, n, d = 2, 100, 40
+    x = torch.randn(rows, n, d).to(dtype)
+    cfg = T.kernel_configs(n, d, dtype, precision)["distance"]
+    b, bd = cfg["BLOCK_I"], cfg["BLOCK_D"]
+    t = triton.cdiv(n, b)
+    assert (b, t) == (64, 2) and bd == (16 if precision == "ieee" and dtype == torch.float32 else 32)
+    n_pad, d_pad = t * b, triton.cdiv(d, bd) * bd
     with count_dot_flops() as work:
-        _run(x, 4, "euclidean")
-        _run(x, 4, "cosine")
-    assert work.calls == 0 and work.flops == 0
+        T.token_medoids_index_triton(x, 4, "euclidean", 100, 0, input_precision=precision)
+        T.token_medoids_index_triton(x, 4, "cosine", 100, 0, input_precision=precision)
+    steps = 2 * rows * (t * (t + 1) // 2) * (d_pad // bd)  # metrics x rows x tiles x D chunks
+    assert work.by_shape == {(b, bd, b): steps}
+    assert work.flops == steps * 2 * b * bd * b
+    assert work.gemm_equivalents(n_pad, d_pad, n_pad) == 2 * rows * (t + 1) / (2 * t)  # 3/4 per row and metric

@@ -1,9 +1,15 @@
 """Ahead-of-time compilation of the Triton token_medoids kernels for sm_80 and sm_90, no GPU needed.
 
-Compiles ``_pairwise_distance_kernel`` (both metrics) and ``_medoids_kernel`` with the exact launch
-configurations ``kernel_configs`` picks for N in {50, 147, 294, 1024} tokens, D = 768, fp32 and bf16 inputs,
-and asserts, from ``cuobjdump --dump-resource-usage`` on the cubin, that nothing spills (STACK and LOCAL
-are 0) and that the shared memory fits the architecture (163 KB on sm_80, 227 KB on sm_90).
+Compiles ``_pairwise_distance_kernel`` (both metrics, both passes: diagonal and off-diagonal tiles) in every
+dtype path (fp32 with "ieee" and with "tf32", fp16, bf16) and ``_medoids_kernel`` with the exact launch
+configurations ``kernel_configs`` picks for N in {50, 147, 294, 1024} tokens, D = 768, and asserts:
+
+* the distance tiles' ``tl.dot`` on tensor cores on the tf32 / fp16 / bf16 paths (``mma.sync`` on sm_80,
+  ``wgmma`` on sm_90), none on the fp32 "ieee" path (exact fp32 on the FMA units); the medoids kernel has
+  no matrix instruction;
+* from ``cuobjdump --dump-resource-usage`` on the cubin, that nothing spills (STACK and LOCAL are 0) and
+  that the shared memory fits the architecture (163 KB on sm_80, 227 KB on sm_90).
+
 Configurations that are identical for several N (or dtypes: the medoids kernel reads fp32 only) compile
 once.
 
@@ -34,6 +40,10 @@ CUOBJDUMP = triton_cuobjdump()
 TOKENS = (50, 147, 294, 1024)
 WIDTH = 768
 METRICS = ("euclidean", "cosine")
+# (name, torch dtype name, triton element type, fp32 dot precision); tensor cores on all but fp32-ieee.
+DTYPE_PATHS = (("fp32-ieee", "float32", "fp32", "ieee"), ("fp32-tf32", "float32", "fp32", "tf32"),
+               ("fp16", "float16", "fp16", "ieee"), ("bf16", "bfloat16", "bf16", "ieee"))
+PASSES = ("diagonal", "upper")
 UNIT_STRIDES = ("stride_xd",)
 DIVISIBLE_INTS = ("D", "stride_xn", "stride_xr")
 
@@ -55,23 +65,25 @@ def _signature(fn, elem, constexprs):
 
 
 def _jobs():
-    """One job per distinct (kernel, metric, dtype, sm, config); N values merged."""
+    """One job per distinct (kernel, metric, pass, dtype path, sm, config); N values merged."""
     import torch
 
     from clipfast.triton_kernels import token_medoids as K
 
-    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16"}
     jobs = {}
-    for dtype, elem in dtypes.items():
+    for path, dtype, elem, precision in DTYPE_PATHS:
         for n in TOKENS:
-            cfgs = K.kernel_configs(n, WIDTH, dtype)
+            cfgs = K.kernel_configs(n, WIDTH, getattr(torch, dtype), precision)
             for name, cfg in cfgs.items():
-                for metric in METRICS if name == "distance" else ("-",):
+                variants = [(m, p) for m in METRICS for p in PASSES] if name == "distance" else [("-", "-")]
+                for metric, tile_pass in variants:
+                    job_path = path if name == "distance" else "fp32"
                     job_elem = elem if name == "distance" else "fp32"
                     for cap in SHARED_LIMIT:
-                        key = json.dumps([name, metric, job_elem, cap, cfg], sort_keys=True)
-                        merged = jobs.setdefault(key, dict(kernel=name, metric=metric, dtype=job_elem, sm=cap,
-                                                           cfg=cfg, N=[]))["N"]
+                        key = json.dumps([name, metric, tile_pass, job_path, cap, cfg], sort_keys=True)
+                        merged = jobs.setdefault(key, dict(kernel=name, metric=metric, tile_pass=tile_pass,
+                                                           path=job_path, dtype=job_elem, precision=precision,
+                                                           sm=cap, cfg=cfg, N=[]))["N"]
                         if n not in merged:
                             merged.append(n)
     return list(jobs.values())
@@ -85,32 +97,42 @@ def _compile(job):
     options = {k: cfg[k] for k in ("num_warps", "num_stages")}
     if job["kernel"] == "distance":
         fn = K._pairwise_distance_kernel
-        constexprs = dict(blocks, METRIC=METRICS.index(job["metric"]), **{s: 1 for s in UNIT_STRIDES})
+        constexprs = dict(blocks, METRIC=METRICS.index(job["metric"]), DIAGONAL=job["tile_pass"] == "diagonal",
+                          CENTRE=job["metric"] == "euclidean" and job["dtype"] == "fp32",
+                          INPUT_PRECISION=job["precision"], **{s: 1 for s in UNIT_STRIDES})
     else:
         fn = K._medoids_kernel
         constexprs = dict(blocks)
     sig = _signature(fn, job["dtype"], constexprs)
     usage = triton_aot_compile(fn, sig, constexprs, DIVISIBLE_INTS, job["sm"], options)
-    return dict(kernel=job["kernel"], metric=job["metric"], dtype=job["dtype"], sm=job["sm"], N=job["N"],
-                config=" ".join(f"{k}={v}" for k, v in cfg.items()), **usage)
-
-
+    return dict(kernel=job["kernel"], metric=job["metric"], tile_pass=job["tile_pass"], path=job["path"],
+                sm=job["sm"], N=job["N"], config=" ".join(f"{k}={v}" for k, v in cfg.items()), **usage)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's NVIDIA backend (cuobjdump) is not installed")
 def test_kernels_compile_without_spills_for_sm80_sm90():
+    from clipfast.testing import expected_matrix_instruction
+
     rows = run_triton_aot_worker(__file__)
-    assert {(r["kernel"], r["metric"]) for r in rows} == {("distance", m) for m in METRICS} | {("medoids", "-")}
+    assert {(r["kernel"], r["metric"], r["tile_pass"], r["path"], r["sm"]) for r in rows} == {
+        ("distance", m, p, path[0], sm) for m in METRICS for p in PASSES for path in DTYPE_PATHS
+        for sm in SHARED_LIMIT} | {("medoids", "-", "-", "fp32", sm) for sm in SHARED_LIMIT}
     assert {n for r in rows if r["kernel"] == "medoids" for n in r["N"]} == set(TOKENS)
 
-    header = f"{'kernel':8} {'metric':9} {'dtype':5} {'sm':2} {'N':16} {'REG':>3} {'STACK':>5} {'SHARED':>6}  config"
+    header = (f"{'kernel':8} {'metric':9} {'pass':8} {'path':9} {'sm':2} {'N':16} {'kind':5} {'REG':>3} "
+              f"{'STACK':>5} {'SHARED':>6}  config")
     print("\n" + header)
     for r in rows:
-        print(f"{r['kernel']:8} {r['metric']:9} {r['dtype']:5} {r['sm']:2} {','.join(map(str, r['N'])):16} "
-              f"{r['reg']:3} {r['stack']:5} {r['shared']:6}  {r['config']}")
+        print(f"{r['kernel']:8} {r['metric']:9} {r['tile_pass']:8} {r['path']:9} {r['sm']:2} "
+              f"{','.join(map(str, r['N'])):16} {r['kind']:5} {r['reg']:3} {r['stack']:5} {r['shared']:6}  "
+              f"{r['config']}")
 
     assert_triton_compile_clean(rows)
+    wrong = [(r["kernel"], r["metric"], r["tile_pass"], r["path"], r["sm"], r["kind"]) for r in rows
+             if r["kind"] != expected_matrix_instruction(
+                 r["sm"], tensor_cores=r["kernel"] == "distance" and r["path"] != "fp32-ieee")]
+    assert not wrong, f"tl.dot not on the expected instructions (mma on sm_80, wgmma on sm_90, fma for ieee): {wrong}"
 
 
 if __name__ == "__main__":
