@@ -23,7 +23,6 @@ every backend and why it was refused; nothing falls back silently.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 import os

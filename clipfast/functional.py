@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from clipfast.dtypes import compute_dtype
-from clipfast.inputs import NON_FINITE_RULE, as_int, check_no_nan, is_int_like  # noqa: F401  (re-exported)
+from clipfast.inputs import NON_FINITE_RULE, as_int, check_no_nan, int_in_range, is_int_like  # noqa: F401  (re-exported)
 from clipfast.ops import contrastive as _ops
 
 Scalar = Union[torch.Tensor, float]
@@ -108,8 +108,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     Numerics: bf16/fp16 inputs accumulate in fp32. Under ``torch.autocast`` fp32 features multiply in
     the autocast dtype, as open_clip's matmul does there (loss and scale stay fp32); outside it, fp32
     features on a GPU follow PyTorch's float32 matmul precision (exact fp32 by default, tf32 under
-    ``"high"``). NaN or Inf in the features propagate to a NaN (or Inf) loss; nothing is silently masked. Non-contiguous and expanded inputs are accepted (made
-    contiguous, O(N*D)). CPU results are bitwise reproducible for a fixed number of threads.
+    ``"high"``). NaN or Inf in the features propagate to a NaN (or Inf) loss; nothing is silently
+    masked. Non-contiguous and expanded inputs are accepted (made contiguous, O(N*D)). CPU results are bitwise reproducible for a fixed number of threads.
     """
     _check_features(image_features, text_features)
     if image_features.shape[0] != text_features.shape[0]:
@@ -192,11 +192,15 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
 def check_medoid_iterations(max_iters, split_size) -> Tuple[int, Optional[int]]:
     """``(max_iters, split_size)`` as ints (integer-like values accepted); ValueError unless ``max_iters``
     is an int >= 0 and ``split_size`` None or an int >= 1."""
-    if not is_int_like(max_iters) or operator.index(max_iters) < 0:
+    iters = int_in_range(max_iters, 0)
+    if iters is None:
         raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
-    if split_size is not None and (not is_int_like(split_size) or operator.index(split_size) < 1):
+    if split_size is None:
+        return iters, None
+    split = int_in_range(split_size, 1)
+    if split is None:
         raise ValueError(f"split_size must be None or an int >= 1, got {split_size!r}")
-    return operator.index(max_iters), None if split_size is None else operator.index(split_size)
+    return iters, split
 
 
 def token_medoids(x: torch.Tensor, num_medoids: int, *, metric: str = "euclidean", max_iters: int = 100,
@@ -231,9 +235,10 @@ def token_medoids(x: torch.Tensor, num_medoids: int, *, metric: str = "euclidean
         Integer arguments accept any integer-like value (NumPy integers, 0-d integer tensors).
     """
     check_float_tensor(x, "x", ("rows", "tokens", "dim"))
-    if not is_int_like(num_medoids) or not 1 <= operator.index(num_medoids) <= x.shape[1]:
+    k = int_in_range(num_medoids, 1, x.shape[1])
+    if k is None:
         raise ValueError(f"num_medoids must be an int in [1, {x.shape[1]}] (the tokens per row), got {num_medoids!r}")
-    num_medoids = operator.index(num_medoids)
+    num_medoids = k
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
     max_iters, split_size = check_medoid_iterations(max_iters, split_size)
@@ -307,24 +312,25 @@ def is_keep_ratio(num_keep) -> bool:
 def resolve_num_keep(patches: int, num_keep, grid: Optional[tuple], block) -> int:
     """The patch count :func:`attentive_token_keep` keeps of ``patches`` per row, from the shapes only
     (the patches use it at patch time); ValueError naming what does not fit."""
-    if not is_int_like(block) or operator.index(block) < 1:
+    if int_in_range(block, 1) is None:
         raise ValueError(f"block must be an int >= 1, got {block!r}")
     block = operator.index(block)
     if grid is not None:
-        if len(grid) != 2 or not all(is_int_like(g) and operator.index(g) >= 1 for g in grid) or \
-                operator.index(grid[0]) * operator.index(grid[1]) != patches:
+        sides = [int_in_range(g, 1) for g in grid] if len(grid) == 2 else [None]
+        if None in sides or sides[0] * sides[1] != patches:
             raise ValueError(f"grid must be (rows, cols) of positive ints with rows * cols = {patches} patches, "
                              f"got {grid!r}")
-        if operator.index(grid[0]) % block or operator.index(grid[1]) % block:
+        if sides[0] % block or sides[1] % block:
             raise ValueError(f"grid {tuple(grid)} is not divisible into {block} x {block} blocks")
     elif block > 1:
         raise ValueError(f"block={block} needs grid=(rows, cols), the patch grid the blocks are cut from")
     if is_keep_ratio(num_keep):
         num_keep = num_keep_for_ratio(patches, num_keep, block=block)
-    if not is_int_like(num_keep) or not 1 <= operator.index(num_keep) <= patches:
+    kept = int_in_range(num_keep, 1, patches)
+    if kept is None:
         raise ValueError(f"num_keep must be an int in [1, {patches}] (the patches per row) or a ratio in (0, 1], "
                          f"got {num_keep!r}")
-    num_keep = operator.index(num_keep)
+    num_keep = kept
     if num_keep % (block * block):
         raise ValueError(f"in block mode num_keep counts patches and must be a multiple of block * block = "
                          f"{block * block}, got {num_keep}")
@@ -334,10 +340,11 @@ def resolve_num_keep(patches: int, num_keep, grid: Optional[tuple], block) -> in
 def _check_keep_arguments(tokens, scores, num_keep, num_prefix_tokens, grid, block) -> int:
     check_float_tensor(tokens, "tokens", ("batch", "tokens", "dim"))
     check_float_tensor(scores, "scores", ("batch", "patches"))
-    if not is_int_like(num_prefix_tokens) or not 0 <= operator.index(num_prefix_tokens) < tokens.shape[1]:
+    prefix = int_in_range(num_prefix_tokens, 0, tokens.shape[1] - 1)
+    if prefix is None:
         raise ValueError(f"num_prefix_tokens must be an int in [0, {tokens.shape[1]}) for {tokens.shape[1]} tokens, "
                          f"got {num_prefix_tokens!r}")
-    patches = tokens.shape[1] - operator.index(num_prefix_tokens)
+    patches = tokens.shape[1] - prefix
     if scores.shape != (tokens.shape[0], patches):
         raise ValueError(f"scores must have shape (batch, patches) = ({tokens.shape[0]}, {patches}) for tokens of "
                          f"shape {tuple(tokens.shape)} with {num_prefix_tokens} prefix tokens, got {tuple(scores.shape)}")

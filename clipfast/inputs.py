@@ -8,6 +8,8 @@ from __future__ import annotations
 import numbers
 import operator
 
+from typing import Optional
+
 import torch
 
 NON_FINITE_RULE = """Non-finite inputs (one rule for every clipfast op): a NaN never becomes a finite-looking answer.
@@ -37,6 +39,15 @@ def is_int_like(value) -> bool:
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
     return isinstance(value, numbers.Integral) or hasattr(type(value), "__index__")
+
+
+def int_in_range(value, low: int, high: Optional[int] = None) -> Optional[int]:
+    """``value`` as an int when it is integer-like (:func:`is_int_like`) and ``low <= value`` (``<= high``
+    when given); None otherwise, for the caller to raise with its own message."""
+    if not is_int_like(value):
+        return None
+    value = operator.index(value)
+    return value if low <= value and (high is None or value <= high) else None
 
 
 def check_no_nan(t: torch.Tensor, name: str, *, allow_inf: bool = False) -> None:

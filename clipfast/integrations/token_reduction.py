@@ -35,7 +35,7 @@ import torch
 
 from clipfast.attention_scores import cls_attention_scores
 from clipfast.functional import attentive_token_keep, resolve_num_keep, segment_medoids
-from clipfast.inputs import as_int, is_int_like
+from clipfast.inputs import as_int, int_in_range, is_int_like
 from clipfast.integrations._handle import PatchHandle
 
 
@@ -142,7 +142,7 @@ class BlockParts:
 
 def check_block_indices(blocks, depth: int, what: str) -> None:
     for index in blocks:
-        if not is_int_like(index) or not 0 <= operator.index(index) < depth:
+        if int_in_range(index, 0, depth - 1) is None:
             raise ValueError(f"{what}: block index {index!r} is not in [0, {depth}) for this {depth}-block tower")
 
 
@@ -232,8 +232,7 @@ def install_medoids(handle: VisionPatchHandle, blocks, medoids: TokenMedoids, nu
     if medoids.metric not in ("euclidean", "cosine"):
         raise ValueError(f"TokenMedoids: metric must be 'euclidean' or 'cosine', got {medoids.metric!r}")
     tokens = None if patches is None else num_frames // num_segments * patches
-    if not is_int_like(medoids.num_medoids) or operator.index(medoids.num_medoids) < 1 or \
-            (tokens is not None and operator.index(medoids.num_medoids) > tokens):
+    if int_in_range(medoids.num_medoids, 1, tokens) is None:
         bound = f"[1, {tokens}] (the patch tokens of a {num_frames // num_segments}-frame segment)" \
             if tokens is not None else ">= 1"
         raise ValueError(f"TokenMedoids: num_medoids must be an int in {bound}, got {medoids.num_medoids!r}")
