@@ -1,4 +1,4 @@
-"""Which kernel runs each op: the capability table, the default choice and forced backends.
+"""Which kernel runs each op: one registry of every op's kernels, the default choice and forced backends.
 
 Backends:
 
@@ -6,19 +6,27 @@ Backends:
   kernels avoid; the specification and the fallback.
 - ``cpu``: the C++ kernels of the native library ``clipfast._C`` (CPU tensors).
 - ``triton``: the Triton kernels (``clipfast.triton_kernels``) on CUDA tensors, and on CPU tensors
-  when ``TRITON_INTERPRET=1`` was set before the first kernel import (testing without a GPU).
+  when ``TRITON_INTERPRET=1`` was set before clipfast was imported (testing without a GPU).
 - ``cuda``: the hand-written CUDA kernels of ``clipfast._C``; opt-in until verified on a GPU.
 
+Each op declares its kernels once, in ``ops/<op>.py``, as an :class:`OpKernels`: one kernel set (a
+NamedTuple of functions with the same fields) per backend. ``cpu`` and ``cuda`` share one set, the
+``torch.ops.clipfast_C`` ops, whose C++ registrations let PyTorch's dispatcher pick the CPU or the CUDA
+kernel from the tensors' device. An op body calls ``KERNELS.for_inputs(tensor).<kernel>(...)``: a
+cached lookup, then a plain call.
+
 Default per device: CPU tensors go to ``cpu`` (or ``reference`` when the native library is missing),
-CUDA tensors to ``triton`` (or ``cuda``, then ``reference``). A backend is forced for every op with the
-environment variable ``CLIPFAST_BACKEND`` or with :func:`use_backend`, which works as a plain call
-and as a context manager::
+CUDA tensors to ``triton`` (or ``reference``). A backend is forced for every op with the environment
+variable ``CLIPFAST_BACKEND`` (read when clipfast is imported) or with :func:`use_backend`, which works
+as a plain call and as a context manager::
 
     with clipfast.use_backend("reference"):
         loss = clipfast.clip_loss(img, txt, scale)
 
-A forced backend that cannot run the given inputs (device or dtype) raises :class:`BackendUnavailableError`, listing
-every backend and why it was refused; nothing falls back silently.
+The choice is cached per (op, device type, dtype, forced backend): nothing is re-read on an op call.
+A forced backend that cannot run the given inputs (device or dtype) raises
+:class:`BackendUnavailableError`, listing every backend and why it was refused; nothing falls back
+silently.
 """
 
 from __future__ import annotations
@@ -26,23 +34,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-OPS = ("contrastive", "schur_covariance", "token_medoids", "token_keep")
-
-# Native library ops each clipfast op needs, per op stem (see csrc/clipfast.cpp).
-NATIVE_OPS = {
-    "contrastive": ("contrastive_lse", "contrastive_grad", "siglip_softplus", "siglip_grad"),
-    "schur_covariance": ("feature_gram", "feature_gram_backward"),
-    "token_medoids": ("token_medoids_index",),
-    "token_keep": ("token_keep_index", "token_keep_gather", "token_keep_gather_backward"),
-}
-
-# Ops with Triton kernels (clipfast/triton_kernels/<op>.py).
-TRITON_OPS = ("contrastive", "schur_covariance", "token_medoids", "token_keep")
+OPS = ("contrastive", "schur_covariance", "token_medoids", "token_keep")  # op stems; each declares OpKernels
 
 # Feature dtypes each backend computes (all accumulate in fp32; float64 runs in float64 where listed).
 DTYPES = {
@@ -97,15 +94,14 @@ def native_available() -> bool:
     return _NATIVE_LOADED
 
 
-def _native_kernel_registered(op: str, dispatch_key: str) -> bool:
-    return _NATIVE_LOADED and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"clipfast_C::{name}", dispatch_key)
-        for name in NATIVE_OPS[op]
-    )
+# Read once, at import: TRITON_INTERPRET must be set before the first @triton.jit runs anyway, and
+# whether triton is installed does not change while the process runs.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _TRITON_INTERPRET
 
 
 _PRECISION_OVERRIDES = ("ieee", "tf32")
@@ -151,9 +147,84 @@ def triton_input_precision() -> str:
     return "ieee" if legacy == "highest" else "tf32"
 
 
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
+def triton_importable() -> bool:
+    return _TRITON_IMPORTABLE
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registry: every op's kernels, declared once
+# ---------------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, "OpKernels"] = {}
+
+
+class OpKernels:
+    """One op's kernels per backend, declared once in ``ops/<op>.py``.
+
+    Args:
+        op: the op stem (one of :data:`OPS`).
+        reference: the kernel set of ``clipfast.reference.<op>``: a NamedTuple of functions, whose field
+            names and signatures are the op's kernel contract.
+        native: the same NamedTuple holding the names of the ``torch.ops.clipfast_C`` ops (csrc/clipfast.cpp).
+            The ``cpu`` and ``cuda`` backends share these ops: the dispatcher picks the C++ kernel
+            registered for the tensors' device.
+        triton: returns the same NamedTuple of ``triton_kernels/<op>.py`` launchers (imported on first use).
+        native_fakes: the same NamedTuple of fake (shape) functions of the native ops, registered with
+            ``torch.library.register_fake`` when the native library loaded (opcheck and tracing of the
+            ``clipfast_C`` ops themselves).
+    """
+
+    def __init__(self, op: str, *, reference, native, triton: Callable, native_fakes) -> None:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; clipfast ops are {OPS}")
+        self.op = op
+        self.native_names: tuple[str, ...] = tuple(native)
+        native_set = lambda: type(native)(*(getattr(torch.ops.clipfast_C, name) for name in native))  # noqa: E731
+        self._builders = {"cpu": native_set, "cuda": native_set, "triton": triton}
+        self._sets = {"reference": reference}
+        self._registered: dict[str, bool] = {}
+        _REGISTRY[op] = self
+        if _NATIVE_LOADED:
+            for name, fake in zip(native, native_fakes):
+                torch.library.register_fake(f"clipfast_C::{name}")(fake)
+
+    def for_inputs(self, tensor: torch.Tensor):
+        """The kernel set of the backend that runs this op for ``tensor``'s device and dtype."""
+        return self.kernels(select(self.op, tensor.device, tensor.dtype))
+
+    def kernels(self, backend: str):
+        """The kernel set of ``backend`` (built once)."""
+        found = self._sets.get(backend)
+        if found is None:
+            found = self._sets[backend] = self._builders[backend]()
+        return found
+
+    def native_registered(self, dispatch_key: str) -> bool:
+        """True when every native op of this op has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+        if not _NATIVE_LOADED:
+            return False
+        found = self._registered.get(dispatch_key)
+        if found is None:
+            found = self._registered[dispatch_key] = all(
+                torch._C._dispatch_has_kernel_for_dispatch_key(f"clipfast_C::{name}", dispatch_key)
+                for name in self.native_names)
+        return found
+
+
+def registered_ops() -> dict[str, OpKernels]:
+    """Every op's :class:`OpKernels` (filled when ``clipfast.ops`` is imported, i.e. by ``import clipfast``)."""
+    return dict(_REGISTRY)
+
+
+def native_op_names() -> dict[str, tuple[str, ...]]:
+    """The ``clipfast_C`` ops each clipfast op needs, per op stem (see csrc/clipfast.cpp)."""
+    return {op: kernels.native_names for op, kernels in _REGISTRY.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing a backend
+# ---------------------------------------------------------------------------------------------------
 
 def refusal_reason(op: str, backend: str, device: torch.device,
                    dtype: Optional[torch.dtype] = None) -> Optional[str]:
@@ -166,46 +237,46 @@ def refusal_reason(op: str, backend: str, device: torch.device,
         return f"does not compute {dtype} (supports {', '.join(str(d) for d in DTYPES[backend])})"
     if backend == "reference":
         return None
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"runs on CPU tensors only, inputs are on {device}"
-        if not _NATIVE_LOADED:
-            return native_load_error
-        if not _native_kernel_registered(op, "CPU"):
-            return "the native library has no CPU kernel for this op"
-        return None
     if backend == "triton":
-        if op not in TRITON_OPS:
-            return "no Triton kernel for this op yet"
-        if not triton_importable():
+        if not _TRITON_IMPORTABLE:
             return "triton is not installed"
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu" and triton_interpreter_enabled():
+        if device.type == "cuda" or (device.type == "cpu" and _TRITON_INTERPRET):
             return None
         return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), inputs are on {device}"
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"needs CUDA tensors, inputs are on {device}"
-        if not _NATIVE_LOADED:
-            return native_load_error
-        if not _native_kernel_registered(op, "CUDA"):
-            if _native_kernel_registered("contrastive", "CUDA"):
-                return "no CUDA kernel for this op yet"
+    native_device = backend  # "cpu" or "cuda": the native library's kernels for that device type
+    if device.type != native_device:
+        return (f"runs on CPU tensors only, inputs are on {device}" if backend == "cpu"
+                else f"needs CUDA tensors, inputs are on {device}")
+    if not _NATIVE_LOADED:
+        return native_load_error
+    if not _REGISTRY[op].native_registered(backend.upper()):
+        if backend == "cuda" and not _REGISTRY["contrastive"].native_registered("CUDA"):
             return "clipfast._C was built without CUDA kernels (CPU-only torch or no nvcc at build time)"
-        return None
+        return f"the native library has no {backend.upper()} kernel for this op"
+    return None
+
+
+def _environment_backend() -> tuple[Optional[str], Optional[str]]:
+    """(backend forced by CLIPFAST_BACKEND, or None; the error to raise for an unknown name, or None)."""
+    name = os.environ.get("CLIPFAST_BACKEND", "").strip().lower()
+    if not name:
+        return None, None
+    if name not in BACKENDS:
+        return None, f"CLIPFAST_BACKEND={name!r} is not a backend; choose one of {BACKENDS}"
+    return name, None
+
+
+_ENV_FORCED, _ENV_ERROR = _environment_backend()
+_choices: dict[tuple, str] = {}  # (op, device type, dtype, forced backend) -> backend
 
 
 def forced_backend() -> Optional[str]:
-    """The backend forced by :func:`use_backend` or ``CLIPFAST_BACKEND``, or None."""
+    """The backend forced by :func:`use_backend` or by ``CLIPFAST_BACKEND`` at import, or None."""
     if _forced is not None:
         return _forced
-    name = os.environ.get("CLIPFAST_BACKEND", "").strip().lower()
-    if not name:
-        return None
-    if name not in BACKENDS:
-        raise ValueError(f"CLIPFAST_BACKEND={name!r} is not a backend; choose one of {BACKENDS}")
-    return name
+    if _ENV_ERROR is not None:
+        raise ValueError(_ENV_ERROR)
+    return _ENV_FORCED
 
 
 def _refusals(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
@@ -213,8 +284,12 @@ def _refusals(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> st
 
 
 def select(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """The backend that runs ``op`` for features of ``dtype`` on ``device``."""
+    """The backend that runs ``op`` for features of ``dtype`` on ``device`` (cached)."""
     forced = forced_backend()
+    key = (op, device.type, dtype, forced)
+    choice = _choices.get(key)
+    if choice is not None:
+        return choice
     if forced is not None:
         reason = refusal_reason(op, forced, device, dtype)
         if reason is not None:
@@ -222,13 +297,13 @@ def select(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -
                 f"backend {forced!r} was forced for {op} but cannot run {dtype} inputs on {device}: {reason}. "
                 f"All backends: {_refusals(op, device, dtype)}"
             )
-        return forced
-    # The CUDA kernels stay opt-in until they have been verified on a GPU (make gpu-check).
-    preference = ("cpu", "reference") if device.type == "cpu" else ("triton", "reference")
-    for backend in preference:
-        if refusal_reason(op, backend, device, dtype) is None:
-            return backend
-    return "reference"
+        choice = forced
+    else:
+        # The CUDA kernels stay opt-in until they have been verified on a GPU (make gpu-check).
+        preference = ("cpu", "reference") if device.type == "cpu" else ("triton", "reference")
+        choice = next(b for b in preference if refusal_reason(op, b, device, dtype) is None)
+    _choices[key] = choice
+    return choice
 
 
 def available_backends(op: str, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> list[str]:
@@ -241,7 +316,8 @@ class use_backend:
     """Force ``name`` for every op until :meth:`restore` (or the end of a ``with`` block).
 
     ``clipfast.use_backend("reference")`` takes effect immediately; as a context manager the previous
-    choice is restored on exit. ``use_backend(None)`` returns to the default choice.
+    choice is restored on exit. ``use_backend(None)`` returns to the default choice (or to the backend
+    ``CLIPFAST_BACKEND`` named at import).
     """
 
     def __init__(self, name: Optional[str]):

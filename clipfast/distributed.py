@@ -26,7 +26,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from clipfast import backends
 from clipfast.dtypes import compute_dtype
 from clipfast.ops import contrastive as _ops
 
@@ -150,10 +149,6 @@ class _Ring:
         return received
 
 
-def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.logaddexp(a, b)
-
-
 class _RingInfoNCE(torch.autograd.Function):
     """open_clip's local loss with gathered-with-grad features, computed on a ring.
 
@@ -169,10 +164,9 @@ class _RingInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, logit_scale, logit_bias, group):
         ring = _Ring(group)
-        kernels = _ops.kernels(backends.select(_ops.OP, image.device, image.dtype))
+        kernels = _ops.KERNELS.for_inputs(image)
         a, b = image.detach().contiguous(), text.detach().contiguous()
         n = a.shape[0]
-        dtype = compute_dtype(a.dtype)
         pair = torch.cat([a, b])  # the travelling block: (2n, D), images then texts
         image_lse = text_lse = None
         for step in range(ring.world):
@@ -180,12 +174,13 @@ class _RingInfoNCE(torch.autograd.Function):
             block_images, block_texts = pair[:n], pair[n:]
             r_img, _ = kernels.lse(a, block_texts, logit_scale, False)
             r_txt, _ = kernels.lse(b, block_images, logit_scale, False)
-            image_lse = r_img if image_lse is None else _logaddexp(image_lse, r_img)
-            text_lse = r_txt if text_lse is None else _logaddexp(text_lse, r_txt)
+            image_lse = r_img if image_lse is None else torch.logaddexp(image_lse, r_img)
+            text_lse = r_txt if text_lse is None else torch.logaddexp(text_lse, r_txt)
             if pending is not None:
                 pair = ring.finish(pending)
-        positives = logit_scale.reshape(()).to(dtype) * (a.to(dtype) * b.to(dtype)).sum()
-        loss = ((image_lse.sum() - positives) + (text_lse.sum() - positives)) / (2 * n)
+        positives = _ops.positive_logit_sum(a, b, logit_scale, 0)
+        loss = (_ops.infonce_from_lse(image_lse, positives, 0.0, 0.0)
+                + _ops.infonce_from_lse(text_lse, positives, 0.0, 0.0)) / 2
         ctx.save_for_backward(image, text, logit_scale, image_lse, text_lse)
         ctx.group = group
         ctx.bias_like = None if logit_bias is None else torch.zeros_like(logit_bias)
@@ -195,7 +190,7 @@ class _RingInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         image, text, logit_scale, image_lse, text_lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
-        kernels = _ops.kernels(backends.select(_ops.OP, image.device, image.dtype))
+        kernels = _ops.KERNELS.for_inputs(image)
         a, b = image.detach().contiguous(), text.detach().contiguous()
         n = a.shape[0]
         dtype = compute_dtype(a.dtype)
@@ -205,19 +200,18 @@ class _RingInfoNCE(torch.autograd.Function):
         own_a, texts_home = _ring_gradient_pass(ring, kernels, a, b, logit_scale, image_lse, weight)
         own_b, images_home = _ring_gradient_pass(ring, kernels, b, a, logit_scale, text_lse, weight)
         a_c, b_c = a.to(dtype), b.to(dtype)
-        own_a.sub_(b_c, alpha=weight)  # the local positives: -1 on (i, i) in each direction
-        own_b.sub_(a_c, alpha=weight)
-        g = grad_loss.to(dtype)
-        grad_scale = (g * (torch.vdot(a_c.flatten(), own_a.flatten())
-                           + torch.vdot(b_c.flatten(), own_b.flatten()))).reshape(logit_scale.shape)
-        gs = g * logit_scale.reshape(()).to(dtype)
-        # d(own image rows) = own image-loss part + what every rank's text loss sent home + the own
-        # text loss's positive term (and symmetrically for texts).
-        grad_image = own_a.add_(images_home).sub_(b_c, alpha=weight).mul_(gs)
-        grad_text = own_b.add_(texts_home).sub_(a_c, alpha=weight).mul_(gs)
+        # The local positives (i, i) of each direction: into this rank's own loss terms (own_*) and into
+        # the parts its own loss sends to its own key rows (*_home holds every rank's sum for them).
+        _ops.subtract_positive_pairs(own_a, texts_home, a_c, b_c, weight, 0)
+        _ops.subtract_positive_pairs(own_b, images_home, b_c, a_c, weight, 0)
+        # ds of this rank's loss only: its queries against every key (DDP averages the ranks' ds).
+        grad_scale = _ops.logit_scale_gradient(grad_loss, logit_scale, (a_c, own_a), (b_c, own_b))
+        # d(own image rows) = own image-loss part + what every rank's text loss sent home (and
+        # symmetrically for texts).
+        grad_image = _ops.feature_gradient(grad_loss, logit_scale, own_a.add_(images_home), image.dtype)
+        grad_text = _ops.feature_gradient(grad_loss, logit_scale, own_b.add_(texts_home), text.dtype)
         # The loss is invariant to a bias on the logits (softmax is shift-invariant): exact zero gradient.
-        return (grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale.to(logit_scale.dtype),
-                ctx.bias_like, None)
+        return grad_image, grad_text, grad_scale, ctx.bias_like, None
 
 
 def _ring_gradient_pass(ring: _Ring, kernels, queries, keys, logit_scale, query_lse, weight):

@@ -37,12 +37,32 @@ def test_forced_backend_that_cannot_run_lists_every_reason():
     assert "needs CUDA tensors" in message
 
 
-def test_env_variable_forces_backend(monkeypatch):
-    monkeypatch.setenv("CLIPFAST_BACKEND", "reference")
-    assert backends.select("contrastive", torch.device("cpu")) == "reference"
-    monkeypatch.setenv("CLIPFAST_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="CLIPFAST_BACKEND"):
-        backends.select("contrastive", torch.device("cpu"))
+def test_env_variable_forces_backend_from_import():
+    """CLIPFAST_BACKEND is read once, when clipfast is imported; an unknown name raises on the first op call."""
+    code = ("import torch, clipfast\n"
+            "print(clipfast.backends.select('contrastive', torch.device('cpu')))\n"
+            "with clipfast.use_backend(None):\n"
+            "    print(clipfast.backends.select('token_keep', torch.device('cpu')))\n")
+    for name, expected in (("reference", "reference\nreference"), ("nonsense", None)):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=dict(os.environ, CLIPFAST_BACKEND=name))
+        if expected is None:
+            assert result.returncode != 0 and "CLIPFAST_BACKEND='nonsense' is not a backend" in result.stderr
+        else:
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == expected
+
+
+def test_selection_is_cached_and_follows_use_backend():
+    cpu = torch.device("cpu")
+    first = backends.select("contrastive", cpu, torch.float32)
+    assert backends.select("contrastive", cpu, torch.float32) == first
+    with clipfast.use_backend("reference"):
+        assert backends.select("contrastive", cpu, torch.float32) == "reference"
+    assert backends.select("contrastive", cpu, torch.float32) == first
+    ops = backends.registered_ops()
+    assert set(ops) == set(backends.OPS)
+    assert ops["contrastive"].for_inputs(torch.zeros(1)) is ops["contrastive"].kernels(first)
 
 
 def test_unknown_names_raise():
@@ -169,13 +189,13 @@ def test_triton_kernels_follow_the_setting_of_each_call_under_compile(fp32_matmu
     from clipfast.triton_kernels import contrastive as triton_contrastive
 
     seen = []
-    lse = triton_contrastive.contrastive_lse_triton
+    resolve = triton_contrastive.resolve_input_precision
 
-    def spy(*args, input_precision):
-        seen.append(input_precision)
-        return lse(*args, input_precision=input_precision)
+    def spy(input_precision, dtype):
+        seen.append(resolve(input_precision, dtype))
+        return seen[-1]
 
-    monkeypatch.setattr(triton_contrastive, "contrastive_lse_triton", spy)
+    monkeypatch.setattr(triton_contrastive, "resolve_input_precision", spy)
     img, txt = torch.randn(8, 16), torch.randn(8, 16)
     loss = torch.compile(clipfast.clip_loss, backend="aot_eager", fullgraph=True)
     with clipfast.use_backend("triton"):
@@ -183,5 +203,5 @@ def test_triton_kernels_follow_the_setting_of_each_call_under_compile(fp32_matmu
         exact = loss(img, txt, torch.tensor(10.0))
         torch.set_float32_matmul_precision("high")
         tf32 = loss(img, txt, torch.tensor(10.0))
-    assert seen == ["ieee", "tf32"]
+    assert seen == ["ieee", "tf32"]  # one forward launch per call, each reading the setting of its call
     torch.testing.assert_close(tf32, exact, rtol=1e-2, atol=0)

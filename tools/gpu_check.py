@@ -389,10 +389,10 @@ import torch, clipfast
 from clipfast import backends
 import clipfast.triton_kernels
 assert backends.native_available(), backends.native_load_error
-missing = [f"clipfast_C::{name}" for names in backends.NATIVE_OPS.values() for name in names
+missing = [f"clipfast_C::{name}" for names in backends.native_op_names().values() for name in names
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"clipfast_C::{name}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
-print("native library with CUDA kernels for", sum(map(len, backends.NATIVE_OPS.values())), "ops")
+print("native library with CUDA kernels for", sum(map(len, backends.native_op_names().values())), "ops")
 """
 
 

@@ -58,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from clipfast.triton_kernels import INPUT_PRECISIONS, resolve_input_precision
+
 __all__ = [
     "contrastive_grad_triton",
     "contrastive_lse_triton",
@@ -67,7 +69,6 @@ __all__ = [
 ]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INPUT_PRECISIONS = ("ieee", "tf32")
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,8 +337,8 @@ def kernel_configs(D: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
     """
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
-    if precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"precision must be one of {_INPUT_PRECISIONS}, got {precision!r}")
+    if precision not in INPUT_PRECISIONS:
+        raise ValueError(f"precision must be one of {INPUT_PRECISIONS}, got {precision!r}")
     d_pow2 = max(triton.next_power_of_2(max(int(D), 1)), 16)
     block_d = min(d_pow2, 128)
     if dtype != torch.float32:
@@ -390,13 +391,6 @@ def _check_scalar(name, t, device):
         raise ValueError(f"{name} is on {t.device} but the features are on {device}")
 
 
-def _check_precision(input_precision, dtype):
-    """Validate ``input_precision``; it only affects fp32 operands, so 16-bit uses "ieee"."""
-    if input_precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
-    return input_precision if dtype == torch.float32 else "ieee"
-
-
 def _row_reduce(x, y, scale, bias, sigmoid, precision):
     """Launch the row kernel: (N,) fp32. Requires N >= 1 and M >= 1."""
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
@@ -442,7 +436,7 @@ def _grad(x, y, scale, bias, row_lse, col_lse, row_weight, col_weight, sigmoid, 
     return grad, (row_sum if write_row_sum else None)
 
 
-def contrastive_lse_triton(x, y, scale, with_cols, *, input_precision="ieee"):
+def contrastive_lse_triton(x, y, scale, with_cols, *, input_precision=None):
     """Row (and optionally column) log-sum-exp of the scaled logits.
 
     Args:
@@ -450,7 +444,8 @@ def contrastive_lse_triton(x, y, scale, with_cols, *, input_precision="ieee"):
         y: (M, D) same dtype and device as x.
         scale: 0-d or [1]-shaped float tensor on the same device; S = scale * x @ y.T.
         with_cols: also compute the column LSE.
-        input_precision: "ieee" or "tf32" (fp32 inputs only; 16-bit always uses "ieee").
+        input_precision: "ieee", "tf32" or None (PyTorch's float32 matmul precision, read now); fp32 inputs only,
+            16-bit always multiplies in its own dtype.
 
     Returns:
         row_lse: (N,) fp32, row_lse[i] = logsumexp_j S_ij (-inf when M == 0).
@@ -459,7 +454,7 @@ def contrastive_lse_triton(x, y, scale, with_cols, *, input_precision="ieee"):
     """
     _check_features(x, y)
     _check_scalar("scale", scale, x.device)
-    precision = _check_precision(input_precision, x.dtype)
+    precision = resolve_input_precision(input_precision, x.dtype)
     n, m = x.shape[0], y.shape[0]
     empty = torch.empty(0, dtype=torch.float32, device=x.device)
     if n == 0 or m == 0:
@@ -489,7 +484,7 @@ def _lse_term(name, lse, length, weight, device):
 
 
 def contrastive_grad_triton(x, y, scale, row_lse, col_lse, row_weight: float, col_weight: float, *,
-                            input_precision="ieee"):
+                            input_precision=None):
     """Gradients of the softmax-CE logits contracted with the features.
 
     With S = scale * x @ y.T (N, M),
@@ -503,11 +498,11 @@ def contrastive_grad_triton(x, y, scale, row_lse, col_lse, row_weight: float, co
         row_lse: (N,) fp32 (or empty), col_lse: (M,) fp32 (or empty), as from
             :func:`contrastive_lse_triton`.
         row_weight, col_weight: Python floats (host values, no sync).
-        input_precision: "ieee" or "tf32" (fp32 inputs only).
+        input_precision: "ieee", "tf32" or None (PyTorch's float32 matmul precision); fp32 inputs only.
     """
     _check_features(x, y)
     _check_scalar("scale", scale, x.device)
-    precision = _check_precision(input_precision, x.dtype)
+    precision = resolve_input_precision(input_precision, x.dtype)
     n, m = x.shape[0], y.shape[0]
     row_lse = _lse_term("row_lse", row_lse, n, row_weight, x.device)
     col_lse = _lse_term("col_lse", col_lse, m, col_weight, x.device)
@@ -520,13 +515,13 @@ def contrastive_grad_triton(x, y, scale, row_lse, col_lse, row_weight: float, co
     return grad_x, grad_y
 
 
-def siglip_softplus_triton(x, y, scale, bias, *, input_precision="ieee"):
+def siglip_softplus_triton(x, y, scale, bias, *, input_precision=None):
     """Row sums of softplus of the SigLIP logits.
 
     Args:
         x: (N, D), y: (M, D) float32/float16/bfloat16 (same dtype/device), any strides.
         scale, bias: 0-d or [1]-shaped float tensors on the same device.
-        input_precision: "ieee" or "tf32" (fp32 inputs only).
+        input_precision: "ieee", "tf32" or None (PyTorch's float32 matmul precision); fp32 inputs only.
 
     Returns:
         row_sum: (N,) fp32, row_sum[i] = sum_j softplus(scale * x_i . y_j + bias)
@@ -535,13 +530,13 @@ def siglip_softplus_triton(x, y, scale, bias, *, input_precision="ieee"):
     _check_features(x, y)
     _check_scalar("scale", scale, x.device)
     _check_scalar("bias", bias, x.device)
-    precision = _check_precision(input_precision, x.dtype)
+    precision = resolve_input_precision(input_precision, x.dtype)
     if x.shape[0] == 0 or y.shape[0] == 0:
         return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     return _row_reduce(x, y, scale, bias, True, precision)
 
 
-def siglip_grad_triton(x, y, scale, bias, *, input_precision="ieee"):
+def siglip_grad_triton(x, y, scale, bias, *, input_precision=None):
     """Sigmoid of the SigLIP logits contracted with the features.
 
     With G = sigmoid(scale * x @ y.T + bias) (N, M), returns ``grad_x = G @ y`` (N, D),
@@ -550,12 +545,12 @@ def siglip_grad_triton(x, y, scale, bias, *, input_precision="ieee"):
     Args:
         x: (N, D), y: (M, D) float32/float16/bfloat16 (same dtype/device), any strides.
         scale, bias: 0-d or [1]-shaped float tensors on the same device.
-        input_precision: "ieee" or "tf32" (fp32 inputs only).
+        input_precision: "ieee", "tf32" or None (PyTorch's float32 matmul precision); fp32 inputs only.
     """
     _check_features(x, y)
     _check_scalar("scale", scale, x.device)
     _check_scalar("bias", bias, x.device)
-    precision = _check_precision(input_precision, x.dtype)
+    precision = resolve_input_precision(input_precision, x.dtype)
     if x.shape[0] == 0 or y.shape[0] == 0:
         return (torch.zeros(x.shape, dtype=torch.float32, device=x.device),
                 torch.zeros(y.shape, dtype=torch.float32, device=x.device),

@@ -82,6 +82,8 @@ import torch
 import triton
 import triton.language as tl
 
+from clipfast.triton_kernels import INPUT_PRECISIONS, resolve_input_precision
+
 __all__ = [
     "feature_gram_backward_triton",
     "feature_gram_triton",
@@ -92,7 +94,6 @@ FEATURE_MAPS = ("linear", "row_normalized", "rff")
 ROW_NORM_EPS = 1e-12
 _FEATURE_MAP_ID = {name: i for i, name in enumerate(FEATURE_MAPS)}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INPUT_PRECISIONS = ("ieee", "tf32")
 # Row chunk of the rff forward and of every backward: at most this many elements of the (R, F)
 # feature and dPhi buffers (per side) exist at a time.
 _CHUNK_ELEMS = 1 << 22
@@ -385,8 +386,8 @@ def kernel_configs(F: int, d: int, dtype: torch.dtype, precision: str = "ieee") 
     """
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
-    if precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"precision must be one of {_INPUT_PRECISIONS}, got {precision!r}")
+    if precision not in INPUT_PRECISIONS:
+        raise ValueError(f"precision must be one of {INPUT_PRECISIONS}, got {precision!r}")
     f_pow2 = max(triton.next_power_of_2(max(int(F), 1)), 16)
     m_pow2 = max(triton.next_power_of_2(max(int(F) // 2, 1)), 16)
     d_pow2 = max(triton.next_power_of_2(max(int(d), 1)), 16)
@@ -433,9 +434,7 @@ def _check_inputs(text, image, feature_map, omegas, input_precision):
                          "TRITON_INTERPRET=1 set before this module is imported")
     if feature_map not in _FEATURE_MAP_ID:
         raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
-    if input_precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
-    precision = input_precision if text.dtype == torch.float32 else "ieee"
+    precision = resolve_input_precision(input_precision, text.dtype)
     d = text.shape[1]
     if feature_map != "rff":  # omegas is ignored by the other maps
         return _FEATURE_MAP_ID[feature_map], d, 0, None, precision
@@ -485,7 +484,7 @@ def _gram(t, x, inv_t, inv_x, out, fmap, precision, cfg):
         )  # fmt: skip
 
 
-def feature_gram_triton(text, image, feature_map, omegas=None, *, input_precision="ieee"):
+def feature_gram_triton(text, image, feature_map, omegas=None, *, input_precision=None):
     """Feature Gram sums ``(S_tt, S_tx, S_xx)`` of paired rows.
 
     Args:
@@ -493,7 +492,8 @@ def feature_gram_triton(text, image, feature_map, omegas=None, *, input_precisio
         feature_map: "linear", "row_normalized" or "rff".
         omegas: (d, m) float tensor on the same device (the RFF frequencies); required for
             "rff", ignored otherwise. Read in fp32.
-        input_precision: "ieee" or "tf32" (fp32 inputs only; 16-bit always uses "ieee").
+        input_precision: "ieee", "tf32" or None (PyTorch's float32 matmul precision, read now); fp32 inputs only,
+            16-bit always multiplies in its own dtype.
 
     Returns:
         Three (F, F) fp32 contiguous tensors (F = d, or 2m for "rff"); zeros when n == 0.
@@ -556,7 +556,7 @@ def _chain_rule(z, d_phi, fmap, w, phi):
 
 
 def feature_gram_backward_triton(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas=None, *,
-                                 input_precision="ieee"):
+                                 input_precision=None):
     """Gradients of ``<G_tt, S_tt> + <G_tx, S_tx> + <G_xx, S_xx>`` w.r.t. ``text`` and ``image``.
 
     Args:

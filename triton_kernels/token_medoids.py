@@ -79,6 +79,8 @@ import torch
 import triton
 import triton.language as tl
 
+from clipfast.triton_kernels import INPUT_PRECISIONS, resolve_input_precision
+
 __all__ = ["kernel_configs", "token_medoids_index_triton"]
 
 METRICS = ("euclidean", "cosine")
@@ -86,7 +88,6 @@ COSINE_NORM_EPS = 1e-8
 MAX_TOKENS = 1024
 _METRIC_ID = {name: i for i, name in enumerate(METRICS)}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INPUT_PRECISIONS = ("ieee", "tf32")
 # At most this many fp32 distances (256 MiB) exist at a time, unless a single split_size chunk needs more.
 _SCRATCH_ELEMS = 1 << 26
 
@@ -355,8 +356,8 @@ def kernel_configs(N: int, D: int, dtype: torch.dtype, precision: str = "ieee") 
     """
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
-    if precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"precision must be one of {_INPUT_PRECISIONS}, got {precision!r}")
+    if precision not in INPUT_PRECISIONS:
+        raise ValueError(f"precision must be one of {INPUT_PRECISIONS}, got {precision!r}")
     n_pow2 = triton.next_power_of_2(max(int(N), 1))
     d_pow2 = triton.next_power_of_2(max(int(D), 1))
     tile = min(max(n_pow2, 16), 64)
@@ -402,8 +403,6 @@ def _check_inputs(x, num_medoids, metric, max_iters, split_size, input_precision
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
     if split_size < 0:
         raise ValueError(f"split_size must be >= 0 (0: per-row convergence), got {split_size}")
-    if input_precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
 
 
 def _launch_distances(xs, dist, norms, gdiag, metric, precision, dcfg):
@@ -424,12 +423,12 @@ def _launch_distances(xs, dist, norms, gdiag, metric, precision, dcfg):
         )  # fmt: skip
 
 
-def _pairwise_distances(x, metric="euclidean", input_precision="ieee"):
+def _pairwise_distances(x, metric="euclidean", input_precision=None):
     """``(dist, norms)``: the (R, N, N) fp32 distance matrices and (R, N) raw token norms the medoid kernel
     reads (for tests)."""
     _check_inputs(x, 1, metric, 0, 0, input_precision)
     R, N, D = x.shape
-    precision = input_precision if x.dtype == torch.float32 else "ieee"
+    precision = resolve_input_precision(input_precision, x.dtype)
     dist = torch.empty((R, N, N), dtype=torch.float32, device=x.device)
     norms = torch.empty((R, N), dtype=torch.float32, device=x.device)
     gdiag = torch.empty((R, N), dtype=torch.float32, device=x.device)
@@ -439,7 +438,7 @@ def _pairwise_distances(x, metric="euclidean", input_precision="ieee"):
 
 
 def token_medoids_index_triton(x, num_medoids, metric="euclidean", max_iters=10, split_size=0, *,
-                               input_precision="ieee"):
+                               input_precision=None):
     """k-medoids (KKZ init) of every row of tokens.
 
     Args:
@@ -449,7 +448,8 @@ def token_medoids_index_triton(x, num_medoids, metric="euclidean", max_iters=10,
         max_iters: >= 0 assignment/update iterations at most.
         split_size: 0 for per-row convergence, s > 0 to iterate chunks of s consecutive rows together.
         input_precision: ``tl.dot`` precision of the distance tiles for fp32 inputs, "ieee" (exact fp32, FMA)
-            or "tf32" (tensor cores); the op passes :func:`clipfast.backends.triton_input_precision`.
+            or "tf32" (tensor cores); None (the default) follows PyTorch's float32 matmul precision
+            (:func:`clipfast.backends.triton_input_precision`).
             16-bit inputs always multiply in their own dtype on the tensor cores.
 
     Returns:
@@ -463,7 +463,7 @@ def token_medoids_index_triton(x, num_medoids, metric="euclidean", max_iters=10,
     assignment = torch.empty((R, N), dtype=torch.int64, device=x.device)
     if R == 0:
         return medoid_index, assignment
-    precision = input_precision if x.dtype == torch.float32 else "ieee"
+    precision = resolve_input_precision(input_precision, x.dtype)
     cfg = kernel_configs(N, D, x.dtype, precision)
     dcfg, mcfg = cfg["distance"], cfg["medoids"]
     chunk = split_size if split_size > 0 else 1

@@ -32,9 +32,7 @@ SigLIP. ``loss = (sum_ij softplus(x_ij) - [positives] sum_i x_{i,o+i}) / N`` wit
 
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -42,51 +40,37 @@ from clipfast import backends
 from clipfast.dtypes import compute_dtype
 from clipfast.reference import contrastive as reference
 
-OP = "contrastive"
+class ContrastiveKernels(NamedTuple):
+    """The four N x M kernels every backend provides; contract: :mod:`clipfast.reference.contrastive`."""
+    lse: Callable  # (x, y, scale, with_cols) -> (row_lse (N,), col_lse (M,) or (0,))
+    grad: Callable  # (x, y, scale, row_lse, col_lse, row_weight, col_weight) -> (G @ y, G.T @ x)
+    softplus: Callable  # (x, y, scale, bias) -> row sums of softplus(scale x y^T + bias), (N,)
+    siglip_grad: Callable  # (x, y, scale, bias) -> (sigmoid(X) @ y, sigmoid(X).T @ x, row sums of sigmoid(X))
 
 
-def kernels(backend: str) -> SimpleNamespace:
-    """The four N x M kernels of ``backend`` (same contract as ``clipfast.reference.contrastive``)."""
-    if backend == "reference":
-        return SimpleNamespace(lse=reference.contrastive_lse_reference,
-                               grad=reference.contrastive_grad_reference,
-                               softplus=reference.siglip_softplus_reference,
-                               siglip_grad=reference.siglip_grad_reference)
-    if backend == "triton":
-        from clipfast.triton_kernels import contrastive as triton_contrastive
+def _triton_kernels() -> ContrastiveKernels:
+    from clipfast.triton_kernels import contrastive as triton
 
-        precision = {"input_precision": backends.triton_input_precision()}
-        return SimpleNamespace(lse=functools.partial(triton_contrastive.contrastive_lse_triton, **precision),
-                               grad=functools.partial(triton_contrastive.contrastive_grad_triton, **precision),
-                               softplus=functools.partial(triton_contrastive.siglip_softplus_triton, **precision),
-                               siglip_grad=functools.partial(triton_contrastive.siglip_grad_triton, **precision))
-    if backend in ("cpu", "cuda"):  # one native op, dispatched on the tensors' device
-        native = torch.ops.clipfast_C
-        return SimpleNamespace(lse=native.contrastive_lse, grad=native.contrastive_grad,
-                               softplus=native.siglip_softplus, siglip_grad=native.siglip_grad)
-    raise ValueError(f"unknown backend {backend!r}")
+    return ContrastiveKernels(triton.contrastive_lse_triton, triton.contrastive_grad_triton,
+                              triton.siglip_softplus_triton, triton.siglip_grad_triton)
 
 
-def _register_native_fakes() -> None:
-    """Fakes of the native kernels (clipfast_C::*), for opcheck and for tracing them directly."""
-    def out(x, *shape):
-        return x.new_empty(shape, dtype=compute_dtype(x.dtype))
-
-    torch.library.register_fake("clipfast_C::contrastive_lse")(
-        lambda x, y, scale, with_cols: (out(x, x.shape[0]), out(x, y.shape[0] if with_cols else 0)))
-    torch.library.register_fake("clipfast_C::contrastive_grad")(
-        lambda x, y, scale, row_lse, col_lse, row_weight, col_weight: (out(x, *x.shape), out(x, *y.shape)))
-    torch.library.register_fake("clipfast_C::siglip_softplus")(lambda x, y, scale, bias: out(x, x.shape[0]))
-    torch.library.register_fake("clipfast_C::siglip_grad")(
-        lambda x, y, scale, bias: (out(x, *x.shape), out(x, *y.shape), out(x, x.shape[0])))
+def _out(x, *shape):
+    return x.new_empty(shape, dtype=compute_dtype(x.dtype))
 
 
-if backends.native_available():
-    _register_native_fakes()
-
-
-def _kernels_for(t: torch.Tensor) -> SimpleNamespace:
-    return kernels(backends.select(OP, t.device, t.dtype))
+KERNELS = backends.OpKernels(
+    "contrastive",
+    reference=ContrastiveKernels(reference.contrastive_lse_reference, reference.contrastive_grad_reference,
+                                 reference.siglip_softplus_reference, reference.siglip_grad_reference),
+    native=ContrastiveKernels("contrastive_lse", "contrastive_grad", "siglip_softplus", "siglip_grad"),
+    triton=_triton_kernels,
+    native_fakes=ContrastiveKernels(
+        lse=lambda x, y, scale, with_cols: (_out(x, x.shape[0]), _out(x, y.shape[0] if with_cols else 0)),
+        grad=lambda x, y, scale, row_lse, col_lse, row_weight, col_weight: (_out(x, *x.shape), _out(x, *y.shape)),
+        softplus=lambda x, y, scale, bias: _out(x, x.shape[0]),
+        siglip_grad=lambda x, y, scale, bias: (_out(x, *x.shape), _out(x, *y.shape), _out(x, x.shape[0]))),
+)
 
 
 def _check_scalar_values(logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor]) -> None:
@@ -113,6 +97,45 @@ def _infonce_weights(n: int, m: int, symmetric: bool) -> tuple[float, float]:
     return (0.5 / n, 0.5 / m) if symmetric else (1.0 / n, 0.0)
 
 
+# The O((N + M) * D) epilogues around the kernels, shared by the ops below and by the ring loss of
+# clipfast.distributed (which merges the kernels' block results across ranks first): one copy of the math.
+
+def positive_logit_sum(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor,
+                       label_offset: int) -> torch.Tensor:
+    """``s * sum_i <q_i, k_{o+i}>``, the sum of the positive logits, in the computation dtype."""
+    dtype = compute_dtype(queries.dtype)
+    n = queries.shape[0]
+    return logit_scale.reshape(()).to(dtype) * (queries.to(dtype) * keys[label_offset:label_offset + n].to(dtype)).sum()
+
+
+def infonce_from_lse(lse: torch.Tensor, positives: torch.Tensor, label_smoothing: float, smooth) -> torch.Tensor:
+    """One direction's InfoNCE from its log-sum-exps: ``(sum lse - (1 - eps) * positives) / len(lse) - smooth``
+    (``smooth`` = ``eps * T / (N M)``, the uniform part of the smoothed labels, or 0)."""
+    return (lse.sum() - (1 - label_smoothing) * positives) / lse.shape[0] - smooth
+
+
+def subtract_positive_pairs(query_bar: torch.Tensor, key_bar: torch.Tensor, queries: torch.Tensor,
+                            keys: torch.Tensor, weight: float, label_offset: int) -> None:
+    """The one-hot part of G after accumulation, in place: ``query_bar_i -= w k_{o+i}``, ``key_bar_{o+i} -= w q_i``
+    (never folded into the tile as ``P_ii - 1``, which cancels in low precision)."""
+    n = queries.shape[0]
+    query_bar[:n].sub_(keys[label_offset:label_offset + n], alpha=weight)
+    key_bar[label_offset:label_offset + n].sub_(queries, alpha=weight)
+
+
+def logit_scale_gradient(grad_loss: torch.Tensor, logit_scale: torch.Tensor, *pairs) -> torch.Tensor:
+    """``g * sum_(q, q_bar) <q, q_bar>`` (``dL/ds = sum_ij G_ij <q_i, k_j>``), in ``logit_scale``'s shape and dtype;
+    ``pairs`` are (queries, G @ keys) in the computation dtype."""
+    total = sum(torch.vdot(q.flatten(), q_bar.flatten()) for q, q_bar in pairs)
+    return (grad_loss.to(total.dtype) * total).reshape(logit_scale.shape).to(logit_scale.dtype)
+
+
+def feature_gradient(grad_loss: torch.Tensor, logit_scale: torch.Tensor, g_at: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """``g * s * (G @ keys)`` in the features' ``dtype`` (in place on the fp32 accumulator)."""
+    return g_at.mul_(grad_loss.to(g_at.dtype) * logit_scale.reshape(()).to(g_at.dtype)).to(dtype)
+
+
 @torch.library.custom_op("clipfast::contrastive_loss", mutates_args=())
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                      logit_bias: Optional[torch.Tensor], label_offset: int, symmetric: bool,
@@ -121,15 +144,13 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     a, b = image.contiguous(), text.contiguous()
     n, m = a.shape[0], b.shape[0]
     dtype = compute_dtype(a.dtype)
-    s = logit_scale.reshape(()).to(dtype)
-    row_lse, col_lse = _kernels_for(a).lse(a, b, logit_scale, symmetric)
-    positives = s * (a.to(dtype) * b[label_offset:label_offset + n].to(dtype)).sum()
-    smooth = (label_smoothing * s * (a.to(dtype).sum(0) @ b.to(dtype).sum(0)) / (n * m)
-              if label_smoothing else 0.0)
-    loss = (row_lse.sum() - (1 - label_smoothing) * positives) / n - smooth
+    row_lse, col_lse = KERNELS.for_inputs(a).lse(a, b, logit_scale, symmetric)
+    positives = positive_logit_sum(a, b, logit_scale, label_offset)
+    smooth = (label_smoothing * logit_scale.reshape(()).to(dtype) * (a.to(dtype).sum(0) @ b.to(dtype).sum(0))
+              / (n * m) if label_smoothing else 0.0)
+    loss = infonce_from_lse(row_lse, positives, label_smoothing, smooth)
     if symmetric:
-        col_loss = (col_lse.sum() - (1 - label_smoothing) * positives) / m - smooth
-        loss = (loss + col_loss) / 2
+        loss = (loss + infonce_from_lse(col_lse, positives, label_smoothing, smooth)) / 2
     return loss, row_lse, col_lse
 
 
@@ -149,21 +170,18 @@ def contrastive_loss_backward(grad_loss: torch.Tensor, image: torch.Tensor, text
     n, m = a.shape[0], b.shape[0]
     dtype = compute_dtype(a.dtype)
     w_row, w_col = _infonce_weights(n, m, symmetric)
-    a_bar, b_bar = _kernels_for(a).grad(a, b, logit_scale, row_lse, col_lse, w_row, w_col)
+    a_bar, b_bar = KERNELS.for_inputs(a).grad(a, b, logit_scale, row_lse, col_lse, w_row, w_col)
     a_c, b_c = a.to(dtype), b.to(dtype)
     # Labels: the one-hot part of G, weight (1 - eps)(w_r + w_c) on the positive pairs. In place
     # throughout: the distributed losses run this on (N, D) blocks, where every copy counts.
-    label_weight = (1 - label_smoothing) * (w_row + w_col)
-    a_bar[:n].sub_(b_c[label_offset:label_offset + n], alpha=label_weight)
-    b_bar[label_offset:label_offset + n].sub_(a_c, alpha=label_weight)
+    subtract_positive_pairs(a_bar, b_bar, a_c, b_c, (1 - label_smoothing) * (w_row + w_col), label_offset)
     if label_smoothing:  # uniform part of G: eps (w_r / M + w_c / N) on every pair
         uniform = label_smoothing * (w_row / m + w_col / n)
         a_bar.sub_(b_c.sum(0), alpha=uniform)
         b_bar.sub_(a_c.sum(0), alpha=uniform)
-    g = grad_loss.to(dtype)
-    grad_scale = (g * torch.vdot(a_c.flatten(), a_bar.flatten())).reshape(logit_scale.shape).to(logit_scale.dtype)
-    gs = g * logit_scale.reshape(()).to(dtype)
-    return a_bar.mul_(gs).to(image.dtype), b_bar.mul_(gs).to(text.dtype), grad_scale
+    grad_scale = logit_scale_gradient(grad_loss, logit_scale, (a_c, a_bar))  # before a_bar is scaled in place
+    return (feature_gradient(grad_loss, logit_scale, a_bar, image.dtype),
+            feature_gradient(grad_loss, logit_scale, b_bar, text.dtype), grad_scale)
 
 
 @contrastive_loss_backward.register_fake
@@ -204,10 +222,9 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
     a, b = image.contiguous(), text.contiguous()
     n = a.shape[0]
     dtype = compute_dtype(a.dtype)
-    total = _kernels_for(a).softplus(a, b, logit_scale, logit_bias).sum()
+    total = KERNELS.for_inputs(a).softplus(a, b, logit_scale, logit_bias).sum()
     if not negative_only:  # softplus(-x) = softplus(x) - x on the positive pairs
-        s, beta = logit_scale.reshape(()).to(dtype), logit_bias.reshape(()).to(dtype)
-        total = total - (s * (a.to(dtype) * b[label_offset:label_offset + n].to(dtype)).sum() + n * beta)
+        total = total - (positive_logit_sum(a, b, logit_scale, label_offset) + n * logit_bias.reshape(()).to(dtype))
     return total / n
 
 
@@ -223,18 +240,17 @@ def siglip_loss_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: tor
     a, b = image.contiguous(), text.contiguous()
     n = a.shape[0]
     dtype = compute_dtype(a.dtype)
-    a_bar, b_bar, row_sum = _kernels_for(a).siglip_grad(a, b, logit_scale, logit_bias)
+    a_bar, b_bar, row_sum = KERNELS.for_inputs(a).siglip_grad(a, b, logit_scale, logit_bias)
     a_c = a.to(dtype)
     sigmoid_total = row_sum.sum()
     if not negative_only:  # the -I_o part of G, after accumulation
-        a_bar[:n].sub_(b[label_offset:label_offset + n].to(dtype))
-        b_bar[label_offset:label_offset + n].sub_(a_c)
+        subtract_positive_pairs(a_bar, b_bar, a_c, b.to(dtype), 1.0, label_offset)
         sigmoid_total = sigmoid_total - n
     g = grad_loss.to(dtype) / n
-    grad_scale = (g * torch.vdot(a_c.flatten(), a_bar.flatten())).reshape(logit_scale.shape).to(logit_scale.dtype)
     grad_bias = (g * sigmoid_total).reshape(logit_bias.shape).to(logit_bias.dtype)
-    gs = g * logit_scale.reshape(()).to(dtype)
-    return a_bar.mul_(gs).to(image.dtype), b_bar.mul_(gs).to(text.dtype), grad_scale, grad_bias
+    grad_scale = logit_scale_gradient(g, logit_scale, (a_c, a_bar))  # before feature_gradient scales a_bar in place
+    return (feature_gradient(g, logit_scale, a_bar, image.dtype), feature_gradient(g, logit_scale, b_bar, text.dtype),
+            grad_scale, grad_bias)
 
 
 @siglip_loss_backward.register_fake

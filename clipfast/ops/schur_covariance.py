@@ -18,9 +18,7 @@ Backends: ``cpu`` (C++, csrc/cpu/schur_covariance.cpp), ``triton`` (triton_kerne
 
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -28,11 +26,11 @@ from clipfast import backends
 from clipfast.dtypes import compute_dtype
 from clipfast.reference import schur_covariance as reference
 
-OP = "schur_covariance"
 
-
-def _backend(t: torch.Tensor) -> str:
-    return backends.select(OP, t.device, t.dtype)
+class SchurCovarianceKernels(NamedTuple):
+    """The two kernels every backend provides; contract: :mod:`clipfast.reference.schur_covariance`."""
+    gram: Callable  # (text, image, feature_map, omegas) -> (S_tt, S_tx, S_xx)
+    gram_backward: Callable  # (G_tt, G_tx, G_xx, text, image, feature_map, omegas) -> (dT, dX)
 
 
 def _reference_gram(text, image, feature_map, omegas):
@@ -40,20 +38,30 @@ def _reference_gram(text, image, feature_map, omegas):
         return tuple(g.contiguous() for g in reference.feature_gram_reference(text, image, feature_map, omegas))
 
 
-def kernels(backend: str) -> SimpleNamespace:
-    """``gram`` and ``gram_backward`` of ``backend`` (the contract of the ``clipfast_C`` ops)."""
-    if backend == "reference":
-        return SimpleNamespace(gram=_reference_gram, gram_backward=reference.feature_gram_backward_reference)
-    if backend == "triton":
-        from clipfast.triton_kernels import schur_covariance as triton_schur
+def _triton_kernels() -> SchurCovarianceKernels:
+    from clipfast.triton_kernels import schur_covariance as triton
 
-        precision = {"input_precision": backends.triton_input_precision()}
-        return SimpleNamespace(gram=functools.partial(triton_schur.feature_gram_triton, **precision),
-                               gram_backward=functools.partial(triton_schur.feature_gram_backward_triton, **precision))
-    if backend in ("cpu", "cuda"):  # one native op, dispatched on the tensors' device
-        return SimpleNamespace(gram=torch.ops.clipfast_C.feature_gram,
-                               gram_backward=torch.ops.clipfast_C.feature_gram_backward)
-    raise ValueError(f"unknown backend {backend!r}")
+    return SchurCovarianceKernels(triton.feature_gram_triton, triton.feature_gram_backward_triton)
+
+
+def _features(text: torch.Tensor, feature_map: str, omegas: Optional[torch.Tensor]) -> int:
+    return 2 * omegas.shape[1] if feature_map == "rff" else text.shape[1]
+
+
+def _gram_fake(text, image, feature_map, omegas):
+    f = _features(text, feature_map, omegas)
+    return tuple(text.new_empty((f, f), dtype=compute_dtype(text.dtype)) for _ in range(3))
+
+
+def _gram_backward_fake(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas):
+    return torch.empty_like(text), torch.empty_like(image)
+
+
+KERNELS = backends.OpKernels(
+    "schur_covariance",
+    reference=SchurCovarianceKernels(_reference_gram, reference.feature_gram_backward_reference),
+    native=SchurCovarianceKernels("feature_gram", "feature_gram_backward"), triton=_triton_kernels,
+    native_fakes=SchurCovarianceKernels(_gram_fake, _gram_backward_fake))
 
 
 def _check_feature_map(feature_map: str) -> None:
@@ -61,15 +69,11 @@ def _check_feature_map(feature_map: str) -> None:
         raise ValueError(f"feature_map must be one of {reference.FEATURE_MAPS}, got {feature_map!r}")
 
 
-def _features(text: torch.Tensor, feature_map: str, omegas: Optional[torch.Tensor]) -> int:
-    return 2 * omegas.shape[1] if feature_map == "rff" else text.shape[1]
-
-
 @torch.library.custom_op("clipfast::feature_gram", mutates_args=())
 def feature_gram(text: torch.Tensor, image: torch.Tensor, feature_map: str,
                  omegas: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_feature_map(feature_map)
-    return kernels(_backend(text)).gram(text, image, feature_map, omegas)
+    return KERNELS.for_inputs(text).gram(text, image, feature_map, omegas)
 
 
 @torch.library.custom_op("clipfast::feature_gram_backward", mutates_args=())
@@ -77,12 +81,11 @@ def feature_gram_backward(grad_tt: torch.Tensor, grad_tx: torch.Tensor, grad_xx:
                           text: torch.Tensor, image: torch.Tensor, feature_map: str,
                           omegas: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     _check_feature_map(feature_map)
-    return kernels(_backend(text)).gram_backward(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas)
+    return KERNELS.for_inputs(text).gram_backward(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas)
 
 
-@feature_gram_backward.register_fake
-def _(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas):
-    return torch.empty_like(text), torch.empty_like(image)
+feature_gram.register_fake(_gram_fake)
+feature_gram_backward.register_fake(_gram_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,24 +101,6 @@ def _backward(ctx, grad_tt, grad_tx, grad_xx):
 
 
 feature_gram.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _gram_fake(text, image, feature_map, omegas):
-    f = _features(text, feature_map, omegas)
-    return tuple(text.new_empty((f, f), dtype=compute_dtype(text.dtype)) for _ in range(3))
-
-
-feature_gram.register_fake(_gram_fake)
-
-
-def _register_native_fakes() -> None:
-    torch.library.register_fake("clipfast_C::feature_gram")(_gram_fake)
-    torch.library.register_fake("clipfast_C::feature_gram_backward")(
-        lambda g_tt, g_tx, g_xx, text, image, feature_map, omegas: (torch.empty_like(text), torch.empty_like(image)))
-
-
-if backends.native_available():
-    _register_native_fakes()
 
 
 def kernel_covariance(text: torch.Tensor, image: torch.Tensor, feature_map: str,

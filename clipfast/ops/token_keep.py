@@ -16,8 +16,7 @@ Backends: ``cpu`` (C++, csrc/cpu/token_keep.cpp), ``triton`` (triton_kernels/tok
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -25,41 +24,23 @@ from clipfast import backends
 from clipfast.dtypes import compute_dtype
 from clipfast.reference import token_keep as reference
 
-OP = "token_keep"
+
+class TokenKeepKernels(NamedTuple):
+    """The three kernels every backend provides; contract: :mod:`clipfast.reference.token_keep`."""
+    index: Callable  # (scores, num_keep, grid_width, block) -> keep_index (B, K)
+    gather: Callable  # (tokens, keep_index, fuse_weights, num_prefix) -> kept
+    gather_backward: Callable  # (grad_kept, tokens, keep_index, fuse_weights, num_prefix) -> (grad_tokens, grad_weights)
 
 
-def kernels(backend: str) -> SimpleNamespace:
-    """``index``, ``gather`` and ``gather_backward`` of ``backend`` (the contract of the ``clipfast_C`` ops)."""
-    if backend == "reference":
-        return SimpleNamespace(index=reference.token_keep_index_reference,
-                               gather=reference.token_keep_gather_reference,
-                               gather_backward=reference.token_keep_gather_backward_reference)
-    if backend == "triton":
-        from clipfast.triton_kernels import token_keep as triton_keep
+def _triton_kernels() -> TokenKeepKernels:
+    from clipfast.triton_kernels import token_keep as triton
 
-        return SimpleNamespace(index=triton_keep.token_keep_index_triton, gather=triton_keep.token_keep_gather_triton,
-                               gather_backward=triton_keep.token_keep_gather_backward_triton)
-    if backend in ("cpu", "cuda"):  # one native op each, dispatched on the tensors' device
-        native = torch.ops.clipfast_C
-        return SimpleNamespace(index=native.token_keep_index, gather=native.token_keep_gather,
-                               gather_backward=native.token_keep_gather_backward)
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-def _backend(t: torch.Tensor) -> str:
-    return backends.select(OP, t.device, t.dtype)
-
-
-@torch.library.custom_op("clipfast::token_keep_index", mutates_args=())
-def token_keep_index(scores: torch.Tensor, num_keep: int, grid_width: int, block: int) -> torch.Tensor:
-    return kernels(_backend(scores)).index(scores, num_keep, grid_width, block)
+    return TokenKeepKernels(triton.token_keep_index_triton, triton.token_keep_gather_triton,
+                            triton.token_keep_gather_backward_triton)
 
 
 def _index_fake(scores, num_keep, grid_width, block):
     return scores.new_empty((scores.shape[0], num_keep), dtype=torch.int64)
-
-
-token_keep_index.register_fake(_index_fake)
 
 
 def _kept_rows(tokens, keep_index, fuse_weights, num_prefix) -> int:
@@ -78,17 +59,35 @@ def _gather_backward_fake(grad_kept, tokens, keep_index, fuse_weights, num_prefi
     return torch.empty_like(tokens), tokens.new_empty((tokens.shape[0], weights), dtype=compute_dtype(tokens.dtype))
 
 
+KERNELS = backends.OpKernels("token_keep",
+                             reference=TokenKeepKernels(reference.token_keep_index_reference,
+                                                        reference.token_keep_gather_reference,
+                                                        reference.token_keep_gather_backward_reference),
+                             native=TokenKeepKernels("token_keep_index", "token_keep_gather",
+                                                     "token_keep_gather_backward"),
+                             triton=_triton_kernels,
+                             native_fakes=TokenKeepKernels(_index_fake, _gather_fake, _gather_backward_fake))
+
+
+@torch.library.custom_op("clipfast::token_keep_index", mutates_args=())
+def token_keep_index(scores: torch.Tensor, num_keep: int, grid_width: int, block: int) -> torch.Tensor:
+    return KERNELS.for_inputs(scores).index(scores, num_keep, grid_width, block)
+
+
+token_keep_index.register_fake(_index_fake)
+
+
 @torch.library.custom_op("clipfast::token_keep_gather", mutates_args=())
 def token_keep_gather(tokens: torch.Tensor, keep_index: torch.Tensor, fuse_weights: Optional[torch.Tensor],
                       num_prefix: int) -> torch.Tensor:
-    return kernels(_backend(tokens)).gather(tokens, keep_index, fuse_weights, num_prefix)
+    return KERNELS.for_inputs(tokens).gather(tokens, keep_index, fuse_weights, num_prefix)
 
 
 @torch.library.custom_op("clipfast::token_keep_gather_backward", mutates_args=())
 def token_keep_gather_backward(grad_kept: torch.Tensor, tokens: torch.Tensor, keep_index: torch.Tensor,
                                fuse_weights: Optional[torch.Tensor],
                                num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels(_backend(tokens)).gather_backward(grad_kept.contiguous(), tokens, keep_index, fuse_weights,
+    return KERNELS.for_inputs(tokens).gather_backward(grad_kept.contiguous(), tokens, keep_index, fuse_weights,
                                                      num_prefix)
 
 
@@ -115,12 +114,3 @@ def _backward(ctx, grad_kept):
 
 token_keep_gather.register_autograd(_backward, setup_context=_setup_context)
 
-
-def _register_native_fakes() -> None:
-    torch.library.register_fake("clipfast_C::token_keep_index")(_index_fake)
-    torch.library.register_fake("clipfast_C::token_keep_gather")(_gather_fake)
-    torch.library.register_fake("clipfast_C::token_keep_gather_backward")(_gather_backward_fake)
-
-
-if backends.native_available():
-    _register_native_fakes()

@@ -25,6 +25,6 @@ def test_make_check_cuda_passes():
 @pytest.mark.skipif(not (torch.version.cuda and NVCC and backends.native_available()),
                     reason="the extension is built with CUDA kernels only by a CUDA torch with nvcc present")
 def test_extension_registers_cuda_kernels():
-    for names in backends.NATIVE_OPS.values():
+    for names in backends.native_op_names().values():
         for name in names:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"clipfast_C::{name}", "CUDA"), name

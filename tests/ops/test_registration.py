@@ -91,7 +91,7 @@ def _native_cases():
 
 
 PUBLIC_OPS = sorted(_public_cases(False))
-NATIVE_OPS = sorted(name for names in backends.NATIVE_OPS.values() for name in names)
+NATIVE_OPS = sorted(name for names in backends.native_op_names().values() for name in names)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])

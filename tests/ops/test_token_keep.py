@@ -177,11 +177,11 @@ def test_backward_is_a_row_scatter(backend):
 def test_backward_ops_equal_reference(backend):
     tokens, index = _tokens(3, 16, 8), token_keep_index_reference(_scores(3, 16), 6)
     weights = _scores(3, 16, seed=5)
-    from clipfast.ops.token_keep import kernels
+    from clipfast.ops.token_keep import KERNELS
 
     for fuse in (None, weights):
         grad = torch.randn(3, 1 + 6 + (fuse is not None), 8)
-        got = kernels(backend).gather_backward(grad, tokens, index, fuse, 1)
+        got = KERNELS.kernels(backend).gather_backward(grad, tokens, index, fuse, 1)
         want = token_keep_gather_backward_reference(grad, tokens, index, fuse, 1)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)

@@ -356,9 +356,9 @@ def test_gather_validation():
 
 def test_backend_namespace():
     """The triton backend of clipfast.ops.token_keep resolves to these launchers."""
-    from clipfast.ops.token_keep import kernels
+    from clipfast.ops.token_keep import KERNELS
 
-    ns = kernels("triton")
+    ns = KERNELS.kernels("triton")
     assert (ns.index, ns.gather, ns.gather_backward) == (T.token_keep_index_triton, T.token_keep_gather_triton,
                                                          T.token_keep_gather_backward_triton)
 
