@@ -361,34 +361,22 @@ def kernel_configs(D: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_features(x, y):
-    for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (rows, D), got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_SUPPORTED_DTYPES}")
-    if x.dtype != y.dtype:
-        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"feature dimensions differ: x is {tuple(x.shape)}, y is {tuple(y.shape)}")
-    if x.device != y.device:
-        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _INTERPRETED):
-        raise ValueError(f"tensors on {x.device} are not supported: use CUDA tensors, or CPU tensors with "
-                         "TRITON_INTERPRET=1 set before this module is imported")
-
-
-def _check_scalar(name, t, device):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a 0-d or [1]-shaped tensor (read on device), got {type(t).__name__}")
-    if t.ndim > 1 or t.numel() != 1:
-        raise ValueError(f"{name} must be a 0-d or [1]-shaped tensor, got shape {tuple(t.shape)}")
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the features are on {device}")
+def _check_launch(x, y, *scalars):
+    """The launch's invariants: (N, D) and (M, D) features of one supported dtype on one device this Triton
+    can run on, one-element float scalars there. User arguments are validated once, by clipfast.functional
+    and the registered ops (clipfast/ops/contrastive.py); this only guards direct callers of the launchers
+    against out-of-bounds reads, with RuntimeError (``torch._check``)."""
+    torch._check(x.ndim == 2 and y.ndim == 2 and x.shape[1] == y.shape[1],
+                 lambda: f"x and y must be (rows, D) with one D, got {tuple(x.shape)} and {tuple(y.shape)}")
+    torch._check(x.dtype == y.dtype and x.dtype in _SUPPORTED_DTYPES,
+                 lambda: f"x and y must share one of {_SUPPORTED_DTYPES}, got {x.dtype} and {y.dtype}")
+    torch._check(x.device == y.device and (x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRETED)),
+                 lambda: f"x and y must be on one CUDA device (or the CPU under TRITON_INTERPRET=1 set before "
+                         f"this module is imported), got {x.device} and {y.device}")
+    for t in scalars:
+        torch._check(t.numel() == 1 and t.ndim <= 1 and t.dtype.is_floating_point and t.device == x.device,
+                     lambda: f"scale and bias must be one-element float tensors on {x.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
 
 
 def _row_reduce(x, y, scale, bias, sigmoid, precision):
@@ -452,8 +440,7 @@ def contrastive_lse_triton(x, y, scale, with_cols, *, input_precision=None):
         col_lse: (M,) fp32, col_lse[j] = logsumexp_i S_ij (-inf when N == 0), or an empty
             fp32 tensor when ``with_cols`` is false.
     """
-    _check_features(x, y)
-    _check_scalar("scale", scale, x.device)
+    _check_launch(x, y, scale)
     precision = resolve_input_precision(input_precision, x.dtype)
     n, m = x.shape[0], y.shape[0]
     empty = torch.empty(0, dtype=torch.float32, device=x.device)
@@ -466,20 +453,13 @@ def contrastive_lse_triton(x, y, scale, with_cols, *, input_precision=None):
     return row_lse, col_lse
 
 
-def _lse_term(name, lse, length, weight, device):
-    """Validated contiguous LSE vector, or None when its term is absent (empty or weight 0)."""
-    if not isinstance(lse, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(lse).__name__}")
-    if not isinstance(weight, (int, float)):
-        raise TypeError(f"the weight of {name} must be a Python number, got {type(weight).__name__}")
+def _lse_term(lse, length, weight, device):
+    """The contiguous LSE vector, or None when its term is absent (empty, or weight 0)."""
     if lse.numel() == 0 or weight == 0:
         return None
-    if lse.shape != (length,):
-        raise ValueError(f"{name} must have shape ({length},) or be empty, got {tuple(lse.shape)}")
-    if lse.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {lse.dtype}")
-    if lse.device != device:
-        raise ValueError(f"{name} is on {lse.device} but the features are on {device}")
+    torch._check(lse.shape == (length,) and lse.dtype == torch.float32 and lse.device == device,
+                 lambda: f"an LSE term must be float32 of shape ({length},) on {device} or empty, got {lse.dtype} "
+                         f"{tuple(lse.shape)} on {lse.device}")
     return lse.contiguous()
 
 
@@ -500,12 +480,11 @@ def contrastive_grad_triton(x, y, scale, row_lse, col_lse, row_weight: float, co
         row_weight, col_weight: Python floats (host values, no sync).
         input_precision: "ieee", "tf32" or None (PyTorch's float32 matmul precision); fp32 inputs only.
     """
-    _check_features(x, y)
-    _check_scalar("scale", scale, x.device)
+    _check_launch(x, y, scale)
     precision = resolve_input_precision(input_precision, x.dtype)
     n, m = x.shape[0], y.shape[0]
-    row_lse = _lse_term("row_lse", row_lse, n, row_weight, x.device)
-    col_lse = _lse_term("col_lse", col_lse, m, col_weight, x.device)
+    row_lse = _lse_term(row_lse, n, row_weight, x.device)
+    col_lse = _lse_term(col_lse, m, col_weight, x.device)
     if n == 0 or m == 0 or (row_lse is None and col_lse is None):
         return (torch.zeros(x.shape, dtype=torch.float32, device=x.device),
                 torch.zeros(y.shape, dtype=torch.float32, device=x.device))
@@ -527,9 +506,7 @@ def siglip_softplus_triton(x, y, scale, bias, *, input_precision=None):
         row_sum: (N,) fp32, row_sum[i] = sum_j softplus(scale * x_i . y_j + bias)
         (0 when M == 0).
     """
-    _check_features(x, y)
-    _check_scalar("scale", scale, x.device)
-    _check_scalar("bias", bias, x.device)
+    _check_launch(x, y, scale, bias)
     precision = resolve_input_precision(input_precision, x.dtype)
     if x.shape[0] == 0 or y.shape[0] == 0:
         return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
@@ -547,9 +524,7 @@ def siglip_grad_triton(x, y, scale, bias, *, input_precision=None):
         scale, bias: 0-d or [1]-shaped float tensors on the same device.
         input_precision: "ieee", "tf32" or None (PyTorch's float32 matmul precision); fp32 inputs only.
     """
-    _check_features(x, y)
-    _check_scalar("scale", scale, x.device)
-    _check_scalar("bias", bias, x.device)
+    _check_launch(x, y, scale, bias)
     precision = resolve_input_precision(input_precision, x.dtype)
     if x.shape[0] == 0 or y.shape[0] == 0:
         return (torch.zeros(x.shape, dtype=torch.float32, device=x.device),
