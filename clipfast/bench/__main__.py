@@ -5,7 +5,8 @@ the targets, bench-results/contrastive.csv and PNG plots; about 5 minutes on 2 c
 N = 16384 and clipfast at N = 65536 dominate); --quick stops at N = 4096 (about a minute).
 distributed: open_clip's production distributed ClipLoss against clipfast's gather and ring variants
 on 2 gloo processes (see clipfast.bench.distributed); about a minute.
-schur, token_medoids, token_keep: see clipfast.bench.schur, .token_medoids and .token_keep.
+schur, token_medoids, token_keep: the cases of clipfast.bench.schur, .token_medoids and .token_keep (the
+same lists as benchmarks/bench_<op>.py), each with its table, targets, <op>.csv and PNG plots.
 Every time is a median of repetitions after a warm-up run; targets that apply only at sizes a run does
 not reach are printed as "not run".
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import sys
 
 import torch
@@ -26,12 +26,6 @@ from clipfast.bench import report
 
 # The ceiling matmul at N = 65536 would need a 16 GiB output; larger N reuse the largest measured one.
 CEILING_MAX_N = 16384
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tuple[list[report.Row], bool]:
@@ -48,25 +42,23 @@ def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tupl
         warmup = 0 if case.n >= 16384 and case.provider != "reference_compiled" else 1
         timing = bench_measure.measure(bench_cases.make_step(case), device, bench_measure.reps_for(case.n), warmup)
         ceiling_n = max((n for n in ceilings if n <= case.n), default=None)
-        rows.append(report.Row(case.loss, case.provider, case.n, case.d, str(case.dtype)[6:], case.mode,
+        throughputs = {"throughput": ("GFLOP/s", case.flops / timing.p50 / 1e9),
+                       "useful_throughput": ("GFLOP/s", case.useful_flops / timing.p50 / 1e9)}
+        rows.append(report.Row("contrastive", case.loss, case.provider, case.mode, "N", case.n,
+                               {"loss": case.loss, "N": case.n, "D": case.d}, str(case.dtype)[6:],
                                timing.p50, timing.p20, timing.p80, timing.peak_extra_bytes,
-                               case.flops / timing.p50 / 1e9, case.useful_flops / timing.p50 / 1e9,
-                               ceilings.get(ceiling_n), ceiling_n))
+                               report.CONTRASTIVE_BASELINE, throughputs, ceilings.get(ceiling_n), ceiling_n))
         log(f"  {case.id}: {timing.p50:.3f} s, {timing.peak_extra_bytes / report.MIB:.0f} MiB extra")
-    rows.sort(key=lambda r: (r.loss, r.n))
-    os.makedirs(out_dir, exist_ok=True)
-    report.write_csv(rows, os.path.join(out_dir, "contrastive.csv"), _device_name(device))
-    plots = report.plot(rows, out_dir)
+    rows.sort(key=lambda r: (r.group, r.x_value))
     clipfast_provider = next((p for p in bench_cases.providers(device) if p.startswith("clipfast-")), None)
-    text, met = report.targets(rows, clipfast_provider) if clipfast_provider else ("", False)
+    targets = report.contrastive_targets(rows, clipfast_provider) if clipfast_provider else report.Targets()
+    targets.met &= clipfast_provider is not None
     print()
-    print(f"clipfast contrastive benchmark, {_device_name(device)}, torch {torch.__version__}")
-    print(report.table(rows))
-    print()
-    print("Targets (from this run):")
-    print(text)
-    print(f"\nCSV and plots: {os.path.join(out_dir, 'contrastive.csv')}, " + ", ".join(os.path.basename(p) for p in plots))
-    return rows, met
+    title = f"clipfast contrastive benchmark, {report.device_name(device)}, torch {torch.__version__}"
+    plot_options = {"x_label": f"N (batch), D = {bench_cases.DIM}, fp32", "title": lambda loss: f"{loss} loss"}
+    print(report.publish("contrastive", title, rows, targets, out_dir, report.device_name(device),
+                         plot_options=plot_options))
+    return rows, targets.met
 
 
 def main(argv=None) -> int:
@@ -88,7 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, metavar="N",
                         help="override the N values of the contrastive benchmark (n per rank for distributed)")
     parser.add_argument("--out", default="bench-results", metavar="DIR",
-                        help="directory of the CSV and PNG plots (default: bench-results)")
+                        help="directory of each op's CSV (<op>.csv) and PNG plots (default: bench-results)")
     parser.add_argument("--fail-on-miss", action="store_true",
                         help="exit with status 1 when a target is missed (default: always exit 0)")
     args = parser.parse_args(argv)
@@ -106,12 +98,12 @@ def main(argv=None) -> int:
         print(report.machine_line())
         print(text)
         met &= distributed_met
-    for op in ("schur", "token_medoids", "token_keep"):  # each module's run(quick, log) -> (text, met)
+    for op in ("schur", "token_medoids", "token_keep"):  # each module's run(quick, out_dir, log) -> (text, met)
         if args.op in (op, "all"):
             module = importlib.import_module(f"clipfast.bench.{op}")
             print(f"\nclipfast.bench: op={op} quick={args.quick}", flush=True)
-            text, op_met = module.run(args.quick, log=lambda m: print(m, flush=True))
-            print(report.machine_line())
+            text, op_met = module.run(args.quick, args.out, log=lambda m: print(m, flush=True))
+            print()
             print(text)
             met &= op_met
     return 1 if args.fail_on_miss and not met else 0

@@ -9,18 +9,23 @@ image tower (random init, eval mode) on a batch of 224 x 224 images, three ways:
   [L, B, H, N, N], averaged over layers, row 0 sliced from column 1, averaged over heads.
 
 Time is the wall-clock median; memory the peak resident size above that before the step, inputs
-and weights excluded (:mod:`clipfast.bench.measure`).
+and weights excluded (:mod:`clipfast.bench.measure`). The three are cases of
+``python -m clipfast.bench --op token_keep`` (:func:`cases`); :func:`run` serves the GPU benchmark.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
 from clipfast.attention_scores import attention_scores
-from clipfast.bench import measure as bench_measure
+from clipfast.bench import cases as bench_cases
+
+GROUP = "aclip_scores"
+PLAIN, OURS, BASELINE = "plain_forward", "clipfast_attention_scores", "materialised_maps"
 
 
 def materialised_scores(visual, images: torch.Tensor):
@@ -50,45 +55,56 @@ def materialised_scores(visual, images: torch.Tensor):
     return pooled, scores
 
 
-def _vit_b16():
+def vit_b16_inputs(batch: int, device: str = "cpu"):
+    """open_clip ViT-B/16 (random init, eval) on ``device`` and ``batch`` random 224 x 224 images."""
     import open_clip
 
-    return open_clip.create_model("ViT-B-16", pretrained=None).visual.eval()
+    torch.manual_seed(0)
+    visual = open_clip.create_model("ViT-B-16", pretrained=None).visual.eval().to(device)
+    return visual, torch.randn(batch, 3, 224, 224).to(device)
+
+
+def _plain_forward(visual, images):
+    with torch.no_grad():
+        return visual(images)
+
+
+METHODS = {PLAIN: _plain_forward, OURS: attention_scores, BASELINE: materialised_scores}
+
+
+def cases(batch: int = 32, quick: bool = False, device: str = "cpu") -> List[bench_cases.OpCase]:
+    """The three methods on one ViT-B/16 (quick: at most 4 images, one timed repetition)."""
+    if quick:
+        batch = min(batch, 4)
+    common = dict(op="token_keep", group=GROUP, mode="fwd", x_name="batch", x_value=batch,
+                  shape=(("batch", batch), ("image", 224)), inputs=(vit_b16_inputs, batch, device),
+                  baseline=BASELINE, reps=1 if quick else 2, device=device)
+    return [bench_cases.OpCase(provider=name, **common,
+                               step=lambda inputs, method=method: contextlib.nullcontext(lambda: method(*inputs)))
+            for name, method in METHODS.items()]
 
 
 def run(batch: int = 32, quick: bool = False, device: str = "cpu") -> List[Dict]:
-    """Measure the three methods; quick mode uses at most 4 images and one timed repetition.
+    """Measure the three methods of :func:`cases`; quick mode uses at most 4 images and one timed repetition.
 
-    Returns one dict per method: ``case``, ``method``, ``ms`` (median wall-clock), ``peak_extra_mb``
-    (MiB above the inputs), ``time_ratio`` and ``memory_ratio`` (this method's time and peak extra
-    memory divided by clipfast's: the baseline's row holds time(baseline) / time(clipfast) and
-    extra_memory(baseline) / extra_memory(clipfast)), and ``max_abs_diff`` (scores against the
-    baseline's; None for the plain forward).
+    Returns one dict per method: ``case``, ``method`` (``plain forward``, ``clipfast.attention_scores``,
+    ``materialised maps``), ``ms`` (median wall-clock), ``peak_extra_mb`` (MiB above the inputs),
+    ``time_ratio`` and ``memory_ratio`` (this method's time and peak extra memory divided by clipfast's:
+    the baseline's row holds time(baseline) / time(clipfast) and extra_memory(baseline) /
+    extra_memory(clipfast)), and ``max_abs_diff`` (scores against the baseline's; None for the plain
+    forward).
     """
-    if quick:
-        batch = min(batch, 4)
-    torch.manual_seed(0)
-    visual = _vit_b16().to(device)
-    images = torch.randn(batch, 3, 224, 224).to(device)
-    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"
-    case = f"open_clip ViT-B/16 image tower, random init, eval, fp32, batch {batch}, {where}"
-
-    def plain():
-        with torch.no_grad():
-            visual(images)
-
-    methods = [("plain forward", plain),
-               ("clipfast.attention_scores", lambda: attention_scores(visual, images)),
-               ("materialised maps", lambda: materialised_scores(visual, images))]
-    reps = 1 if quick else 2
-    timings = {name: bench_measure.measure(step, device, reps=reps, warmup=1) for name, step in methods}
-
+    op_cases = cases(batch, quick, device)
+    visual, images = op_cases[0].build_inputs()  # one tower for every method and the score check
+    rows = [bench_cases.measure_case(case, (visual, images)) for case in op_cases]
     reference = materialised_scores(visual, images)[1]
-    diffs = {"clipfast.attention_scores": (attention_scores(visual, images) - reference).abs().max().item(),
-             "materialised maps": 0.0}
-    ours = timings["clipfast.attention_scores"]
-    return [{"case": case, "method": name, "ms": t.p50 * 1e3, "peak_extra_mb": t.peak_extra_bytes / 2 ** 20,
-             "time_ratio": t.p50 / ours.p50,
-             "memory_ratio": t.peak_extra_bytes / max(ours.peak_extra_bytes, 1.0),
-             "max_abs_diff": diffs.get(name)}
-            for name, t in timings.items()]
+    diffs = {OURS: (attention_scores(visual, images) - reference).abs().max().item(), BASELINE: 0.0}
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"
+    case = f"open_clip ViT-B/16 image tower, random init, eval, fp32, batch {op_cases[0].x_value}, {where}"
+    ours = next(r for r in rows if r.provider == OURS)
+    names = {PLAIN: "plain forward", OURS: "clipfast.attention_scores", BASELINE: "materialised maps"}
+    return [{"case": case, "method": names[r.provider], "ms": r.p50 * 1e3, "peak_extra_mb": r.peak_extra_bytes / 2 ** 20,
+             "time_ratio": r.p50 / ours.p50,
+             "memory_ratio": r.peak_extra_bytes / max(ours.peak_extra_bytes, 1.0),
+             "max_abs_diff": diffs.get(r.provider)}
+            for r in rows]

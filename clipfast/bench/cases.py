@@ -1,20 +1,28 @@
 """Benchmark cases and providers, shared by ``python -m clipfast.bench`` and ``benchmarks/bench_*.py``.
 
-A provider turns a case into a ``step()`` callable over inputs it creates once: forward only
-(``mode="fwd"``) or forward + backward (``mode="fwd_bwd"``), the way a training step calls the loss
-(``logit_scale`` is a learnable log-scale exponentiated inside the step, as in open_clip).
+Contrastive (:class:`Case`): a provider turns a case into a ``step()`` callable over inputs it creates
+once: forward only (``mode="fwd"``) or forward + backward (``mode="fwd_bwd"``), the way a training step
+calls the loss (``logit_scale`` is a learnable log-scale exponentiated inside the step, as in open_clip).
+
+Every other op (:class:`OpCase`): each op module (``clipfast.bench.schur``, ``.token_medoids``,
+``.token_keep``) lists its cases in ``cases(quick)``; a case names the function that builds its inputs
+and the step over them, so nothing is built before a case runs, and :func:`measure_cases` turns the
+list into report rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
 import clipfast
 from clipfast import backends
+from clipfast.bench import measure as bench_measure
+from clipfast.bench import report
 from clipfast.reference import clip_loss_reference, siglip_loss_reference
 
 LOSSES = ("clip", "siglip")
@@ -197,3 +205,73 @@ def matmul_step(n: int, d: int = DIM, dtype=torch.float32, device="cpu") -> Call
     b = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     return lambda: torch.mm(a, b.T, out=out)
+
+
+# ------------------------------------------------------------------------------------- the other ops
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    """One provider on one configuration of an op other than the contrastive losses.
+
+    ``inputs`` is ``(function, *args)``: consecutive cases with an equal tuple share one call of
+    ``function(*args)`` (a ViT built once for its three providers). ``step(inputs)`` is a context manager
+    that yields the callable to time: a patched model is patched only while it is measured. Steps return
+    their outputs so that ``benchmarks/bench_<op>.py`` can check them.
+    """
+    op: str
+    group: str  # rows compared with each other (report.Row.group)
+    provider: str
+    mode: str  # "fwd" | "fwd_bwd"
+    x_name: str
+    x_value: int
+    shape: tuple  # ((name, size), ...): every size of the case
+    inputs: tuple  # (function, *args)
+    step: Callable[[Any], ContextManager[Callable[[], Any]]]
+    baseline: Optional[str] = None  # provider of the same group, size and mode to compare with
+    reps: int = 3
+    warmup: int = 1
+    time_scale: float = 1.0  # a step timed on a 1/time_scale slice of the work (an O(n) loop), scaled up
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}-{self.provider}-{self.x_name}{self.x_value}-{self.mode}".replace(" ", "_")
+
+    def build_inputs(self) -> Any:
+        function, *args = self.inputs
+        return function(*args)
+
+
+def plain_step(step: Callable[[], Any]) -> ContextManager[Callable[[], Any]]:
+    """An :attr:`OpCase.step` result for a step that needs no setting around it."""
+    return contextlib.nullcontext(step)
+
+
+def measure_case(case: OpCase, inputs: Any) -> report.Row:
+    """``case`` on ``inputs`` (from ``case.build_inputs()``): ``reps`` timed steps after ``warmup`` ones."""
+    with case.step(inputs) as step:
+        timing = bench_measure.measure(step, case.device, reps=case.reps, warmup=case.warmup)
+    scaled = case.time_scale != 1.0  # the peak of the sliced run says nothing about the whole one
+    return report.Row(case.op, case.group, case.provider, case.mode, case.x_name, case.x_value, dict(case.shape),
+                      case.dtype, timing.p50 * case.time_scale, timing.p20 * case.time_scale,
+                      timing.p80 * case.time_scale, None if scaled else timing.peak_extra_bytes, case.baseline)
+
+
+def measure_cases(cases: list[OpCase], log=print) -> list[report.Row]:
+    """Every case measured in order, as report rows. The inputs of consecutive cases with equal ``inputs``
+    are built once, and dropped before the next ones are built."""
+    rows, held_key, held = [], None, None
+    for case in cases:
+        if case.inputs != held_key:
+            held = None  # free the previous inputs first: two ViTs need not coexist
+            held_key, held = case.inputs, case.build_inputs()
+        rows.append(measure_case(case, held))
+        log(f"  {case.id}: {rows[-1].p50:.4f} s")
+    return rows
+
+
+def find_row(rows: list[report.Row], group: str, provider: str, mode: Optional[str] = None,
+             x_value: Optional[int] = None) -> Optional[report.Row]:
+    """The row of ``provider`` in ``group`` (at ``mode`` and ``x_value`` when given); None when it did not run."""
+    return next((r for r in rows if r.group == group and r.provider == provider
+                 and mode in (None, r.mode) and x_value in (None, r.x_value)), None)

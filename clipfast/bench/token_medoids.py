@@ -10,19 +10,35 @@ frames, K = 49; and ViT-B/16 shapes (196 patches per frame, 3-frame segments, K 
 keep the baseline's 3.5 GB temporaries tolerable). Medoids must be identical on margin inputs.
 Last, the end-to-end forward time of an open_clip ViT-B-32 video tower (12 frames) with and without
 the medoid step (``clipfast.patch_open_clip(visual, token_medoids=...)``).
+
+The cases (:func:`cases`) are shared with ``benchmarks/bench_token_medoids.py``; :func:`run` measures
+them and prints the table, the targets, ``token_medoids.csv`` and the plots.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 import torch.nn.functional as F
 
-from clipfast.bench import measure as bench_measure
+import clipfast
+from clipfast.bench import cases as bench_cases
+from clipfast.bench import report
 
 SPLIT = 16
 DIM = 768
+# (target label, videos, frames, patches per frame, frames per segment, K); the last one only in the full run.
+SEGMENT_CASES = (("CenterCLIP ViT-B/32, 2-frame segments", 16, 12, 49, 2, 49),
+                 ("CenterCLIP ViT-B/32, 3-frame segments", 16, 12, 49, 3, 49),
+                 ("CenterCLIP ViT-B/32, 4-frame segments", 16, 12, 49, 4, 49),
+                 ("ViT-B/16, 3-frame segments, 4 videos", 4, 12, 196, 3, 160))
+QUICK_SEGMENT_CASES = 3
+SEGMENTS, TOWER = "segments", "video_tower"  # the case groups
+BASELINE = "centerclip_style"
+# CenterCLIP's MSR-VTT setting: before block 7 of 12, 4 segments of 3 frames, 49 medoids per segment.
+TOWER_MEDOIDS = dict(block=6, num_frames=12, num_segments=4, num_medoids=49)
 
 
 def centerclip_style(x: torch.Tensor, k: int, split_size: int = SPLIT, max_iters: int = 100,
@@ -76,60 +92,76 @@ def margin_rows(rows: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return torch.stack(xs), torch.stack(truths)
 
 
-def video_tower(quick: bool):
-    """open_clip ViT-B-32 on 12-frame videos with and without CenterCLIP's medoid step (MSR-VTT setting:
-    before block 7 of 12, 4 segments of 3 frames, 49 medoids per segment)."""
+def video_tower_inputs(videos: int):
+    """open_clip ViT-B-32 (random init, eval) and ``videos`` x 12 random frames."""
     import open_clip
 
-    import clipfast
-
-    videos = 1 if quick else 4
     torch.manual_seed(0)
     visual = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
-    frames = torch.randn(videos * 12, 3, 224, 224)
-    reps = 1 if quick else 3
-    with torch.no_grad():
-        full = bench_measure.measure(lambda: visual(frames), reps=reps)
-        config = clipfast.TokenMedoids(block=6, num_frames=12, num_segments=4, num_medoids=49)
-        with clipfast.patch_open_clip(visual, token_medoids=config):
-            reduced = bench_measure.measure(lambda: visual(frames), reps=reps)
-    return videos, full, reduced
+    return visual, torch.randn(videos * 12, 3, 224, 224)
 
 
-def run(quick: bool = False, log=print) -> tuple[str, bool]:
-    import clipfast
+@contextlib.contextmanager
+def tower_forward(inputs, medoids: bool):
+    """The tower's no-grad forward, with CenterCLIP's medoid step patched in while it is measured."""
+    visual, frames = inputs
+    with torch.no_grad(), contextlib.ExitStack() as patches:
+        if medoids:
+            patches.enter_context(clipfast.patch_open_clip(visual, token_medoids=clipfast.TokenMedoids(**TOWER_MEDOIDS)))
+        yield lambda: visual(frames)
 
-    cases = [("CenterCLIP ViT-B/32, 2-frame segments", 16, 12, 49, 2, 49),
-             ("CenterCLIP ViT-B/32, 3-frame segments", 16, 12, 49, 3, 49),
-             ("CenterCLIP ViT-B/32, 4-frame segments", 16, 12, 49, 4, 49)]
-    if not quick:
-        cases.append(("ViT-B/16, 3-frame segments, 4 videos", 4, 12, 196, 3, 160))
-    lines = [f"token medoids, CPU x{torch.get_num_threads()} threads, fp32, D={DIM}, split_size={SPLIT}",
-             f"{'case':<40}{'rows x N':>11}{'K':>5}  {'centerclip_style':>18}{'clipfast':>12}{'speed-up':>10}"
-             f"{'peak mem (base / ours)':>26}"]
-    checks = []
-    for name, videos, frames, patches, fd, k in cases:
-        x = video_like(videos, frames, patches, fd)
-        base = bench_measure.measure(lambda: centerclip_style(x, k), "cpu", reps=1, warmup=1)
-        ours = bench_measure.measure(lambda: clipfast.token_medoids(x, k, split_size=SPLIT), "cpu", reps=3, warmup=1)
+
+def cases(quick: bool = False) -> list[bench_cases.OpCase]:
+    """The medoid op against CenterCLIP's procedure per segment shape (x = tokens per segment row), then
+    the ViT-B-32 video tower with and without the medoid step."""
+    op_cases = []
+    for _, videos, frames, patches, frames_per_segment, k in SEGMENT_CASES[:QUICK_SEGMENT_CASES] if quick else SEGMENT_CASES:
+        tokens = frames_per_segment * patches
+        shape = (("rows", videos * frames // frames_per_segment), ("N", tokens), ("K", k), ("D", DIM))
+        inputs = (video_like, videos, frames, patches, frames_per_segment)
+        common = dict(op="token_medoids", group=SEGMENTS, mode="fwd", x_name="N", x_value=tokens, shape=shape,
+                      inputs=inputs, baseline=BASELINE)
+        op_cases.append(bench_cases.OpCase(provider=BASELINE, reps=1, **common,
+                                           step=lambda x, k=k: bench_cases.plain_step(lambda: centerclip_style(x, k))))
+        op_cases.append(bench_cases.OpCase(
+            provider="clipfast", reps=3, **common,
+            step=lambda x, k=k: bench_cases.plain_step(lambda: clipfast.token_medoids(x, k, split_size=SPLIT)[1])))
+    videos = 1 if quick else 4
+    common = dict(op="token_medoids", group=TOWER, mode="fwd", x_name="videos", x_value=videos,
+                  shape=(("videos", videos), ("frames", 12)), inputs=(video_tower_inputs, videos),
+                  baseline="all_tokens", reps=1 if quick else 3)
+    op_cases.append(bench_cases.OpCase(provider="all_tokens", step=lambda i: tower_forward(i, medoids=False), **common))
+    op_cases.append(bench_cases.OpCase(provider="clipfast_medoids", step=lambda i: tower_forward(i, medoids=True),
+                                       **common))
+    return op_cases
+
+
+def run(quick: bool = False, out_dir: str = "bench-results", log=print) -> tuple[str, bool]:
+    """Measures :func:`cases`, checks the targets, writes the CSV and plots; returns (report, all met)."""
+    rows = bench_cases.measure_cases(cases(quick), log)
+    targets = report.Targets()
+    for name, _, _, patches, frames_per_segment, _ in SEGMENT_CASES:
+        tokens = frames_per_segment * patches
+        ours = bench_cases.find_row(rows, SEGMENTS, "clipfast", x_value=tokens)
+        if ours is None:
+            continue  # the full run's shape in quick mode
+        base = report.baseline_of(rows, ours)
         speedup, memory = base.p50 / ours.p50, ours.peak_extra_bytes / max(base.peak_extra_bytes, 1)
-        lines.append(f"{name:<40}{f'{x.shape[0]} x {x.shape[1]}':>11}{k:>5}  {base.p50:>16.3f} s{ours.p50:>10.3f} s"
-                     f"{speedup:>9.0f}x{base.peak_extra_bytes / 2**20:>14.0f} / {ours.peak_extra_bytes / 2**20:.0f} MiB")
-        log(f"  {name}: {base.p50:.3f} s vs {ours.p50:.3f} s")
-        checks.append((speedup >= 20, f"{name}: {speedup:.0f}x faster (target >= 20x)"))
-        checks.append((memory <= 0.1, f"{name}: peak extra memory {memory:.3f} of the baseline's (target <= 1/10)"))
+        targets.check(speedup >= 20, f"{name}: {speedup:.0f}x faster (target >= 20x)")
+        targets.check(memory <= 0.1, f"{name}: peak extra memory {memory:.3f} of the baseline's (target <= 1/10)")
     x, truth = margin_rows(32, 49)
     start = time.perf_counter()
     base_index = centerclip_style(x, 49)
     _, ours_index, _ = clipfast.token_medoids(x, 49, split_size=SPLIT)
     same = torch.equal(base_index, ours_index) and torch.equal(ours_index, truth)
-    checks.append((same, f"identical medoids on margin inputs (32 rows x 147 tokens, K=49), and equal to the "
-                         f"true centres ({time.perf_counter() - start:.1f} s)"))
-    videos, full, reduced = video_tower(quick)
-    lines.append(f"open_clip ViT-B-32 video tower forward, {videos} videos x 12 frames (random init, eval, no_grad):")
-    lines.append(f"{'':4}{'all 50 tokens per frame':<44}{full.p50:>8.2f} s")
-    lines.append(f"{'':4}{'medoids before block 7 (4 segments, K=49)':<44}{reduced.p50:>8.2f} s"
-                 f"   ({full.p50 / reduced.p50:.2f}x)")
-    lines.append("Targets (from this run):")
-    lines += [f"  [{'PASS' if ok else 'FAIL'}] {text}" for ok, text in checks]
-    return "\n".join(lines), all(ok for ok, _ in checks)
+    targets.check(same, f"identical medoids on margin inputs (32 rows x 147 tokens, K=49), and equal to the "
+                        f"true centres ({time.perf_counter() - start:.1f} s)")
+    notes = [f"{BASELINE}: CenterCLIP's batch_fast_kmedoids_with_split ported to plain PyTorch; clipfast: "
+             f"clipfast.token_medoids(split_size={SPLIT}).",
+             f"{TOWER}: open_clip ViT-B-32 forward on 12-frame videos (random init, eval, no_grad); "
+             f"clipfast_medoids: medoids before block 7 (4 segments, K=49)."]
+    title = f"token medoids, CPU x{torch.get_num_threads()} threads, fp32, D={DIM}, split_size={SPLIT}"
+    text = report.publish("token_medoids", title, rows, targets, out_dir, report.device_name(),
+                          report.op_columns("ms", group_width=13, shape_width=28), notes,
+                          {"x_label": f"tokens per segment row, D = {DIM}, fp32", "time_label": "time [s]"})
+    return text, targets.met
