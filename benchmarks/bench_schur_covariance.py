@@ -1,5 +1,6 @@
-"""pytest-benchmark view of the Schur-complement op (the providers of `python -m clipfast.bench --op schur`,
-at sizes that suit a test run).
+"""pytest-benchmark view of the Schur-complement op: the cases of `python -m clipfast.bench --op schur`
+(clipfast.bench.schur.cases, quick mode): cosine SCE at n = 1,000 and 10,000 and RFF covariance at n = 1,000,
+m = 2,500, each with its torch.mm ceiling and the plain-PyTorch formulation.
 
     pytest benchmarks/bench_schur_covariance.py --benchmark-only
     make test                                  # runs each once (--benchmark-disable)
@@ -8,31 +9,16 @@ at sizes that suit a test run).
 import pytest
 import torch
 
-import clipfast
 from clipfast.bench import schur as bench_schur
-from clipfast.ops.schur_covariance import kernel_covariance
-from clipfast.schur import sce_score
 
-N = 4096
-TEXT, IMAGE = bench_schur._pairs(N)
-OMEGAS = torch.randn(bench_schur.DIM, 256, generator=torch.Generator().manual_seed(7)) / bench_schur.SIGMA
-
-CASES = {
-    "cosine-sce-clipfast": lambda: sce_score(IMAGE, TEXT, kernel="cosine", convention="clip-dissection")[0],
-    "cosine-ceiling-three-gemms": bench_schur._ceiling_three_gemms(TEXT, IMAGE),
-    "rff-covariance-clipfast": lambda: kernel_covariance(TEXT, IMAGE, "rff", OMEGAS)[1],
-    "rff-covariance-reference": lambda: _with_reference(lambda: kernel_covariance(TEXT, IMAGE, "rff", OMEGAS)[1]),
-}
+CASES = bench_schur.cases(quick=True)
 
 
-def _with_reference(fn):
-    with clipfast.use_backend("reference"):
-        return fn()
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_schur_covariance(benchmark, name):
-    benchmark.group = f"schur-n{N}"
-    benchmark.extra_info.update({"op": "schur_covariance", "case": name, "n": N, "d": bench_schur.DIM})
-    out = benchmark.pedantic(CASES[name], rounds=3, iterations=1, warmup_rounds=1)
-    assert out is None or bool(torch.isfinite(out).all())
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_schur_covariance(benchmark, case):
+    benchmark.group = f"schur-{case.group}-n{case.x_value}"
+    benchmark.extra_info.update({"op": case.op, "provider": case.provider, **dict(case.shape)})
+    with case.step(case.build_inputs()) as step:
+        out = benchmark.pedantic(step, rounds=case.reps, iterations=1, warmup_rounds=case.warmup)
+    tensors = out if isinstance(out, tuple) else (out,)
+    assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors)

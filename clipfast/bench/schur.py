@@ -16,16 +16,19 @@ Cases, each against baselines measured in the same run:
   targets (which apply at the large sizes) as "not run".
 - streaming ``SchurComplementEntropy`` over 1,000,000 samples in batches of 10,000: time and peak
   extra memory (bounded by O(F^2), independent of n).
+
+The cases (:func:`cases`) are shared with ``benchmarks/bench_schur_covariance.py``; :func:`run` measures
+them and prints the table, the targets, ``schur.csv`` and the plots.
 """
 
 from __future__ import annotations
 
-import math
-import time
+import contextlib
 
 import torch
 
-from clipfast.bench import measure as bench_measure
+from clipfast.bench import cases as bench_cases
+from clipfast.bench import report
 
 DIM = 512
 RFF_DIM = 2500
@@ -38,7 +41,7 @@ PUBLISHED_RFF_BATCH = 16  # its per-sample cost does not depend on the batch; 64
 STREAM_SAMPLES, STREAM_BATCH = 1_000_000, 10_000
 
 
-def _pairs(n: int, d: int = DIM, seed: int = 0):
+def pairs(n: int, d: int = DIM, seed: int = 0):
     """CLIP-like paired embeddings: images correlated with their texts, not normalised."""
     g = torch.Generator().manual_seed(seed)
     text = torch.randn(n, d, generator=g)
@@ -46,124 +49,164 @@ def _pairs(n: int, d: int = DIM, seed: int = 0):
     return text, image
 
 
-def _time(fn, reps: int) -> tuple[float, float]:
-    timing = bench_measure.measure(fn, "cpu", reps=reps, warmup=1)
-    return timing.p50, timing.peak_extra_bytes
+def rff_inputs(n: int):
+    """The paired embeddings of :func:`pairs` and the (d, m) RFF frequencies for sigma = SIGMA."""
+    text, image = pairs(n)
+    return text, image, torch.randn(DIM, RFF_DIM, generator=torch.Generator().manual_seed(7)) / SIGMA
 
 
-def _ceiling_three_gemms(text, image):
+def ceiling_three_gemms(text, image):
+    """The three d x d products over n that the cosine covariance needs, into preallocated outputs."""
     out = [torch.empty(text.shape[1], text.shape[1]) for _ in range(3)]
 
     def run():
         torch.mm(text.T, text, out=out[0])
         torch.mm(text.T, image, out=out[1])
         torch.mm(image.T, image, out=out[2])
+        return out[2]
     return run
 
 
-def _ceiling_joint_gemm(n: int, features: int):
+def ceiling_joint_gemm(n: int, features: int):
+    """(n, 2 features)^T (n, 2 features): one GEMM of the size of the joint feature covariance."""
     joint = torch.randn(n, 2 * features)
     out = torch.empty(2 * features, 2 * features)
     return lambda: torch.mm(joint.T, joint, out=out)
 
 
-def _stream_case() -> tuple[float, float]:
-    """SchurComplementEntropy over STREAM_SAMPLES samples arriving in batches; (seconds, peak extra bytes)."""
-    from clipfast.nn.schur import SchurComplementEntropy
+def stream_metric():
+    """An empty streaming SCE metric (cosine, the published convention)."""
+    from clipfast.nn.schur_covariance import SchurComplementEntropy
 
-    metric = SchurComplementEntropy(kernel="cosine", convention="clip-dissection")
-    bench_measure._reset_peak_rss()
-    before = bench_measure._rss_status("VmRSS")
-    start = time.perf_counter()
-    for i in range(STREAM_SAMPLES // STREAM_BATCH):
-        metric.update(*reversed(_pairs(STREAM_BATCH, seed=i)))  # update(images, texts)
-    metric.compute()
-    return time.perf_counter() - start, bench_measure._rss_status("VmHWM") - before
+    return SchurComplementEntropy(kernel="cosine", convention="clip-dissection")
 
 
-def run(quick: bool = False, log=print) -> tuple[str, bool]:
-    """All cases; returns (printable report, all targets met)."""
+def stream_step(metric):
+    """SchurComplementEntropy over STREAM_SAMPLES samples arriving in batches of STREAM_BATCH."""
+    def step():
+        for i in range(STREAM_SAMPLES // STREAM_BATCH):
+            metric.update(*reversed(pairs(STREAM_BATCH, seed=i)))  # update(images, texts)
+        return metric.compute()
+    return bench_cases.plain_step(step)
+
+
+@contextlib.contextmanager
+def with_backend(backend: str, step):
+    """``step`` measured with every clipfast op forced to ``backend``."""
     import clipfast
+
+    with clipfast.use_backend(backend):
+        yield step
+
+
+def cases(quick: bool = False) -> list[bench_cases.OpCase]:
+    """Cosine SCE per n against its three GEMMs, RFF covariance per n against one joint GEMM (each with the
+    plain-PyTorch formulation and, in the full run, the published procedure), then the streaming metric."""
     from clipfast.ops.schur_covariance import kernel_covariance
-    from clipfast.reference import schur as published
-    from clipfast.schur import sce_score
+    from clipfast.reference import schur_covariance as published
+    from clipfast.schur_covariance import sce_score
 
-    lines = [f"Schur-complement kernel covariance, CPU x{torch.get_num_threads()} threads, fp32, d={DIM}; "
-             "median of repetitions after a warm-up run",
-             f"{'kernel':<8}{'n':>8}  {'provider':<42} {'time':>10}{'peak extra':>13}{'vs ceiling':>12}"]
-    checks = []
-
-    def row(kernel, n, provider, seconds, peak, ceiling):
-        ratio = f"{seconds / ceiling:.2f}x" if ceiling else "-"
-        peak_text = f"{peak / 2**20:.0f} MiB" if peak is not None else "-"
-        lines.append(f"{kernel:<8}{n:>8}  {provider:<42} {seconds:>8.3f} s{peak_text:>13}{ratio:>12}")
-        log(f"  {kernel} n={n} {provider}: {seconds:.3f} s")
-
-    def not_run(kernel, n, provider, why):
-        lines.append(f"{kernel:<8}{n:>8}  {provider:<42} {'not run':>10}  ({why})")
-
+    op_cases = []
     for n in COSINE_SIZES[:2] if quick else COSINE_SIZES:
-        text, image = _pairs(n)
-        reps = 3 if n <= 10000 else 2
-        ceiling, _ = _time(_ceiling_three_gemms(text, image), reps)
-        row("cosine", n, "three d x d GEMMs (ceiling)", ceiling, None, None)
-        ours, ours_peak = _time(lambda: sce_score(image, text, kernel="cosine", convention="clip-dissection"), reps)
-        row("cosine", n, "clipfast sce_score", ours, ours_peak, ceiling)
-        with clipfast.use_backend("reference"):
-            plain, plain_peak = _time(lambda: sce_score(image, text, kernel="cosine", convention="clip-dissection"),
-                                      reps)
-        row("cosine", n, "plain PyTorch GEMM formulation", plain, plain_peak, ceiling)
-        if n <= PUBLISHED_COSINE_MAX_N and quick:
-            not_run("cosine", n, "published procedure (port)", "minutes of Python loops: make bench runs it")
-        elif n <= PUBLISHED_COSINE_MAX_N:
-            published_time, _ = _time(lambda: published.published_sce_score(image, text, "cosine"), 2)
-            row("cosine", n, "published procedure (port)", published_time, None, ceiling)
-    n = max(COSINE_SIZES)
-    if quick:
-        checks.append((None, f"cosine SCE at n={n} <= 1.5x the three d x d GEMMs (quick mode stops at "
-                             f"n={COSINE_SIZES[1]})"))
-    else:
-        checks.append((ours <= 1.5 * ceiling, f"cosine SCE at n={n}: {ours:.3f} s = {ours / ceiling:.2f}x the "
-                                              f"three GEMMs' {ceiling:.3f} s (target <= 1.5x)"))
+        common = dict(op="schur", group="cosine", mode="fwd", x_name="n", x_value=n, shape=(("n", n), ("d", DIM)),
+                      inputs=(pairs, n), baseline="three_gemms", reps=3 if n <= 10000 else 2)
 
-    omegas = torch.randn(DIM, RFF_DIM, generator=torch.Generator().manual_seed(7)) / SIGMA
+        def sce(inputs):
+            text, image = inputs
+            return lambda: sce_score(image, text, kernel="cosine", convention="clip-dissection")
+
+        op_cases += [
+            bench_cases.OpCase(provider="three_gemms", step=lambda i: bench_cases.plain_step(ceiling_three_gemms(*i)),
+                               **common),
+            bench_cases.OpCase(provider="clipfast", step=lambda i, sce=sce: bench_cases.plain_step(sce(i)), **common),
+            bench_cases.OpCase(provider="reference", step=lambda i, sce=sce: with_backend("reference", sce(i)), **common)]
+        if n <= PUBLISHED_COSINE_MAX_N and not quick:
+            op_cases.append(bench_cases.OpCase(
+                provider="published", **{**common, "reps": 2},
+                step=lambda i: bench_cases.plain_step(lambda: published.published_sce_score(*reversed(i), "cosine"))))
     for n in RFF_SIZES[:1] if quick else RFF_SIZES:
-        text, image = _pairs(n)
-        reps = 3 if n <= 1000 else 2
-        ceiling, _ = _time(_ceiling_joint_gemm(n, 2 * RFF_DIM), reps)
-        row("rff", n, f"joint GEMM ({n} x {4 * RFF_DIM})^T (ceiling)", ceiling, None, None)
-        ours, ours_peak = _time(lambda: kernel_covariance(text, image, "rff", omegas), reps)
-        row("rff", n, "clipfast kernel_covariance", ours, ours_peak, ceiling)
-        with clipfast.use_backend("reference"):
-            plain, plain_peak = _time(lambda: kernel_covariance(text, image, "rff", omegas), reps)
-        row("rff", n, "plain PyTorch (n x 2m features)", plain, plain_peak, ceiling)
-        k = PUBLISHED_RFF_SAMPLES
-        if quick:
-            not_run("rff", n, "published loop", "minutes of per-sample outer products: make bench runs it")
-            continue
-        per_sample, _ = _time(lambda: published.published_covariances(text[:k], image[:k], "gaussian", omegas,
-                                                                        PUBLISHED_RFF_BATCH), 2)
-        loop = per_sample * n / k
-        row("rff", n, f"published loop (first {k}, x n/{k})", loop, None, ceiling)
-        if n == max(RFF_SIZES):
-            checks.append((loop >= 50 * ours, f"RFF covariance at n={n}, m={RFF_DIM}: {loop / ours:.0f}x faster "
-                                              f"than the published loop (target >= 50x)"))
-            checks.append((ours <= 1.5 * ceiling, f"RFF covariance at n={n}: {ours:.2f} s = {ours / ceiling:.2f}x "
-                                                  f"one GEMM of the same size, {ceiling:.2f} s (target <= 1.5x)"))
-    if quick:
-        n = max(RFF_SIZES)
-        checks.append((None, f"RFF covariance at n={n}: >= 50x faster than the published loop and <= 1.5x one "
-                             f"GEMM of the same size (quick mode stops at n={RFF_SIZES[0]})"))
+        common = dict(op="schur", group="rff", mode="fwd", x_name="n", x_value=n,
+                      shape=(("n", n), ("d", DIM), ("m", RFF_DIM)), inputs=(rff_inputs, n), baseline="joint_gemm",
+                      reps=3 if n <= 1000 else 2)
 
-    if quick:
-        checks.append((None, f"streaming over {STREAM_SAMPLES:,} samples in bounded memory (make bench runs it)"))
+        def covariance(inputs):
+            text, image, omegas = inputs
+            return lambda: kernel_covariance(image, text, "rff", omegas)
+
+        def published_loop(inputs, k=PUBLISHED_RFF_SAMPLES):
+            text, image, omegas = inputs
+            return lambda: published.published_covariances(image[:k], text[:k], "gaussian", omegas, PUBLISHED_RFF_BATCH)
+
+        op_cases += [
+            bench_cases.OpCase(provider="joint_gemm", step=lambda i, n=n: bench_cases.plain_step(
+                ceiling_joint_gemm(n, 2 * RFF_DIM)), **common),
+            bench_cases.OpCase(provider="clipfast", step=lambda i, f=covariance: bench_cases.plain_step(f(i)), **common),
+            bench_cases.OpCase(provider="reference", step=lambda i, f=covariance: with_backend("reference", f(i)),
+                               **common)]
+        if not quick:  # linear in n: timed on the first samples, scaled to n
+            op_cases.append(bench_cases.OpCase(
+                provider="published_loop", **{**common, "reps": 2}, time_scale=n / PUBLISHED_RFF_SAMPLES,
+                step=lambda i, f=published_loop: bench_cases.plain_step(f(i))))
+    if not quick:
+        op_cases.append(bench_cases.OpCase(
+            op="schur", group="stream", provider="clipfast_streaming", mode="fwd", x_name="samples",
+            x_value=STREAM_SAMPLES, shape=(("samples", STREAM_SAMPLES), ("batch", STREAM_BATCH), ("d", DIM)),
+            inputs=(stream_metric,), step=stream_step, reps=1, warmup=0))
+    return op_cases
+
+
+def judge(rows: list[report.Row]) -> report.Targets:
+    """The targets of this run's rows; those at sizes the run did not reach are reported as not run."""
+    targets = report.Targets()
+    n = max(COSINE_SIZES)
+    ours, ceiling = (bench_cases.find_row(rows, "cosine", p, x_value=n) for p in ("clipfast", "three_gemms"))
+    if ours:
+        targets.check(ours.p50 <= 1.5 * ceiling.p50, f"cosine SCE at n={n}: {ours.p50:.3f} s = "
+                                                     f"{ours.p50 / ceiling.p50:.2f}x the three GEMMs' "
+                                                     f"{ceiling.p50:.3f} s (target <= 1.5x)")
     else:
-        seconds, peak = _stream_case()
-        lines.append(f"streaming SchurComplementEntropy (cosine), {STREAM_SAMPLES:,} samples in batches of "
-                     f"{STREAM_BATCH:,}: {seconds:.1f} s, peak extra memory {peak / 2**20:.0f} MiB "
-                     f"(the samples alone would be {2 * STREAM_SAMPLES * DIM * 4 / 2**30:.1f} GiB)")
-        checks.append((peak < 256 * 2**20, f"streaming over {STREAM_SAMPLES:,} samples in bounded memory: "
-                                           f"{peak / 2**20:.0f} MiB extra"))
-    lines.append("Targets (from this run):")
-    lines += [f"  [{'not run' if ok is None else 'PASS' if ok else 'FAIL'}] {text}" for ok, text in checks]
-    return "\n".join(lines), all(ok is not False for ok, _ in checks)
+        targets.not_run(f"cosine SCE at n={n} <= 1.5x the three d x d GEMMs", f"quick mode stops at n={COSINE_SIZES[1]}")
+    n = max(RFF_SIZES)
+    ours, ceiling, loop = (bench_cases.find_row(rows, "rff", p, x_value=n)
+                           for p in ("clipfast", "joint_gemm", "published_loop"))
+    if ours and loop:
+        targets.check(loop.p50 >= 50 * ours.p50, f"RFF covariance at n={n}, m={RFF_DIM}: {loop.p50 / ours.p50:.0f}x "
+                                                 f"faster than the published loop (target >= 50x)")
+        targets.check(ours.p50 <= 1.5 * ceiling.p50, f"RFF covariance at n={n}: {ours.p50:.2f} s = "
+                                                     f"{ours.p50 / ceiling.p50:.2f}x one GEMM of the same size, "
+                                                     f"{ceiling.p50:.2f} s (target <= 1.5x)")
+    else:
+        targets.not_run(f"RFF covariance at n={n}: >= 50x faster than the published loop and <= 1.5x one GEMM of the "
+                        f"same size", f"quick mode stops at n={RFF_SIZES[0]}")
+    stream = bench_cases.find_row(rows, "stream", "clipfast_streaming")
+    if stream:
+        targets.check(stream.peak_extra_bytes < 256 * 2**20, f"streaming over {STREAM_SAMPLES:,} samples in bounded "
+                                                             f"memory: {stream.peak_extra_bytes / 2**20:.0f} MiB extra")
+    else:
+        targets.not_run(f"streaming over {STREAM_SAMPLES:,} samples in bounded memory", "make bench runs it")
+    return targets
+
+
+def run(quick: bool = False, out_dir: str = "bench-results", log=print) -> tuple[str, bool]:
+    """Measures :func:`cases`, checks the targets, writes the CSV and plots; returns (report, all met)."""
+    rows = bench_cases.measure_cases(cases(quick), log)
+    notes = ["three_gemms / joint_gemm: the ceilings, plain torch.mm into preallocated outputs (cosine: the three "
+             f"d x d products over n; rff: (n x {4 * RFF_DIM})^T (n x {4 * RFF_DIM})); clipfast: sce_score "
+             "(cosine) and kernel_covariance (rff); reference: the same under clipfast.use_backend('reference'), the "
+             "plain-PyTorch GEMM formulation (rff: materialising the n x 2m features).",
+             f"published: the published procedure's port (a Python double loop of column cosines, n <= "
+             f"{PUBLISHED_COSINE_MAX_N}); published_loop: its per-sample outer products, timed on the first "
+             f"{PUBLISHED_RFF_SAMPLES} samples and scaled by n/{PUBLISHED_RFF_SAMPLES} (no peak memory)."]
+    if quick:
+        notes.append("not run in quick mode: published and published_loop (minutes of Python loops), the largest n, "
+                     "streaming (make bench runs them).")
+    else:
+        notes.append(f"stream: {STREAM_SAMPLES:,} samples in batches of {STREAM_BATCH:,}; the samples alone would be "
+                     f"{2 * STREAM_SAMPLES * DIM * 4 / 2**30:.1f} GiB.")
+    title = (f"Schur-complement kernel covariance, CPU x{torch.get_num_threads()} threads, fp32, d={DIM}; "
+             "median of repetitions after a warm-up run")
+    targets = judge(rows)
+    text = report.publish("schur", title, rows, targets, out_dir, report.device_name(),
+                          report.op_columns("s", group_width=8, shape_width=22, provider_width=20), notes,
+                          {"x_label": f"n (samples), d = {DIM}, fp32", "time_label": "time [s]"})
+    return text, targets.met
