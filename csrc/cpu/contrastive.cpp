@@ -122,7 +122,7 @@ class TileBuffer {
 std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
                                                        const at::Tensor& scale_in, bool with_cols) {
   check_feature_pair(x_in, y_in, "contrastive_lse");
-  check_scalar(scale_in, "contrastive_lse", "scale");
+  assert_one_value(scale_in, "contrastive_lse", "scale");
   const at::Tensor x = to_compute_dtype(x_in), y = to_compute_dtype(y_in);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n_rows = x.size(0), n_cols = y.size(0);
@@ -174,13 +174,13 @@ std::tuple<at::Tensor, at::Tensor> contrastive_grad_cpu(const at::Tensor& x_in, 
                                                         const at::Tensor& col_lse_in, double row_weight,
                                                         double col_weight) {
   check_feature_pair(x_in, y_in, "contrastive_grad");
-  check_scalar(scale_in, "contrastive_grad", "scale");
+  assert_one_value(scale_in, "contrastive_grad", "scale");
   const at::Tensor x = to_compute_dtype(x_in), y = to_compute_dtype(y_in);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n_rows = x.size(0), n_cols = y.size(0), dim = x.size(1);
   const bool use_cols = col_lse_in.numel() > 0 && col_weight != 0.0;
-  check_vector(row_lse_in, n_rows, "contrastive_grad", "row_lse");
-  if (use_cols) check_vector(col_lse_in, n_cols, "contrastive_grad", "col_lse");
+  assert_vector(row_lse_in, n_rows, "contrastive_grad", "row_lse");
+  if (use_cols) assert_vector(col_lse_in, n_cols, "contrastive_grad", "col_lse");
   const at::Tensor row_lse = row_lse_in.to(x.scalar_type()).contiguous();
   const at::Tensor col_lse = use_cols ? col_lse_in.to(x.scalar_type()).contiguous() : at::Tensor();
   at::Tensor grad_x = at::zeros({n_rows, dim}, x.options());
@@ -217,8 +217,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_grad_cpu(const at::Tensor& x_in, 
 at::Tensor siglip_softplus_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale_in,
                                const at::Tensor& bias_in) {
   check_feature_pair(x_in, y_in, "siglip_softplus");
-  check_scalar(scale_in, "siglip_softplus", "scale");
-  check_scalar(bias_in, "siglip_softplus", "bias");
+  assert_one_value(scale_in, "siglip_softplus", "scale");
+  assert_one_value(bias_in, "siglip_softplus", "bias");
   const at::Tensor x = to_compute_dtype(x_in), y = to_compute_dtype(y_in);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n_rows = x.size(0), n_cols = y.size(0);
@@ -245,8 +245,8 @@ at::Tensor siglip_softplus_cpu(const at::Tensor& x_in, const at::Tensor& y_in, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> siglip_grad_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
                                                                const at::Tensor& scale_in, const at::Tensor& bias_in) {
   check_feature_pair(x_in, y_in, "siglip_grad");
-  check_scalar(scale_in, "siglip_grad", "scale");
-  check_scalar(bias_in, "siglip_grad", "bias");
+  assert_one_value(scale_in, "siglip_grad", "scale");
+  assert_one_value(bias_in, "siglip_grad", "bias");
   const at::Tensor x = to_compute_dtype(x_in), y = to_compute_dtype(y_in);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n_rows = x.size(0), n_cols = y.size(0), dim = x.size(1);

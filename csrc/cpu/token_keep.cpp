@@ -40,8 +40,8 @@
 #include <utility>
 #include <vector>
 
-#include "clipfast/checks.h"
 #include "clipfast/huge_page_buffer.h"
+#include "clipfast/token_keep_checks.h"
 
 namespace clipfast {
 namespace {
@@ -71,7 +71,7 @@ bool ranks_before(const Ranked& a, const Ranked& b) {
 
 at::Tensor token_keep_index_cpu(const at::Tensor& scores_in, int64_t num_keep, int64_t grid_width, int64_t block) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_token_keep_index_args(scores_in, num_keep, grid_width, block);
+  assert_token_keep_index_args(scores_in, num_keep, grid_width, block);
   const at::Tensor scores = scores_in.detach();
   const int64_t batch = scores.size(0), length = scores.size(1);
   at::Tensor keep_index = at::empty({batch, num_keep}, scores.options().dtype(at::kLong));
@@ -138,15 +138,13 @@ Rows<T> rows_of(const at::Tensor& t) {
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous(); }
 
-// Checks shared by the gather and its backward (`tokens` only by shape, dtype and device).
-void check_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor& keep_index,
-                       const std::optional<at::Tensor>& fuse_weights, int64_t num_prefix) {
-  TORCH_CHECK(tokens.dim() == 3, op, ": expected tokens of shape (batch, prefix + patches, dim), got ",
-              tokens.sizes());
+// Invariants shared by the gather and its backward (`tokens` only by shape, dtype and device).
+void assert_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor& keep_index,
+                        const std::optional<at::Tensor>& fuse_weights, int64_t num_prefix) {
+  assert_token_keep_gather_args(op, tokens, keep_index, fuse_weights, num_prefix);
   const auto dtype = tokens.scalar_type();
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": tokens must be float64, float32, bfloat16 or float16, got ", dtype);
-  check_token_keep_gather_args(op, tokens, keep_index, fuse_weights, num_prefix);
+  TORCH_INTERNAL_ASSERT(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                        op, ": tokens must be float64, float32, bfloat16 or float16, got ", dtype);
 }
 
 void check_patch_index(int64_t i, int64_t length, const char* op) {
@@ -178,7 +176,7 @@ at::Tensor token_keep_gather_cpu(const at::Tensor& tokens_in, const at::Tensor& 
                                  const std::optional<at::Tensor>& fuse_weights_in, int64_t num_prefix) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* kOp = "token_keep_gather";
-  check_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
+  assert_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
   const at::Tensor tokens = last_dim_contiguous(tokens_in.detach());
   const at::Tensor keep_index = keep_index_in.detach().contiguous();
   const bool fused = fuse_weights_in.has_value();
@@ -260,12 +258,12 @@ std::tuple<at::Tensor, at::Tensor> token_keep_gather_backward_cpu(const at::Tens
                                                                   int64_t num_prefix) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* kOp = "token_keep_gather_backward";
-  check_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
+  assert_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
   const bool fused = fuse_weights_in.has_value();
   const int64_t batch = tokens_in.size(0), dim = tokens_in.size(2);
   const int64_t length = tokens_in.size(1) - num_prefix, num_keep = keep_index_in.size(1);
   const int64_t kept_rows = num_prefix + num_keep + (fused ? 1 : 0);
-  check_token_keep_grad(kOp, grad_kept_in, tokens_in, kept_rows);
+  assert_token_keep_grad(kOp, grad_kept_in, tokens_in, kept_rows);
   const at::Tensor grad_kept = last_dim_contiguous(grad_kept_in.detach());
   const at::Tensor keep_index = keep_index_in.detach().contiguous();
   // Only the fused gradient needs the tokens' values.

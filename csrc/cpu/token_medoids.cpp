@@ -36,7 +36,6 @@
 #include <tuple>
 #include <type_traits>
 
-#include "clipfast/checks.h"
 #include "clipfast/cpu_kernels.h"
 
 namespace clipfast {
@@ -52,7 +51,7 @@ enum class Metric { kEuclidean, kCosine };
 Metric parse_metric(c10::string_view name) {
   if (name == "euclidean") return Metric::kEuclidean;
   if (name == "cosine") return Metric::kCosine;
-  TORCH_CHECK(false, "token_medoids: metric must be 'euclidean' or 'cosine', got '", std::string(name), "'");
+  TORCH_INTERNAL_ASSERT(false, "token_medoids: unknown metric '", std::string(name), "'");
 }
 
 // Sum of v[i]^2 in 16 interleaved partial sums: the compiler vectorises independent lanes (it may not
@@ -255,13 +254,15 @@ std::tuple<at::Tensor, at::Tensor> token_medoids_index_cpu(const at::Tensor& x_i
                                                            c10::string_view metric_name, int64_t max_iters,
                                                            int64_t split_size) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(x_in.dim() == 3, "token_medoids: expected x of shape (rows, tokens, dim), got ", x_in.sizes());
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "token_medoids: x must be floating point, got ",
-              x_in.scalar_type());
+  // clipfast.token_medoids (clipfast/functional.py) validates every argument; these are invariants.
+  TORCH_INTERNAL_ASSERT(x_in.dim() == 3, "token_medoids: x must be (rows, tokens, dim), got ", x_in.sizes());
+  TORCH_INTERNAL_ASSERT(at::isFloatingType(x_in.scalar_type()), "token_medoids: x must be floating point, got ",
+                        x_in.scalar_type());
   const int64_t rows = x_in.size(0), n = x_in.size(1), dim = x_in.size(2);
-  TORCH_CHECK(k_count >= 1 && k_count <= n, "token_medoids: num_medoids must be in [1, ", n, "], got ", k_count);
-  TORCH_CHECK(max_iters >= 0, "token_medoids: max_iters must be >= 0, got ", max_iters);
-  TORCH_CHECK(split_size >= 0, "token_medoids: split_size must be >= 0, got ", split_size);
+  TORCH_INTERNAL_ASSERT(k_count >= 1 && k_count <= n, "token_medoids: num_medoids ", k_count, " outside [1, ", n,
+                        "]");
+  TORCH_INTERNAL_ASSERT(max_iters >= 0 && split_size >= 0, "token_medoids: negative max_iters ", max_iters,
+                        " or split_size ", split_size);
   const Metric metric = parse_metric(metric_name);
   const auto dtype = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = x_in.detach().to(dtype).contiguous();

@@ -509,6 +509,4 @@ int clipfast_siglip_grad_cuda(const void* x, const void* y, int dtype, int64_t r
                                              grad_row_sum, stream);
 }
 
-const char* clipfast_cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
-
 }  // extern "C"

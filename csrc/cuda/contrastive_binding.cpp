@@ -6,8 +6,6 @@
 //   col_lse = lse over rows of S = row lse of S^T;      grad_y = G^T @ x with G^T built from S^T.
 // Nothing here synchronises with the host: scale and bias stay on the device and are read by the kernels.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -15,6 +13,7 @@
 
 #include "clipfast/checks.h"
 #include "clipfast/contrastive_cuda.h"
+#include "clipfast/cuda_binding.h"
 
 namespace clipfast {
 namespace {
@@ -22,35 +21,24 @@ namespace {
 // Checks x (rows, dim) and y (cols, dim) and returns the dtype code the launchers take.
 int check_cuda_features(const at::Tensor& x, const at::Tensor& y, const char* op) {
   check_feature_pair(x, y, op);
-  TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors, got x on ", x.device());
-  const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": the CUDA kernels take float32, float16 or bfloat16 features, got ", dtype);
-  return dtype == at::kFloat ? CLIPFAST_F32 : dtype == at::kHalf ? CLIPFAST_F16 : CLIPFAST_BF16;
+  assert_on_cuda(x, op, "x");
+  return cuda_dtype_code(x, op, "x");
 }
 
 // A one-value tensor (scale, bias) as a contiguous fp32 tensor on x's device, so the kernels can read it
 // through a pointer (no .item(), hence no host synchronisation).
 at::Tensor device_scalar(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  check_scalar(t, op, name);
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " like the features, got ",
-              t.device());
+  assert_one_value(t, op, name);
+  assert_same_device(t, x, op, name);
   return t.to(at::kFloat).contiguous();
 }
 
 // A per-row or per-column statistic (lse) of `length` values as a contiguous fp32 tensor on x's device.
 at::Tensor device_vector(const at::Tensor& t, int64_t length, const at::Tensor& x, const char* op, const char* name) {
-  check_vector(t, length, op, name);
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " like the features, got ",
-              t.device());
+  assert_vector(t, length, op, name);
+  assert_same_device(t, x, op, name);
   return t.to(at::kFloat).contiguous();
 }
-
-void check_launch(int code, const char* op) {
-  TORCH_CHECK(code == 0, op, ": CUDA kernel launch failed: ", clipfast_cuda_error_string(code));
-}
-
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::TensorOptions fp32_like(const at::Tensor& x) { return x.options().dtype(at::kFloat); }
 

@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 // Whether `bytes` of dynamic shared memory fit one block of any kernel here on the current device.
 // *opt_in: 0 when they fit under the default limit, else the dynamic limit the kernel must be given
 // (cudaFuncAttributeMaxDynamicSharedMemorySize; always the same value on a device, so concurrent callers
-// agree). Returns 0, CLIPFAST_TOKEN_KEEP_ROW_TOO_LONG, or the error of a device query.
+// agree). Returns 0, CLIPFAST_CUDA_ROW_TOO_LONG, or the error of a device query.
 int plan_shared(int64_t bytes, int* opt_in) {
   *opt_in = 0;
   if (bytes + kStaticSharedBound <= kDefaultSharedBytes) return 0;
@@ -402,7 +402,7 @@ int plan_shared(int64_t bytes, int* opt_in) {
   if (error == cudaSuccess) error = cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (error != cudaSuccess) return error;
   const int64_t limit = max_bytes - kStaticSharedBound;
-  if (bytes > limit) return CLIPFAST_TOKEN_KEEP_ROW_TOO_LONG;
+  if (bytes > limit) return CLIPFAST_CUDA_ROW_TOO_LONG;
   *opt_in = static_cast<int>(limit);
   return 0;
 }
@@ -600,12 +600,6 @@ int clipfast_token_keep_gather_backward_cuda(const void* grad_kept, const void* 
   return run_gather_backward(grad_kept, tokens, dtype, batch, prefix, length, dim, token_stride_batch,
                              token_stride_row, keep_index, num_keep, fuse, fuse_weights, grad_tokens, grad_weights,
                              static_cast<cudaStream_t>(stream));
-}
-
-const char* clipfast_token_keep_cuda_error_string(int code) {
-  if (code == CLIPFAST_TOKEN_KEEP_ROW_TOO_LONG)
-    return "a row's table (scores or patch map) does not fit in the shared memory of one thread block on this device";
-  return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
 }  // extern "C"

@@ -8,32 +8,25 @@
 // an expanded stand-in). keep_index values are not validated on the device, since that would synchronise
 // with the host; the kernels stay in bounds whatever they hold. Everything runs on the current stream.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
-#include "clipfast/checks.h"
+#include "clipfast/cuda_binding.h"
+#include "clipfast/token_keep_checks.h"
 #include "clipfast/token_keep_cuda.h"
 
 namespace clipfast {
 namespace {
-
-void check_launch(int code, const char* op) {
-  TORCH_CHECK(code == 0, op, ": CUDA kernel launch failed: ", clipfast_token_keep_cuda_error_string(code));
-}
-
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous(); }
 
 at::Tensor token_keep_index_cuda(const at::Tensor& scores_in, int64_t num_keep, int64_t grid_width, int64_t block) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* kOp = "token_keep_index";
-  check_token_keep_index_args(scores_in, num_keep, grid_width, block);
-  TORCH_CHECK(scores_in.is_cuda(), kOp, ": expected a CUDA tensor, got scores on ", scores_in.device());
+  assert_token_keep_index_args(scores_in, num_keep, grid_width, block);
+  assert_on_cuda(scores_in, kOp, "scores");
   const int64_t batch = scores_in.size(0), length = scores_in.size(1);
   TORCH_CHECK(length <= 0x7fffffff, kOp, ": at most 2^31 - 1 patches per row, got ", length);
   const c10::cuda::CUDAGuard device_guard(scores_in.device());
@@ -47,26 +40,20 @@ at::Tensor token_keep_index_cuda(const at::Tensor& scores_in, int64_t num_keep, 
   return keep_index;
 }
 
-// Checks shared by the gather and its backward (`tokens` only by shape, dtype and device); returns the
+// Invariants shared by the gather and its backward (`tokens` only by shape, dtype and device); returns the
 // dtype code of the tokens.
-int check_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor& keep_index,
-                      const std::optional<at::Tensor>& fuse_weights, int64_t num_prefix) {
-  TORCH_CHECK(tokens.dim() == 3, op, ": expected tokens of shape (batch, prefix + patches, dim), got ",
-              tokens.sizes());
-  const at::ScalarType dtype = tokens.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": the CUDA kernels take float32, bfloat16 or float16 tokens, got ", dtype,
-              " (float64 runs on the cpu or reference backends)");
-  TORCH_CHECK(tokens.is_cuda(), op, ": expected CUDA tensors, got tokens on ", tokens.device());
-  check_token_keep_gather_args(op, tokens, keep_index, fuse_weights, num_prefix);
-  return dtype == at::kFloat ? CLIPFAST_F32 : dtype == at::kHalf ? CLIPFAST_F16 : CLIPFAST_BF16;
+int assert_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor& keep_index,
+                       const std::optional<at::Tensor>& fuse_weights, int64_t num_prefix) {
+  assert_token_keep_gather_args(op, tokens, keep_index, fuse_weights, num_prefix);
+  assert_on_cuda(tokens, op, "tokens");
+  return cuda_dtype_code(tokens, op, "tokens");
 }
 
 at::Tensor token_keep_gather_cuda(const at::Tensor& tokens_in, const at::Tensor& keep_index_in,
                                   const std::optional<at::Tensor>& fuse_weights_in, int64_t num_prefix) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* kOp = "token_keep_gather";
-  const int dtype_code = check_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
+  const int dtype_code = assert_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
   const c10::cuda::CUDAGuard device_guard(tokens_in.device());
   const at::Tensor tokens = last_dim_contiguous(tokens_in.detach());
   const at::Tensor keep_index = keep_index_in.detach().contiguous();
@@ -92,12 +79,12 @@ std::tuple<at::Tensor, at::Tensor> token_keep_gather_backward_cuda(const at::Ten
                                                                    int64_t num_prefix) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* kOp = "token_keep_gather_backward";
-  const int dtype_code = check_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
+  const int dtype_code = assert_gather_args(kOp, tokens_in, keep_index_in, fuse_weights_in, num_prefix);
   const bool fused = fuse_weights_in.has_value();
   const int64_t batch = tokens_in.size(0), dim = tokens_in.size(2);
   const int64_t length = tokens_in.size(1) - num_prefix, num_keep = keep_index_in.size(1);
   const int64_t kept_rows = num_prefix + num_keep + (fused ? 1 : 0);
-  check_token_keep_grad(kOp, grad_kept_in, tokens_in, kept_rows);
+  assert_token_keep_grad(kOp, grad_kept_in, tokens_in, kept_rows);
   const c10::cuda::CUDAGuard device_guard(tokens_in.device());
   const at::Tensor grad_kept = grad_kept_in.detach().contiguous();
   const at::Tensor keep_index = keep_index_in.detach().contiguous();

@@ -466,8 +466,4 @@ int clipfast_token_medoids_cuda(const float* distances_in, const void* x, int dt
                  static_cast<cudaStream_t>(stream));
 }
 
-const char* clipfast_token_medoids_cuda_error_string(int code) {
-  return cudaGetErrorString(static_cast<cudaError_t>(code));
-}
-
 }  // extern "C"

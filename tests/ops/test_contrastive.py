@@ -187,6 +187,19 @@ def test_cpu_kernel_is_deterministic():
         assert all(torch.equal(x, y) for x, y in zip(run, runs[0]))
 
 
+def test_native_kernels_refuse_malformed_arguments():
+    """Past the Python layer's validation the native kernels still refuse what would read out of bounds: a
+    feature pair as a user error (clipfast.distributed.ring_clip_loss reaches them without functional.py's
+    feature checks), the one-value scale as an internal invariant."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"native CPU kernels unavailable: {backends.native_load_error}")
+    x, y = unit_features(4, 8, seed=0), unit_features(5, 8, seed=1)
+    with pytest.raises(RuntimeError, match="contrastive_lse: x and y dtypes differ"):
+        torch.ops.clipfast_C.contrastive_lse(x, y.double(), torch.tensor(2.0), True)
+    with pytest.raises(RuntimeError, match="(?s)INTERNAL ASSERT FAILED.*contrastive_lse: scale must hold one value"):
+        torch.ops.clipfast_C.contrastive_lse(x, y, torch.ones(0), True)
+
+
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_autocast_multiplies_fp32_features_in_the_autocast_dtype(loss_name):
     """As open_clip's matmul under autocast: same loss as bf16 features, fp32 gradients for fp32 leaves."""

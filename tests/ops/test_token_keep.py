@@ -84,6 +84,16 @@ def test_nan_scores_raise_under_compile():
         fn(_tokens(1, 4, 2), scores)
 
 
+def test_native_kernels_assert_their_invariants():
+    """clipfast.attentive_token_keep validates user input; the native kernels assert the shapes they index by."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"native CPU kernels unavailable: {backends.native_load_error}")
+    with pytest.raises(RuntimeError, match=r"(?s)INTERNAL ASSERT FAILED.*num_keep 7 outside \[1, 6\]"):
+        torch.ops.clipfast_C.token_keep_index(torch.rand(2, 6), 7, 0, 1)
+    with pytest.raises(RuntimeError, match=r"(?s)INTERNAL ASSERT FAILED.*keep_index must be \(2, K <= 6\)"):
+        torch.ops.clipfast_C.token_keep_gather(_tokens(2, 6, 4), torch.zeros(3, 2, dtype=torch.long), None, 1)
+
+
 def test_integer_like_arguments():
     tokens, scores = _tokens(2, 16, 3), torch.rand(2, 16, generator=torch.Generator().manual_seed(1))
     want, want_index = clipfast.attentive_token_keep(tokens, scores, 8, grid=(4, 4), block=2)

@@ -216,6 +216,14 @@ def test_bad_inputs(kwargs, error, match):
         clipfast.token_medoids(**kwargs)
 
 
+def test_native_kernel_asserts_its_invariants():
+    """clipfast.token_medoids validates user input; the native kernel asserts the sizes it indexes by."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"native CPU kernels unavailable: {backends.native_load_error}")
+    with pytest.raises(RuntimeError, match=r"(?s)INTERNAL ASSERT FAILED.*num_medoids 6 outside \[1, 5\]"):
+        torch.ops.clipfast_C.token_medoids_index(torch.randn(2, 5, 3), 6, "euclidean", 10, 0)
+
+
 def test_segment_bad_inputs():
     with pytest.raises(ValueError, match="not divisible"):
         clipfast.segment_medoids(torch.randn(12, 10, 4), 6, 4, 3)

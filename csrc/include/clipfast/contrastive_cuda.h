@@ -8,21 +8,21 @@
 //   - scale, bias, lse vectors and outputs are fp32 device pointers on the current CUDA device.
 //   - Launches on `stream` (a cudaStream_t; NULL = legacy default stream), never synchronises, and returns
 //     the cudaError_t of its launches as an int (0 = success; like any cudaGetLastError check it may also
-//     report an earlier asynchronous error). Invalid arguments (unknown dtype, negative sizes, a NULL
-//     pointer that will be dereferenced; x, y and grad_x may be NULL when they hold no element) return
-//     cudaErrorInvalidValue without launching anything.
+//     report an earlier asynchronous error; clipfast_cuda_error_string of cuda_errors.h names it). Invalid
+//     arguments (unknown dtype, negative sizes, a NULL pointer that will be dereferenced; x, y and grad_x
+//     may be NULL when they hold no element) return cudaErrorInvalidValue without launching anything.
 //   - rows == 0 launches nothing and returns 0. cols == 0 is valid: sums over zero columns (lse = -inf,
 //     softplus sum = 0, gradients = 0) are written without reading x or y. dim == 0 is valid (S = 0).
 //   - Deterministic: every output element is written by one thread in a fixed order (no atomics).
 #pragma once
 #include <stdint.h>
 
+#include "clipfast/cuda_errors.h"  // clipfast_cuda_error_string: the message of a returned code
 #include "clipfast/dtype_codes.h"  // CLIPFAST_F32 / F16 / BF16: the dtype codes of the feature matrices
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
 
 // lse[i] = log sum_j exp(S_ij)                                                          lse: (rows,)
 int clipfast_contrastive_lse_cuda(const void* x, const void* y, int dtype, int64_t rows, int64_t cols, int64_t dim,
@@ -45,9 +45,6 @@ int clipfast_siglip_softplus_cuda(const void* x, const void* y, int dtype, int64
 // grad_row_sum[i] = sum_j G_ij (rows,), skipped when grad_row_sum is NULL.
 int clipfast_siglip_grad_cuda(const void* x, const void* y, int dtype, int64_t rows, int64_t cols, int64_t dim,
                               const float* scale, const float* bias, float* grad_x, float* grad_row_sum, void* stream);
-
-// cudaGetErrorString of a code returned above.
-const char* clipfast_cuda_error_string(int code);
 
 #ifdef __cplusplus
 }

@@ -13,9 +13,10 @@
 //     every other buffer is row-major contiguous. Every pointer is a device pointer on the current CUDA device.
 //   - Launches on `stream` (a cudaStream_t; NULL = legacy default stream), never synchronises, and returns
 //     0 on success, the cudaError_t of its launches as an int (like any cudaGetLastError check it may also
-//     report an earlier asynchronous error), or CLIPFAST_TOKEN_KEEP_ROW_TOO_LONG. Invalid arguments (unknown
-//     dtype, negative sizes or strides, num_keep or block out of range, a NULL pointer that will be
-//     dereferenced) return cudaErrorInvalidValue without launching.
+//     report an earlier asynchronous error), or CLIPFAST_CUDA_ROW_TOO_LONG of cuda_errors.h (a row's table
+//     does not fit in shared memory); clipfast_cuda_error_string names every code. Invalid arguments
+//     (unknown dtype, negative sizes or strides, num_keep or block out of range, a NULL pointer that will
+//     be dereferenced) return cudaErrorInvalidValue without launching.
 //   - keep_index values are not checked on the device (that would need a host synchronisation): an entry
 //     outside [0, length) reads as a zero row and is otherwise ignored, so no access leaves the buffers;
 //     repeated entries give unspecified (but in-bounds) results.
@@ -25,15 +26,12 @@
 #pragma once
 #include <stdint.h>
 
+#include "clipfast/cuda_errors.h"
 #include "clipfast/dtype_codes.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-// Returned when a row's per-row table (scores, or the patch -> output position map) does not fit in the
-// shared memory of one thread block on the current device.
-enum { CLIPFAST_TOKEN_KEEP_ROW_TOO_LONG = -1 };
 
 // keep_index (batch, num_keep) int64 ascending, OVERWRITTEN: the num_keep best patches (block == 1) or the
 // patches of the num_keep / block^2 best block x block blocks of the (length / grid_width, grid_width) grid
@@ -69,9 +67,6 @@ int clipfast_token_keep_gather_backward_cuda(const void* grad_kept, const void* 
                                              int64_t token_stride_row, const int64_t* keep_index, int64_t num_keep,
                                              int fuse, const float* fuse_weights, void* grad_tokens,
                                              float* grad_weights, void* stream);
-
-// cudaGetErrorString of a code returned above, or the meaning of CLIPFAST_TOKEN_KEEP_ROW_TOO_LONG.
-const char* clipfast_token_keep_cuda_error_string(int code);
 
 #ifdef __cplusplus
 }

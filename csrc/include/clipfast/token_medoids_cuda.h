@@ -14,14 +14,16 @@
 //     tile's first row).
 //   - Launches on `stream` (a cudaStream_t; NULL = legacy default stream), never synchronises, and returns
 //     the cudaError_t of its launches as an int (0 = success; like any cudaGetLastError check it may also
-//     report an earlier asynchronous error). Invalid arguments (unknown dtype or metric, negative sizes,
-//     k outside [1, n] when n > 0, n >= 2^31, a NULL pointer that will be dereferenced) return
-//     cudaErrorInvalidValue without launching; a grid that does not fit returns cudaErrorInvalidConfiguration.
+//     report an earlier asynchronous error; clipfast_cuda_error_string of cuda_errors.h names it). Invalid
+//     arguments (unknown dtype or metric, negative sizes, k outside [1, n] when n > 0, n >= 2^31, a NULL
+//     pointer that will be dereferenced) return cudaErrorInvalidValue without launching; a grid that does
+//     not fit returns cudaErrorInvalidConfiguration.
 //   - Empty problems (no output element) launch nothing and return 0. 64-bit index math throughout.
 //   - Deterministic: no atomics; every reduction has a fixed shape and order, ties go to the lowest index.
 #pragma once
 #include <stdint.h>
 
+#include "clipfast/cuda_errors.h"
 #include "clipfast/dtype_codes.h"
 
 #ifdef __cplusplus
@@ -53,9 +55,6 @@ int64_t clipfast_token_medoids_workspace_elements(int64_t rows, int64_t n, int64
 int clipfast_token_medoids_cuda(const float* distances, const void* x, int dtype, int64_t rows, int64_t n,
                                 int64_t dim, int64_t k, int64_t max_iters, int64_t split_size, int64_t* medoid_index,
                                 int64_t* assignment, int32_t* workspace, void* stream);
-
-// cudaGetErrorString of a code returned above.
-const char* clipfast_token_medoids_cuda_error_string(int code);
 
 #ifdef __cplusplus
 }
