@@ -20,8 +20,8 @@ from clipfast.functional import (attentive_token_keep, clip_loss, contrastive_cr
 from clipfast.integrations import (PatchHandle, TokenMedoids, TokenRemoval, patch_hf_clip, patch_open_clip,
                                   patch_timm_vit)
 from clipfast.spectral_medoids import spectral_embedding, spectral_token_medoids
-from clipfast.schur import (SchurComplement, defocus, exact_gaussian_schur, renyi_scores, rff_omegas, sce_score,
-                            schur_complement)
+from clipfast.schur_covariance import (SchurComplement, defocus, exact_gaussian_schur, renyi_scores, rff_omegas,
+                                       sce_score, schur_complement)
 
 __version__ = "0.1.0"
 

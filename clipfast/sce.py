@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from clipfast import schur
+from clipfast import schur_covariance as schur
 
 
 DESCRIPTION = """SCE and text-part scores of paired embeddings.
@@ -106,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(error))
 
     def score(matrix):
-        return schur._matrix_score(matrix, args.convention, 1.0).item()
+        return schur.matrix_score(matrix, args.convention, 1.0).item()
 
     n, d = images.shape
     print(f"pairs n = {n}, d = {d}, kernel = {args.kernel}, convention = {args.convention}, "

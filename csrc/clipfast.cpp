@@ -18,11 +18,11 @@ TORCH_LIBRARY(clipfast_C, m) {
 
   // schur_covariance (clipfast/ops/schur_covariance.py): the n x F feature matrices are never materialised.
   m.def(
-      "feature_gram(Tensor text, Tensor image, str feature_map, Tensor? omegas) -> (Tensor s_tt, Tensor s_tx, "
-      "Tensor s_xx)");
+      "schur_covariance_gram(Tensor image, Tensor text, str covariance, Tensor? omegas) -> (Tensor s_tt, "
+      "Tensor s_tx, Tensor s_xx)");
   m.def(
-      "feature_gram_backward(Tensor grad_tt, Tensor grad_tx, Tensor grad_xx, Tensor text, Tensor image, "
-      "str feature_map, Tensor? omegas) -> (Tensor grad_text, Tensor grad_image)");
+      "schur_covariance_gram_backward(Tensor grad_tt, Tensor grad_tx, Tensor grad_xx, Tensor image, Tensor text, "
+      "str covariance, Tensor? omegas) -> (Tensor grad_image, Tensor grad_text)");
 
   // token_medoids (clipfast/ops/token_medoids.py): indices only; the gather is differentiable in Python.
   m.def(

@@ -1,45 +1,47 @@
 """Triton kernels for the feature Gram sums behind the Schur-complement (kernel covariance) op.
 
-Notation (spec: :mod:`clipfast.reference.schur_covariance`): ``text: (n, d)`` and ``image: (n, d)``
-are paired row by row, ``phi`` maps a row to ``F`` features and
+Notation (spec: :mod:`clipfast.reference.schur_covariance`): ``image: (n, d)`` and ``text: (n, d)``
+are paired row by row (images first in every signature), ``phi`` maps a row to ``F`` features and
 
     S_tt = Phi_t^T Phi_t,   S_tx = Phi_t^T Phi_x,   S_xx = Phi_x^T Phi_x          (F, F) fp32 each,
 
-with ``Phi_a = phi(A): (n, F)`` for the maps ``"linear"`` (F = d), ``"row_normalized"``
-(``z / max(||z||, 1e-12)``, F = d) and ``"rff"`` (``[cos(z W), sin(z W)] / sqrt(m)``, ``W = omegas:
-(d, m)``, F = 2m). The sums are the feature Gram of "Dissecting CLIP" (the Schur-complement kernel
-covariance); the full ``(n, F)`` feature matrices are never materialised.
+with ``Phi_a = phi(A): (n, F)`` for the covariances ``"column_cosine"`` (the raw rows, F = d; the
+column normalisation is applied to the sums afterwards), ``"row_cosine"`` (``z / max(||z||, 1e-12)``,
+F = d) and ``"rff"`` (``[cos(z W), sin(z W)] / sqrt(m)``, ``W = omegas: (d, m)``, F = 2m). The sums are
+the feature Gram of "Dissecting CLIP" (the Schur-complement kernel covariance); the full ``(n, F)``
+feature matrices are never materialised.
 
 Algorithm
 ---------
 * Forward. The sums are a GEMM over the sample axis, ``(F x n) @ (n x F)``.
-  ``_feature_gram_kernel`` (one launch per block ``b``: 0 tt, 1 tx, 2 xx; grid
+  ``_schur_covariance_gram_kernel`` (one launch per block ``b``: 0 tt, 1 tx, 2 xx; grid
   ``(cdiv(F, BLOCK_F), cdiv(F, BLOCK_F))``): program ``(i, j)`` owns output tile ``(i, j)``, loops over
   the rows in ``BLOCK_N`` chunks, builds the two ``(BLOCK_N, BLOCK_F)`` feature tiles
   (``_feature_tile``) and accumulates ``tl.dot(feat_a^T, feat_b)`` in fp32 onto the tile's current
   value (so row chunks can be summed by successive launches).
-    - linear: the feature tile is the input slice itself;
-    - row_normalized: the input slice times the rows' inverse norms ``1 / max(||z||, 1e-12)``,
-      an ``(n,)`` fp32 vector computed by a torch prologue (one O(n d) read of the inputs);
+    - column_cosine: the feature tile is the input slice itself (``ROW_SCALE = 0``);
+    - row_cosine: the input slice times the rows' inverse norms ``1 / max(||z||, 1e-12)``
+      (``ROW_SCALE = 1``), an ``(n,)`` fp32 vector computed by a torch prologue (one O(n d) read of
+      the inputs);
     - rff: the features of a chunk of ``R`` rows (``R F <= 2^22``) are computed once by
-      ``_rff_feature_kernel`` (grid ``(cdiv(R, BLOCK_N), cdiv(m, BLOCK_M), 2)``, axis 2 = t / x): one
-      ``tl.dot`` gives the ``(BLOCK_N, BLOCK_M)`` phase tile ``u = z W[:, cols]``, whose cosines and
+      ``_schur_covariance_rff_feature_kernel`` (grid ``(cdiv(R, BLOCK_N), cdiv(m, BLOCK_M), 2)``, axis
+      2 = x / t): one ``tl.dot`` gives the ``(BLOCK_N, BLOCK_M)`` phase tile ``u = z W[:, cols]``, whose cosines and
       sines are stored to columns ``cols`` and ``m + cols`` of the chunk's ``(2, R, F)`` feature buffer
-      in the input dtype. The Gram kernel then reads that buffer as "linear" features, one launch per
-      block and chunk. Each phase is computed once: no ``z W`` recomputation per output tile.
+      in the input dtype. The Gram kernel then reads that buffer as it is (``ROW_SCALE = 0``), one
+      launch per block and chunk. Each phase is computed once: no ``z W`` recomputation per output tile.
   S_tt and S_xx are symmetric: their programs with ``i > j`` exit at once and those with ``i < j``
   also store the transposed tile (exact mirrors), so the symmetric blocks cost half.
-* Backward (Triton for dPhi, torch for the chain rule). With ``A_t = G_tt + G_tt^T``,
-  ``B_t = G_tx^T``, ``A_x = G_xx + G_xx^T``, ``B_x = G_tx`` (O(F^2) torch prologue),
-  ``dPhi_t = Phi_t A_t + Phi_x B_t`` and ``dPhi_x = Phi_x A_x + Phi_t B_x``.
+* Backward (Triton for dPhi, torch for the chain rule). With ``A_x = G_xx + G_xx^T``, ``B_x = G_tx``,
+  ``A_t = G_tt + G_tt^T``, ``B_t = G_tx^T`` (O(F^2) torch prologue),
+  ``dPhi_x = Phi_x A_x + Phi_t B_x`` and ``dPhi_t = Phi_t A_t + Phi_x B_t``.
   The launcher walks the rows in chunks of ``R`` rows (a Python loop; ``R * F <= 2^22``). For each
-  chunk ``_feature_grad_kernel`` (grid ``(cdiv(R, BLOCK_N), cdiv(F, BLOCK_C), 2)``, axis 2 = side
-  t / x) computes the ``(BLOCK_N, BLOCK_C)`` tile of dPhi by looping over the contraction features
+  chunk ``_schur_covariance_grad_kernel`` (grid ``(cdiv(R, BLOCK_N), cdiv(F, BLOCK_C), 2)``, axis 2 =
+  side x / t) computes the ``(BLOCK_N, BLOCK_C)`` tile of dPhi by looping over the contraction features
   in ``BLOCK_F`` chunks, building the Phi tiles on the fly as in the forward (rff: from the chunk's
-  feature buffer, filled first by ``_rff_feature_kernel``). The chain rule through phi then runs in
+  feature buffer, filled first by ``_schur_covariance_rff_feature_kernel``). The chain rule through phi then runs in
   torch on that ``(R, F)`` fp32 chunk:
-    - linear: ``dz = dphi``;
-    - row_normalized: ``dz = (dphi - phi <phi, dphi>) / max(||z||, 1e-12)`` (radial term dropped
+    - column_cosine: ``dz = dphi``;
+    - row_cosine: ``dz = (dphi - phi <phi, dphi>) / max(||z||, 1e-12)`` (radial term dropped
       where ``||z|| <= 1e-12``, as in the reference);
     - rff: with ``phi = [c, s] = [cos u, sin u] / sqrt(m)`` from the feature buffer,
       ``du = c * dphi[:, m:] - s * dphi[:, :m]`` and ``dz = du W^T`` (no second ``z W``).
@@ -49,10 +51,10 @@ Work (GEMM-equivalents: one is the ``n x F x F`` feature Gram, ``2 n F^2`` flops
 ``tl.dot`` counts ``2 M K N`` flops of its padded operand blocks; ``T = cdiv(F, BLOCK_F)``; tests/ops/
 test_schur_covariance_triton.py counts them under the interpreter):
 
-    forward  linear / row_normalized   2 + 1/T          (S_tx 1, S_tt and S_xx (T + 1) / 2T each)
-             rff                       2 + 1/T + d/F    (d/F: the phases z W of both inputs, once)
-    backward linear / row_normalized   4                (two (n x F) @ (F x F) products per side)
-             rff                       4 + d/F          (+ d/F of torch GEMM: the chain rule's du W^T)
+    forward  column_cosine / row_cosine   2 + 1/T          (S_tx 1, S_tt and S_xx (T + 1) / 2T each)
+             rff                          2 + 1/T + d/F    (d/F: the phases z W of both inputs, once)
+    backward column_cosine / row_cosine   4                (two (n x F) @ (F x F) products per side)
+             rff                          4 + d/F          (+ d/F of torch GEMM: the chain rule's du W^T)
 
 with n, F, d rounded up to whole blocks. Before this layout the rff features were rebuilt inside
 every output tile: ``(4 + 2/T) d / BLOCK_F`` extra forward and ``4 d / BLOCK_C`` extra backward
@@ -60,7 +62,7 @@ GEMM-equivalents (d = 512: +34 and +16), and the backward's torch chain rule rec
 The Gram's minimum is 2 (two symmetric halves and S_tx), the backward's 4.
 
 * Precision. 16-bit inputs run the tensor cores: feature tiles (fp32 in registers for
-  row_normalized) and the rff ``W`` tiles are rounded to the input dtype right before each
+  row_cosine) and the rff ``W`` tiles are rounded to the input dtype right before each
   ``tl.dot``, the rff features are stored in the input dtype; accumulation is fp32. In the backward
   the ``(F, F)`` matrices are also rounded to the input dtype, after scaling by a power of two
   ``2^-k ~ 1 / max|M|`` (undone exactly in fp32), so small gradients (``G / n``) are not flushed to
@@ -72,7 +74,7 @@ The Gram's minimum is 2 (two symmetric halves and S_tx), the backward's 4.
   order (row chunks in sequence): no atomics, results are bitwise reproducible run to run.
 
 All launchers accept CUDA tensors, or CPU tensors when Triton runs under its interpreter
-(``TRITON_INTERPRET=1`` set before this module is imported). ``text``/``image`` may be float32,
+(``TRITON_INTERPRET=1`` set before this module is imported). ``image``/``text`` may be float32,
 float16 or bfloat16 (same dtype) with arbitrary strides; index arithmetic is 64-bit.
 """
 
@@ -85,14 +87,16 @@ import triton.language as tl
 from clipfast.triton_kernels import INPUT_PRECISIONS, resolve_input_precision
 
 __all__ = [
-    "feature_gram_backward_triton",
-    "feature_gram_triton",
     "kernel_configs",
+    "schur_covariance_gram_backward_triton",
+    "schur_covariance_gram_triton",
 ]
 
-FEATURE_MAPS = ("linear", "row_normalized", "rff")
+COVARIANCES = ("column_cosine", "row_cosine", "rff")
 ROW_NORM_EPS = 1e-12
-_FEATURE_MAP_ID = {name: i for i, name in enumerate(FEATURE_MAPS)}
+# The ROW_SCALE constexpr of the Gram and gradient kernels per covariance: 1 multiplies each loaded row by
+# its inverse norm; rff runs them on its feature buffer, read as it is.
+ROW_SCALE = {"column_cosine": 0, "row_cosine": 1, "rff": 0}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Row chunk of the rff forward and of every backward: at most this many elements of the (R, F)
 # feature and dPhi buffers (per side) exist at a time.
@@ -134,18 +138,18 @@ def _cos_sin(u):
 
 
 @triton.jit
-def _rff_feature_kernel(
-    t_ptr,
+def _schur_covariance_rff_feature_kernel(
     x_ptr,
+    t_ptr,
     w_ptr,
     phi_ptr,
     N,
     d,
     m,
-    stride_tn,
-    stride_td,
     stride_xn,
     stride_xd,
+    stride_tn,
+    stride_td,
     stride_wd,
     stride_wm,
     rff_scale,
@@ -154,9 +158,9 @@ def _rff_feature_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """phi[s, r, f] = rff_scale * (cos u if f < m else sin u), u = z_r . W[:, f mod m], z = (t, x)[s].
+    """phi[s, r, f] = rff_scale * (cos u if f < m else sin u), u = z_r . W[:, f mod m], z = (x, t)[s].
 
-    t, x: (N, d) in the input dtype (a row chunk); w: (d, m) fp32; phi: (2, N, 2m) contiguous, in the
+    x, t: (N, d) in the input dtype (a row chunk); w: (d, m) fp32; phi: (2, N, 2m) contiguous, in the
     input dtype. Grid: (cdiv(N, BLOCK_N), cdiv(m, BLOCK_M), 2); program (r, c, s) computes one phase
     tile u = z[r-block] @ W[:, c-block] (a K loop over d) and stores its cosines and sines.
     """
@@ -166,10 +170,10 @@ def _rff_feature_kernel(
     pid_r = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
-    z_is_x = side == 1
-    z_ptr = tl.where(z_is_x, x_ptr, t_ptr)
-    stride_zn = tl.where(z_is_x, stride_xn, stride_tn)
-    stride_zd = tl.where(z_is_x, stride_xd, stride_td)
+    z_is_t = side == 1
+    z_ptr = tl.where(z_is_t, t_ptr, x_ptr)
+    stride_zn = tl.where(z_is_t, stride_tn, stride_xn)
+    stride_zd = tl.where(z_is_t, stride_td, stride_xd)
 
     rows = pid_r * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
@@ -204,44 +208,44 @@ def _feature_tile(
     F,
     stride_zn,
     stride_zd,
-    FEATURE_MAP: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
     """``phi(z[rows])[:, feats]``: (BLOCK_N, BLOCK_F), zero outside ``row_mask`` / ``feats < F``.
 
-    FEATURE_MAP 0 (linear; also the rff feature buffer) returns the loaded slice in the input dtype;
-    1 (row_normalized) returns fp32 and reads the row inverse norms ``inv_ptr`` (fp32). ``rows``/``feats``
-    are int64.
+    ROW_SCALE 0 (column_cosine's raw rows; also the rff feature buffer) returns the loaded slice in the
+    input dtype; 1 (row_cosine) returns fp32 and reads the row inverse norms ``inv_ptr`` (fp32).
+    ``rows``/``feats`` are int64.
     """
     phi = tl.load(z_ptr + rows[:, None] * stride_zn + feats[None, :] * stride_zd,
                   mask=row_mask[:, None] & (feats < F)[None, :], other=0.0)
-    if FEATURE_MAP == 1:
+    if ROW_SCALE == 1:
         inv = tl.load(inv_ptr + rows, mask=row_mask, other=0.0)
         phi = phi.to(tl.float32) * inv[:, None]
     return phi
 
 
 @triton.jit
-def _feature_gram_kernel(
-    t_ptr,
+def _schur_covariance_gram_kernel(
     x_ptr,
-    inv_t_ptr,
+    t_ptr,
     inv_x_ptr,
+    inv_t_ptr,
     out_ptr,
     N,
     F,
-    stride_tn,
-    stride_td,
     stride_xn,
     stride_xd,
+    stride_tn,
+    stride_td,
     blk,
-    FEATURE_MAP: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
     """out[i, j] += sum_n phi(a_n)[i] phi(b_n)[j] for block blk: (a, b) = (t, t), (t, x), (x, x) for blk = 0, 1, 2.
 
-    t, x: (N, F) in the input dtype (FEATURE_MAP 0: the features; 1: the rows to normalise); out: (F, F)
+    x, t: (N, F) in the input dtype (ROW_SCALE 0: the features; 1: the rows to normalise); out: (F, F)
     fp32 contiguous, this block's own tensor (one launch per block, so the three results never share
     storage), accumulated onto. Grid: (cdiv(F, BLOCK_F), cdiv(F, BLOCK_F)). Program (i, j) owns output
     tile (i, j); for the symmetric blocks (blk = 0, 2) tiles below the diagonal are written by the
@@ -275,10 +279,10 @@ def _feature_gram_kernel(
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + offs_n
         row_mask = rows < N
-        fa = _feature_tile(a_ptr, a_inv, rows, row_mask, feats_i, F, stride_an, stride_ad, FEATURE_MAP)
-        fb = _feature_tile(b_ptr, b_inv, rows, row_mask, feats_j, F, stride_bn, stride_bd, FEATURE_MAP)
+        fa = _feature_tile(a_ptr, a_inv, rows, row_mask, feats_i, F, stride_an, stride_ad, ROW_SCALE)
+        fb = _feature_tile(b_ptr, b_inv, rows, row_mask, feats_j, F, stride_bn, stride_bd, ROW_SCALE)
         # 16-bit inputs: features rounded to the input dtype for the tensor cores (no-op for fp32).
-        acc = tl.dot(tl.trans(fa.to(t_ptr.dtype.element_ty)), fb.to(t_ptr.dtype.element_ty), acc,
+        acc = tl.dot(tl.trans(fa.to(x_ptr.dtype.element_ty)), fb.to(x_ptr.dtype.element_ty), acc,
                      input_precision=INPUT_PRECISION)
 
     tl.store(tile, acc, mask=mask)
@@ -288,20 +292,20 @@ def _feature_gram_kernel(
 
 
 @triton.jit
-def _feature_grad_kernel(
-    t_ptr,
+def _schur_covariance_grad_kernel(
     x_ptr,
-    inv_t_ptr,
+    t_ptr,
     inv_x_ptr,
+    inv_t_ptr,
     mat_ptr,
     out_ptr,
     N,
     F,
-    stride_tn,
-    stride_td,
     stride_xn,
     stride_xd,
-    FEATURE_MAP: tl.constexpr,
+    stride_tn,
+    stride_td,
+    ROW_SCALE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -309,24 +313,24 @@ def _feature_grad_kernel(
 ):
     """out[s, r, c] = sum_f phi(self_r)[f] mat[2s, f, c] + phi(other_r)[f] mat[2s+1, f, c].
 
-    Side s = 0: self = t, other = x; s = 1: self = x, other = t. t, x: (N, F) (a row chunk of the
-    inputs, or of the rff features; FEATURE_MAP as in ``_feature_gram_kernel``); mat: (4, F, F) =
-    [A_t, B_t, A_x, B_x] fp32 contiguous (pre-scaled by the launcher); out: (2, N, F) fp32 contiguous.
+    Side s = 0: self = x, other = t; s = 1: self = t, other = x. x, t: (N, F) (a row chunk of the
+    inputs, or of the rff features; ROW_SCALE as in ``_schur_covariance_gram_kernel``); mat: (4, F, F) =
+    [A_x, B_x, A_t, B_t] fp32 contiguous (pre-scaled by the launcher); out: (2, N, F) fp32 contiguous.
     Grid: (cdiv(N, BLOCK_N), cdiv(F, BLOCK_C), 2); program (r, c, s) owns out[s, r-block, c-chunk].
     """
     tl.static_assert(BLOCK_F >= 16)  # tl.dot needs K >= 16
     pid_r = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
-    self_is_x = side == 1
-    s_ptr = tl.where(self_is_x, x_ptr, t_ptr)
-    s_inv = tl.where(self_is_x, inv_x_ptr, inv_t_ptr)
-    stride_sn = tl.where(self_is_x, stride_xn, stride_tn)
-    stride_sd = tl.where(self_is_x, stride_xd, stride_td)
-    o_ptr = tl.where(self_is_x, t_ptr, x_ptr)
-    o_inv = tl.where(self_is_x, inv_t_ptr, inv_x_ptr)
-    stride_on = tl.where(self_is_x, stride_tn, stride_xn)
-    stride_od = tl.where(self_is_x, stride_td, stride_xd)
+    self_is_t = side == 1
+    s_ptr = tl.where(self_is_t, t_ptr, x_ptr)
+    s_inv = tl.where(self_is_t, inv_t_ptr, inv_x_ptr)
+    stride_sn = tl.where(self_is_t, stride_tn, stride_xn)
+    stride_sd = tl.where(self_is_t, stride_td, stride_xd)
+    o_ptr = tl.where(self_is_t, x_ptr, t_ptr)
+    o_inv = tl.where(self_is_t, inv_x_ptr, inv_t_ptr)
+    stride_on = tl.where(self_is_t, stride_xn, stride_tn)
+    stride_od = tl.where(self_is_t, stride_xd, stride_td)
 
     rows = pid_r * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
@@ -339,13 +343,13 @@ def _feature_grad_kernel(
     for f0 in range(0, F, BLOCK_F):
         feats = f0 + offs_f
         mat_mask = (feats < F)[:, None] & col_mask[None, :]
-        ps = _feature_tile(s_ptr, s_inv, rows, row_mask, feats, F, stride_sn, stride_sd, FEATURE_MAP)
+        ps = _feature_tile(s_ptr, s_inv, rows, row_mask, feats, F, stride_sn, stride_sd, ROW_SCALE)
         a = tl.load(a_base + feats[:, None] * F, mask=mat_mask, other=0.0)
-        acc = tl.dot(ps.to(t_ptr.dtype.element_ty), a.to(t_ptr.dtype.element_ty), acc,
+        acc = tl.dot(ps.to(x_ptr.dtype.element_ty), a.to(x_ptr.dtype.element_ty), acc,
                      input_precision=INPUT_PRECISION)
-        po = _feature_tile(o_ptr, o_inv, rows, row_mask, feats, F, stride_on, stride_od, FEATURE_MAP)
+        po = _feature_tile(o_ptr, o_inv, rows, row_mask, feats, F, stride_on, stride_od, ROW_SCALE)
         b = tl.load(b_base + feats[:, None] * F, mask=mat_mask, other=0.0)
-        acc = tl.dot(po.to(t_ptr.dtype.element_ty), b.to(t_ptr.dtype.element_ty), acc,
+        acc = tl.dot(po.to(x_ptr.dtype.element_ty), b.to(x_ptr.dtype.element_ty), acc,
                      input_precision=INPUT_PRECISION)
 
     out = out_ptr + side.to(tl.int64) * N * F
@@ -353,7 +357,7 @@ def _feature_grad_kernel(
 
 
 # Decided when the decorators ran: under TRITON_INTERPRET=1 they return interpreter objects.
-_INTERPRETED = not isinstance(_feature_gram_kernel, triton.runtime.JITFunction)
+_INTERPRETED = not isinstance(_schur_covariance_gram_kernel, triton.runtime.JITFunction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,45 +417,45 @@ def kernel_configs(F: int, d: int, dtype: torch.dtype, precision: str = "ieee") 
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(text, image, feature_map, omegas, input_precision):
-    """Validate; return (feature map id, F, m, fp32 omegas or None, dot precision)."""
-    for name, t in (("text", text), ("image", image)):
+def _check_inputs(image, text, covariance, omegas, input_precision):
+    """Validate; return (F, m, fp32 omegas or None, dot precision)."""
+    for name, t in (("image", image), ("text", text)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.ndim != 2:
             raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(t.shape)}")
         if t.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_SUPPORTED_DTYPES}")
-    if text.dtype != image.dtype:
-        raise TypeError(f"text and image must have the same dtype, got {text.dtype} and {image.dtype}")
-    if text.shape != image.shape:
-        raise ValueError(f"text and image must have the same shape (paired rows), got {tuple(text.shape)} and "
-                         f"{tuple(image.shape)}")
-    if text.device != image.device:
-        raise ValueError(f"text and image must be on the same device, got {text.device} and {image.device}")
-    if text.device.type != "cuda" and not (text.device.type == "cpu" and _INTERPRETED):
-        raise ValueError(f"tensors on {text.device} are not supported: use CUDA tensors, or CPU tensors with "
+    if image.dtype != text.dtype:
+        raise TypeError(f"image and text must have the same dtype, got {image.dtype} and {text.dtype}")
+    if image.shape != text.shape:
+        raise ValueError(f"image and text must have the same shape (paired rows), got {tuple(image.shape)} and "
+                         f"{tuple(text.shape)}")
+    if image.device != text.device:
+        raise ValueError(f"image and text must be on the same device, got {image.device} and {text.device}")
+    if image.device.type != "cuda" and not (image.device.type == "cpu" and _INTERPRETED):
+        raise ValueError(f"tensors on {image.device} are not supported: use CUDA tensors, or CPU tensors with "
                          "TRITON_INTERPRET=1 set before this module is imported")
-    if feature_map not in _FEATURE_MAP_ID:
-        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
-    precision = resolve_input_precision(input_precision, text.dtype)
-    d = text.shape[1]
-    if feature_map != "rff":  # omegas is ignored by the other maps
-        return _FEATURE_MAP_ID[feature_map], d, 0, None, precision
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    precision = resolve_input_precision(input_precision, image.dtype)
+    d = image.shape[1]
+    if covariance != "rff":  # omegas is ignored by the cosine covariances
+        return d, 0, None, precision
     if not isinstance(omegas, torch.Tensor):
-        raise TypeError(f"feature_map 'rff' needs omegas: a (d, m) tensor, got {type(omegas).__name__}")
+        raise TypeError(f"covariance 'rff' needs omegas: a (d, m) tensor, got {type(omegas).__name__}")
     if omegas.ndim != 2 or omegas.shape[0] != d or omegas.shape[1] < 1:
         raise ValueError(f"omegas must have shape (d, m) = ({d}, m >= 1), got {tuple(omegas.shape)}")
     if not omegas.dtype.is_floating_point:
         raise TypeError(f"omegas must be a floating-point tensor, got {omegas.dtype}")
-    if omegas.device != text.device:
-        raise ValueError(f"omegas is on {omegas.device} but the inputs are on {text.device}")
+    if omegas.device != image.device:
+        raise ValueError(f"omegas is on {omegas.device} but the inputs are on {image.device}")
     m = omegas.shape[1]
-    return _FEATURE_MAP_ID[feature_map], 2 * m, m, omegas.to(torch.float32), precision
+    return 2 * m, m, omegas.to(torch.float32), precision
 
 
 def _inv_norms(z):
-    """(n,) fp32 ``1 / max(||z_i||, 1e-12)`` (the torch prologue of "row_normalized") and the norms."""
+    """(n,) fp32 ``1 / max(||z_i||, 1e-12)`` (the torch prologue of "row_cosine") and the norms."""
     norm = torch.linalg.vector_norm(z, dim=1, dtype=torch.float32)
     return 1.0 / norm.clamp_min(ROW_NORM_EPS), norm
 
@@ -462,34 +466,35 @@ def _row_chunk(n, F, block_n):
     return min(chunk, triton.cdiv(n, block_n) * block_n)
 
 
-def _rff_features(t, x, w, phi, m, precision, cfg):
-    """Fill ``phi: (2, rows, 2m)`` (input dtype, contiguous) with the rff features of the chunk ``t``, ``x``."""
-    rows, d = t.shape
+def _fill_rff_feature_buffer(x, t, w, phi, m, precision, cfg):
+    """Fill ``phi: (2, rows, 2m)`` (input dtype, contiguous) with the rff features of the chunk ``x``, ``t``
+    (``phi[0]`` the images', ``phi[1]`` the texts')."""
+    rows, d = x.shape
     grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), 2)
-    _rff_feature_kernel[grid](
-        t, x, w, phi, rows, d, m,
-        t.stride(0), t.stride(1), x.stride(0), x.stride(1), w.stride(0), w.stride(1), 1.0 / math.sqrt(m),
+    _schur_covariance_rff_feature_kernel[grid](
+        x, t, w, phi, rows, d, m,
+        x.stride(0), x.stride(1), t.stride(0), t.stride(1), w.stride(0), w.stride(1), 1.0 / math.sqrt(m),
         INPUT_PRECISION=precision, **cfg,
     )  # fmt: skip
 
 
-def _gram(t, x, inv_t, inv_x, out, fmap, precision, cfg):
-    """Add the three Gram blocks of the rows ``t``, ``x`` ((rows, F), FEATURE_MAP ``fmap``) onto ``out``."""
-    rows, F = t.shape
+def _gram(x, t, inv_x, inv_t, out, row_scale, precision, cfg):
+    """Add the three Gram blocks of the rows ``x``, ``t`` ((rows, F), ROW_SCALE ``row_scale``) onto ``out``."""
+    rows, F = x.shape
     tiles = triton.cdiv(F, cfg["BLOCK_F"])
     for blk in range(3):
-        _feature_gram_kernel[(tiles, tiles)](
-            t, x, inv_t, inv_x, out[blk], rows, F, t.stride(0), t.stride(1), x.stride(0), x.stride(1), blk,
-            FEATURE_MAP=fmap, INPUT_PRECISION=precision, **cfg,
+        _schur_covariance_gram_kernel[(tiles, tiles)](
+            x, t, inv_x, inv_t, out[blk], rows, F, x.stride(0), x.stride(1), t.stride(0), t.stride(1), blk,
+            ROW_SCALE=row_scale, INPUT_PRECISION=precision, **cfg,
         )  # fmt: skip
 
 
-def feature_gram_triton(text, image, feature_map, omegas=None, *, input_precision=None):
+def schur_covariance_gram_triton(image, text, covariance, omegas=None, *, input_precision=None):
     """Feature Gram sums ``(S_tt, S_tx, S_xx)`` of paired rows.
 
     Args:
-        text, image: (n, d) float32/float16/bfloat16 (same dtype, shape and device), any strides.
-        feature_map: "linear", "row_normalized" or "rff".
+        image, text: (n, d) float32/float16/bfloat16 (same dtype, shape and device), any strides.
+        covariance: "column_cosine", "row_cosine" or "rff".
         omegas: (d, m) float tensor on the same device (the RFF frequencies); required for
             "rff", ignored otherwise. Read in fp32.
         input_precision: "ieee", "tf32" or None (PyTorch's float32 matmul precision, read now); fp32 inputs only,
@@ -498,23 +503,23 @@ def feature_gram_triton(text, image, feature_map, omegas=None, *, input_precisio
     Returns:
         Three (F, F) fp32 contiguous tensors (F = d, or 2m for "rff"); zeros when n == 0.
     """
-    fmap, F, m, w, precision = _check_inputs(text, image, feature_map, omegas, input_precision)
-    n, d = text.shape
-    out = [torch.zeros((F, F), dtype=torch.float32, device=text.device) for _ in range(3)]
+    F, m, w, precision = _check_inputs(image, text, covariance, omegas, input_precision)
+    n, d = image.shape
+    out = [torch.zeros((F, F), dtype=torch.float32, device=image.device) for _ in range(3)]
     if n == 0 or F == 0:
         return out[0], out[1], out[2]
-    cfgs = kernel_configs(F, d, text.dtype, precision)
-    if fmap == 1:
-        _gram(text, image, *(_inv_norms(z)[0] for z in (text, image)), out, fmap, precision, cfgs["gram"])
-    elif fmap == 0:  # unused pointer slots get any valid tensor; FEATURE_MAP keeps the kernel from reading them
-        _gram(text, image, out[0], out[0], out, fmap, precision, cfgs["gram"])
+    cfgs = kernel_configs(F, d, image.dtype, precision)
+    if covariance == "row_cosine":
+        _gram(image, text, *(_inv_norms(z)[0] for z in (image, text)), out, 1, precision, cfgs["gram"])
+    elif covariance == "column_cosine":  # unused pointer slots get any valid tensor; ROW_SCALE=0 never reads them
+        _gram(image, text, out[0], out[0], out, 0, precision, cfgs["gram"])
     else:
         chunk = _row_chunk(n, F, cfgs["features"]["BLOCK_N"])
-        buf = torch.empty(2 * chunk * F, dtype=text.dtype, device=text.device)
+        buf = torch.empty(2 * chunk * F, dtype=image.dtype, device=image.device)
         for r0 in range(0, n, chunk):
-            t, x = text[r0:r0 + chunk], image[r0:r0 + chunk]
-            phi = buf[: 2 * t.shape[0] * F].view(2, t.shape[0], F)
-            _rff_features(t, x, w, phi, m, precision, cfgs["features"])
+            x, t = image[r0:r0 + chunk], text[r0:r0 + chunk]
+            phi = buf[: 2 * x.shape[0] * F].view(2, x.shape[0], F)
+            _fill_rff_feature_buffer(x, t, w, phi, m, precision, cfgs["features"])
             _gram(phi[0], phi[1], out[0], out[0], out, 0, precision, cfgs["gram"])
     return out[0], out[1], out[2]
 
@@ -539,12 +544,12 @@ def _check_grad(name, g, F, device):
     return g.to(torch.float32)
 
 
-def _chain_rule(z, d_phi, fmap, w, phi):
+def _chain_rule(z, d_phi, covariance, w, phi):
     """dz (rows, d) fp32 from dPhi (rows, F) fp32 for a row chunk ``z`` (torch, see module docstring);
     ``phi``: the chunk's rff features (rows, 2m) for "rff", else unused."""
-    if fmap == 0:
+    if covariance == "column_cosine":
         return d_phi
-    if fmap == 1:
+    if covariance == "row_cosine":
         inv, norm = _inv_norms(z)
         phi = z.to(torch.float32) * inv[:, None]
         radial = (phi * d_phi).sum(1) * (norm > ROW_NORM_EPS)
@@ -555,60 +560,61 @@ def _chain_rule(z, d_phi, fmap, w, phi):
     return du @ w.T
 
 
-def feature_gram_backward_triton(grad_tt, grad_tx, grad_xx, text, image, feature_map, omegas=None, *,
-                                 input_precision=None):
-    """Gradients of ``<G_tt, S_tt> + <G_tx, S_tx> + <G_xx, S_xx>`` w.r.t. ``text`` and ``image``.
+def schur_covariance_gram_backward_triton(grad_tt, grad_tx, grad_xx, image, text, covariance, omegas=None, *,
+                                          input_precision=None):
+    """Gradients of ``<G_tt, S_tt> + <G_tx, S_tx> + <G_xx, S_xx>`` w.r.t. ``image`` and ``text``.
 
     Args:
         grad_tt, grad_tx, grad_xx: (F, F) float tensors on the inputs' device (read in fp32).
-        text, image, feature_map, omegas, input_precision: as for :func:`feature_gram_triton`.
+        image, text, covariance, omegas, input_precision: as for :func:`schur_covariance_gram_triton`.
 
     Returns:
-        (d_text, d_image): (n, d) each, in the input dtype (computed in fp32).
+        (d_image, d_text): (n, d) each, in the input dtype (computed in fp32).
     """
-    fmap, F, m, w, precision = _check_inputs(text, image, feature_map, omegas, input_precision)
-    g_tt, g_tx, g_xx = (_check_grad(name, g, F, text.device)
+    F, m, w, precision = _check_inputs(image, text, covariance, omegas, input_precision)
+    g_tt, g_tx, g_xx = (_check_grad(name, g, F, image.device)
                         for name, g in (("grad_tt", grad_tt), ("grad_tx", grad_tx), ("grad_xx", grad_xx)))
-    n, d = text.shape
-    d_text = torch.zeros_like(text, memory_format=torch.contiguous_format)
+    n, d = image.shape
     d_image = torch.zeros_like(image, memory_format=torch.contiguous_format)
+    d_text = torch.zeros_like(text, memory_format=torch.contiguous_format)
     if n == 0 or d == 0 or F == 0:
-        return d_text, d_image
-    mats = torch.stack([g_tt + g_tt.T, g_tx.T, g_xx + g_xx.T, g_tx])  # [A_t, B_t, A_x, B_x], contiguous
+        return d_image, d_text
+    mats = torch.stack([g_xx + g_xx.T, g_tx, g_tt + g_tt.T, g_tx.T])  # [A_x, B_x, A_t, B_t], contiguous
     # 16-bit inputs round the matrices for the tensor cores: scale them into [-2, 2) first.
     scale = _pow2_scale(mats)
     if scale != 1.0:
         mats = mats / scale
-    if fmap == 1:
-        inv_t, inv_x = _inv_norms(text)[0], _inv_norms(image)[0]
+    if covariance == "row_cosine":
+        inv_x, inv_t = _inv_norms(image)[0], _inv_norms(text)[0]
     else:
-        inv_t = inv_x = mats
+        inv_x = inv_t = mats
     if w is None:
         w = mats
-    cfgs = kernel_configs(F, d, text.dtype, precision)
+    cfgs = kernel_configs(F, d, image.dtype, precision)
     cfg = cfgs["grad"]
     chunk = _row_chunk(n, F, cfg["BLOCK_N"])
-    buf = torch.empty(2 * chunk * F, dtype=torch.float32, device=text.device)
-    features = torch.empty(2 * chunk * F, dtype=text.dtype, device=text.device) if fmap == 2 else None
+    buf = torch.empty(2 * chunk * F, dtype=torch.float32, device=image.device)
+    rff = covariance == "rff"
+    features = torch.empty(2 * chunk * F, dtype=image.dtype, device=image.device) if rff else None
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
-        t, x, rows = text[r0:r1], image[r0:r1], r1 - r0
+        x, t, rows = image[r0:r1], text[r0:r1], r1 - r0
         out = buf[: 2 * rows * F].view(2, rows, F)  # contiguous, as the kernel requires
-        if fmap == 2:  # the kernel reads the chunk's features as "linear" inputs
+        if rff:  # the kernel reads the chunk's features as they are
             phi = features[: 2 * rows * F].view(2, rows, F)
-            _rff_features(t, x, w, phi, m, precision, cfgs["features"])
-            a_t, a_x, a_inv_t, a_inv_x, kernel_map = phi[0], phi[1], mats, mats, 0
+            _fill_rff_feature_buffer(x, t, w, phi, m, precision, cfgs["features"])
+            a_x, a_t, a_inv_x, a_inv_t = phi[0], phi[1], mats, mats
         else:
-            a_t, a_x, kernel_map = t, x, fmap
-            a_inv_t, a_inv_x = (inv_t[r0:r1], inv_x[r0:r1]) if fmap == 1 else (inv_t, inv_x)
+            a_x, a_t = x, t
+            a_inv_x, a_inv_t = (inv_x[r0:r1], inv_t[r0:r1]) if covariance == "row_cosine" else (inv_x, inv_t)
         grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(F, cfg["BLOCK_C"]), 2)
-        _feature_grad_kernel[grid](
-            a_t, a_x, a_inv_t, a_inv_x, mats, out, rows, F,
-            a_t.stride(0), a_t.stride(1), a_x.stride(0), a_x.stride(1),
-            FEATURE_MAP=kernel_map, INPUT_PRECISION=precision, **cfg,
+        _schur_covariance_grad_kernel[grid](
+            a_x, a_t, a_inv_x, a_inv_t, mats, out, rows, F,
+            a_x.stride(0), a_x.stride(1), a_t.stride(0), a_t.stride(1),
+            ROW_SCALE=ROW_SCALE[covariance], INPUT_PRECISION=precision, **cfg,
         )  # fmt: skip
         if scale != 1.0:
             out = out * scale
-        d_text[r0:r1] = _chain_rule(t, out[0], fmap, w, phi[0] if fmap == 2 else None)
-        d_image[r0:r1] = _chain_rule(x, out[1], fmap, w, phi[1] if fmap == 2 else None)
-    return d_text, d_image
+        d_image[r0:r1] = _chain_rule(x, out[0], covariance, w, phi[0] if rff else None)
+        d_text[r0:r1] = _chain_rule(t, out[1], covariance, w, phi[1] if rff else None)
+    return d_image, d_text

@@ -1,23 +1,24 @@
 // CUDA kernels for the feature Gram sums behind the Schur-complement kernel covariance of "Dissecting
-// CLIP" (arXiv 2412.18645). Text rows t_i and image rows x_i (n pairs, dim columns) are mapped by a
-// feature map phi to F features each, and the op needs
+// CLIP" (arXiv 2412.18645). Image rows x_i and text rows t_i (n pairs, dim columns) are mapped to F
+// features each by the features phi of the covariance, and the op needs
 //
 //   S_tt = sum_i phi(t_i) phi(t_i)^T,   S_tx = sum_i phi(t_i) phi(x_i)^T,   S_xx = sum_i phi(x_i) phi(x_i)^T
 //
-// with phi linear (z), row-normalised (z / max(||z||, 1e-12), the cosine kernel) or random Fourier
-// features of the Gaussian kernel (phi(z) = [cos(z W), sin(z W)] / sqrt(m), W: (dim, m); Rahimi & Recht,
-// "Random Features for Large-Scale Kernel Machines", NIPS 2007).
+// with phi the raw rows for column_cosine (z; the columns are normalised afterwards, in Python), the unit
+// rows for row_cosine (z / max(||z||, 1e-12)) or random Fourier features of the Gaussian kernel for rff
+// (phi(z) = [cos(z W), sin(z W)] / sqrt(m), W: (dim, m); Rahimi & Recht, "Random Features for Large-Scale
+// Kernel Machines", NIPS 2007).
 //
 // Algorithm (driven by csrc/cuda/schur_covariance_binding.cpp, one launcher per step):
 //   - The n rows are processed in tiles of kTileRows (1024, in the binding). For each tile the features
-//     of both sides are written into fp32 scratch buffers (rows, F): linear converts, row-normalised
+//     of both sides are written into fp32 scratch buffers (rows, F): column_cosine converts, row_cosine
 //     uses one warp per row (norm by a warp reduction, then scale), RFF is a tiled GEMM u = z W whose
 //     epilogue writes cos u and sin u (scaled by 1/sqrt(m)) straight into the two halves.
 //   - The three sums then get rank-`rows` updates S += A^T B (a tiled GEMM over the (F, F) output).
 //   - Backward: the same tile features are recomputed, dphi = phi M products (the same GEMM with an
 //     optional transposed B and beta = 1 accumulation) give
-//       dphi_t = phi_t (G_tt + G_tt^T) + phi_x G_tx^T,   dphi_x = phi_x (G_xx + G_xx^T) + phi_t G_tx,
-//     and the chain rule through phi runs per row: row-normalised dz = (dphi - phi <phi, dphi>) / r (one
+//       dphi_x = phi_x (G_xx + G_xx^T) + phi_t G_tx,   dphi_t = phi_t (G_tt + G_tt^T) + phi_x G_tx^T,
+//     and the chain rule through phi runs per row: row_cosine dz = (dphi - phi <phi, dphi>) / r (one
 //     warp per row), RFF du = phi_cos * dphi_sin - phi_sin * dphi_cos (elementwise; the 1/sqrt(m) of the
 //     derivative cancels the sqrt(m) of cos u = sqrt(m) phi_cos), then dz = du W^T (GEMM).
 // Why: the n x F feature matrices never exist (for RFF, F = 2m can be several times dim): memory is
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) row_normalize_kernel(const T* __rest
 // One warp per row: dz = (dphi - phi <phi, dphi>) / norm where norm > eps, dphi / eps otherwise.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    row_normalized_grad_kernel(const T* __restrict__ z, int64_t rows, int64_t dim, const float* __restrict__ phi,
+    row_cosine_grad_kernel(const T* __restrict__ z, int64_t rows, int64_t dim, const float* __restrict__ phi,
                                const float* __restrict__ dphi, float* __restrict__ dz) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -278,27 +279,28 @@ cudaError_t launch_gemm(const GemmProblem<TA>& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t features(const void* z_handle, int dtype, int64_t r0, int64_t rows, int64_t dim, int feature_map,
+cudaError_t features(const void* z_handle, int dtype, int64_t r0, int64_t rows, int64_t dim, int covariance,
                      const float* omegas, int64_t m, float* phi, cudaStream_t stream) {
   if (r0 < 0 || rows < 0 || dim < 0) return cudaErrorInvalidValue;
-  if (feature_map != CLIPFAST_SCHUR_LINEAR && feature_map != CLIPFAST_SCHUR_ROW_NORMALIZED &&
-      feature_map != CLIPFAST_SCHUR_RFF)
+  const bool rff = covariance == CLIPFAST_SCHUR_COVARIANCE_RFF;
+  if (covariance != CLIPFAST_SCHUR_COVARIANCE_COLUMN_COSINE && covariance != CLIPFAST_SCHUR_COVARIANCE_ROW_COSINE &&
+      !rff)
     return cudaErrorInvalidValue;
-  if (feature_map == CLIPFAST_SCHUR_RFF && m <= 0) return cudaErrorInvalidValue;
-  const int64_t features = feature_map == CLIPFAST_SCHUR_RFF ? 2 * m : dim;
+  if (rff && m <= 0) return cudaErrorInvalidValue;
+  const int64_t features = rff ? 2 * m : dim;
   const bool reads_z = rows > 0 && dim > 0;
   if (reads_z && z_handle == nullptr) return cudaErrorInvalidValue;
   if (rows > 0 && features > 0 && phi == nullptr) return cudaErrorInvalidValue;
-  if (feature_map == CLIPFAST_SCHUR_RFF && rows > 0 && dim > 0 && omegas == nullptr) return cudaErrorInvalidValue;
+  if (rff && reads_z && omegas == nullptr) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (rows == 0 || features == 0) return cudaSuccess;
     const T* z = static_cast<const T*>(z_handle) + (reads_z ? r0 * dim : 0);
-    switch (feature_map) {
-      case CLIPFAST_SCHUR_LINEAR:
+    switch (covariance) {
+      case CLIPFAST_SCHUR_COVARIANCE_COLUMN_COSINE:
         convert_kernel<T><<<elementwise_blocks(rows * dim), kThreads, 0, stream>>>(z, rows * dim, phi);
         return cudaGetLastError();
-      case CLIPFAST_SCHUR_ROW_NORMALIZED:
+      case CLIPFAST_SCHUR_COVARIANCE_ROW_COSINE:
         if (const cudaError_t error = check_row_blocks(rows)) return error;
         row_normalize_kernel<T><<<row_blocks(rows), kThreads, 0, stream>>>(z, rows, dim, phi);
         return cudaGetLastError();
@@ -316,13 +318,13 @@ cudaError_t features(const void* z_handle, int dtype, int64_t r0, int64_t rows, 
 
 extern "C" {
 
-int clipfast_schur_features_cuda(const void* z, int dtype, int64_t r0, int64_t rows, int64_t dim, int feature_map,
-                                 const float* omegas, int64_t m, float* phi, void* stream) {
-  return features(z, dtype, r0, rows, dim, feature_map, omegas, m, phi, static_cast<cudaStream_t>(stream));
+int clipfast_schur_covariance_features_cuda(const void* z, int dtype, int64_t r0, int64_t rows, int64_t dim,
+                                            int covariance, const float* omegas, int64_t m, float* phi, void* stream) {
+  return features(z, dtype, r0, rows, dim, covariance, omegas, m, phi, static_cast<cudaStream_t>(stream));
 }
 
-int clipfast_schur_gram_accumulate_cuda(const float* a, const float* b, int64_t rows, int64_t features, float* s,
-                                        void* stream) {
+int clipfast_schur_covariance_gram_accumulate_cuda(const float* a, const float* b, int64_t rows, int64_t features,
+                                                   float* s, void* stream) {
   if (rows < 0 || features < 0) return cudaErrorInvalidValue;
   if (rows == 0 || features == 0) return cudaSuccess;  // S unchanged
   if (a == nullptr || b == nullptr || s == nullptr) return cudaErrorInvalidValue;
@@ -331,8 +333,8 @@ int clipfast_schur_gram_accumulate_cuda(const float* a, const float* b, int64_t 
   return launch_gemm<float, false, false, Epilogue::kStore>(p, static_cast<cudaStream_t>(stream));
 }
 
-int clipfast_schur_matmul_cuda(const float* a, const float* b, int transpose_b, int64_t rows, int64_t inner,
-                               int64_t cols, int accumulate, float* c, void* stream) {
+int clipfast_schur_covariance_matmul_cuda(const float* a, const float* b, int transpose_b, int64_t rows, int64_t inner,
+                                          int64_t cols, int accumulate, float* c, void* stream) {
   if (rows < 0 || inner < 0 || cols < 0) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (c == nullptr || (inner > 0 && (a == nullptr || b == nullptr))) return cudaErrorInvalidValue;
@@ -345,8 +347,9 @@ int clipfast_schur_matmul_cuda(const float* a, const float* b, int transpose_b, 
   return launch_gemm<float, true, false, Epilogue::kStore>(p, s);
 }
 
-int clipfast_schur_row_normalized_grad_cuda(const void* z_handle, int dtype, int64_t r0, int64_t rows, int64_t dim,
-                                            const float* phi, const float* dphi, float* dz, void* stream) {
+int clipfast_schur_covariance_row_cosine_grad_cuda(const void* z_handle, int dtype, int64_t r0, int64_t rows,
+                                                   int64_t dim, const float* phi, const float* dphi, float* dz,
+                                                   void* stream) {
   if (r0 < 0 || rows < 0 || dim < 0) return cudaErrorInvalidValue;
   if (rows > 0 && dim > 0 && (z_handle == nullptr || phi == nullptr || dphi == nullptr || dz == nullptr))
     return cudaErrorInvalidValue;
@@ -354,13 +357,14 @@ int clipfast_schur_row_normalized_grad_cuda(const void* z_handle, int dtype, int
     using T = typename decltype(tag)::type;
     if (rows == 0 || dim == 0) return cudaSuccess;
     if (const cudaError_t error = check_row_blocks(rows)) return error;
-    row_normalized_grad_kernel<T><<<row_blocks(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+    row_cosine_grad_kernel<T><<<row_blocks(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(z_handle) + r0 * dim, rows, dim, phi, dphi, dz);
     return cudaGetLastError();
   });
 }
 
-int clipfast_schur_rff_du_cuda(const float* phi, const float* dphi, int64_t rows, int64_t m, float* du, void* stream) {
+int clipfast_schur_covariance_rff_du_cuda(const float* phi, const float* dphi, int64_t rows, int64_t m, float* du,
+                                          void* stream) {
   if (rows < 0 || m < 0) return cudaErrorInvalidValue;
   if (rows == 0 || m == 0) return cudaSuccess;
   if (phi == nullptr || dphi == nullptr || du == nullptr) return cudaErrorInvalidValue;
@@ -369,6 +373,8 @@ int clipfast_schur_rff_du_cuda(const float* phi, const float* dphi, int64_t rows
   return cudaGetLastError();
 }
 
-const char* clipfast_schur_cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+const char* clipfast_schur_covariance_cuda_error_string(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
 
 }  // extern "C"

@@ -1,4 +1,4 @@
-// CUDA implementations of the clipfast_C feature Gram ops (schemas in csrc/clipfast.cpp), on top of the
+// CUDA implementations of the clipfast_C::schur_covariance_gram ops (schemas in csrc/clipfast.cpp), on top of the
 // C ABI of csrc/cuda/schur_covariance.cu (csrc/include/clipfast/schur_covariance_cuda.h).
 //
 // Same algorithm as the CPU kernel (csrc/cpu/schur_covariance.cpp): the n rows are processed in tiles
@@ -23,51 +23,52 @@ namespace clipfast {
 namespace {
 
 constexpr int64_t kTileRows = 1024;
+constexpr const char* kOp = "schur_covariance_gram";
 
 void check_launch(int code, const char* op) {
-  TORCH_CHECK(code == 0, op, ": CUDA kernel launch failed: ", clipfast_schur_cuda_error_string(code));
+  TORCH_CHECK(code == 0, op, ": CUDA kernel launch failed: ", clipfast_schur_covariance_cuda_error_string(code));
 }
 
-int parse_feature_map(c10::string_view name) {
-  if (name == "linear") return CLIPFAST_SCHUR_LINEAR;
-  if (name == "row_normalized") return CLIPFAST_SCHUR_ROW_NORMALIZED;
-  if (name == "rff") return CLIPFAST_SCHUR_RFF;
-  TORCH_CHECK(false, "feature_gram: feature_map must be 'linear', 'row_normalized' or 'rff', got '", std::string(name),
+int parse_covariance(c10::string_view name) {
+  if (name == "column_cosine") return CLIPFAST_SCHUR_COVARIANCE_COLUMN_COSINE;
+  if (name == "row_cosine") return CLIPFAST_SCHUR_COVARIANCE_ROW_COSINE;
+  if (name == "rff") return CLIPFAST_SCHUR_COVARIANCE_RFF;
+  TORCH_CHECK(false, kOp, ": covariance must be 'column_cosine', 'row_cosine' or 'rff', got '", std::string(name),
               "'");
 }
 
 struct Problem {
-  at::Tensor text, image;  // input dtype, contiguous
+  at::Tensor image, text;  // input dtype, contiguous
   at::Tensor omegas;       // fp32, contiguous, on the inputs' device; RFF only
-  int map;                 // CLIPFAST_SCHUR_*
+  int covariance;          // CLIPFAST_SCHUR_COVARIANCE_*
   int dtype;               // CLIPFAST_F32/F16/BF16
   int64_t n, dim, m, features;
 };
 
-Problem make_problem(const at::Tensor& text, const at::Tensor& image, c10::string_view feature_map,
+Problem make_problem(const at::Tensor& image, const at::Tensor& text, c10::string_view covariance,
                      const std::optional<at::Tensor>& omegas, const char* op) {
-  check_feature_pair(text, image, "feature_gram");
-  TORCH_CHECK(text.size(0) == image.size(0), "feature_gram: text has ", text.size(0), " rows but image has ",
-              image.size(0), " (pairs are rows)");
-  TORCH_CHECK(text.is_cuda(), op, ": expected CUDA tensors, got text on ", text.device());
-  const at::ScalarType dtype = text.scalar_type();
+  check_feature_pair(image, text, kOp);
+  TORCH_CHECK(image.size(0) == text.size(0), kOp, ": image has ", image.size(0), " rows but text has ", text.size(0),
+              " (pairs are rows)");
+  TORCH_CHECK(image.is_cuda(), op, ": expected CUDA tensors, got image on ", image.device());
+  const at::ScalarType dtype = image.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": the CUDA kernels take float32, float16 or bfloat16 features, got ", dtype,
               " (float64 runs on the CPU or reference backends)");
   Problem p;
-  p.map = parse_feature_map(feature_map);
+  p.covariance = parse_covariance(covariance);
   p.dtype = dtype == at::kFloat ? CLIPFAST_F32 : dtype == at::kHalf ? CLIPFAST_F16 : CLIPFAST_BF16;
-  p.text = text.detach().contiguous();
   p.image = image.detach().contiguous();
-  p.n = text.size(0);
-  p.dim = text.size(1);
+  p.text = text.detach().contiguous();
+  p.n = image.size(0);
+  p.dim = image.size(1);
   p.m = 0;
   p.features = p.dim;
-  if (p.map == CLIPFAST_SCHUR_RFF) {
-    TORCH_CHECK(omegas.has_value() && omegas->dim() == 2 && omegas->size(0) == text.size(1),
-                "feature_gram: 'rff' needs omegas of shape (", text.size(1), ", m)");
-    TORCH_CHECK(omegas->size(1) > 0, "feature_gram: omegas needs at least one frequency");
-    TORCH_CHECK(omegas->device() == text.device(), op, ": omegas must be on ", text.device(),
+  if (p.covariance == CLIPFAST_SCHUR_COVARIANCE_RFF) {
+    TORCH_CHECK(omegas.has_value() && omegas->dim() == 2 && omegas->size(0) == image.size(1), kOp,
+                ": 'rff' needs omegas of shape (", image.size(1), ", m)");
+    TORCH_CHECK(omegas->size(1) > 0, kOp, ": omegas needs at least one frequency");
+    TORCH_CHECK(omegas->device() == image.device(), op, ": omegas must be on ", image.device(),
                 " like the features, got ", omegas->device());
     p.omegas = omegas->detach().to(at::kFloat).contiguous();
     p.m = omegas->size(1);
@@ -87,82 +88,86 @@ float* float_ptr(at::Tensor& t) { return t.mutable_data_ptr<float>(); }
 // phi of the rows [r0, r0 + rows) of z into the tile buffer phi (>= rows * F floats).
 void tile_features(const Problem& p, const at::Tensor& z, int64_t r0, int64_t rows, at::Tensor& phi, void* stream,
                    const char* op) {
-  const float* omegas = p.map == CLIPFAST_SCHUR_RFF ? p.omegas.const_data_ptr<float>() : nullptr;
-  check_launch(clipfast_schur_features_cuda(row_base(z), p.dtype, r0, rows, p.dim, p.map, omegas, p.m, float_ptr(phi),
-                                            stream),
+  const float* omegas = p.covariance == CLIPFAST_SCHUR_COVARIANCE_RFF ? p.omegas.const_data_ptr<float>() : nullptr;
+  check_launch(clipfast_schur_covariance_features_cuda(row_base(z), p.dtype, r0, rows, p.dim, p.covariance, omegas,
+                                                       p.m, float_ptr(phi), stream),
                op);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_gram_cuda(const at::Tensor& text, const at::Tensor& image,
-                                                                 c10::string_view feature_map,
-                                                                 const std::optional<at::Tensor>& omegas) {
-  constexpr const char* op = "feature_gram";
+std::tuple<at::Tensor, at::Tensor, at::Tensor> schur_covariance_gram_cuda(const at::Tensor& image,
+                                                                          const at::Tensor& text,
+                                                                          c10::string_view covariance,
+                                                                          const std::optional<at::Tensor>& omegas) {
+  constexpr const char* op = kOp;
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Problem p = make_problem(text, image, feature_map, omegas, op);  // checks first: text is a CUDA tensor
-  const c10::cuda::CUDAGuard device_guard(text.device());
+  const Problem p = make_problem(image, text, covariance, omegas, op);  // checks first: image is a CUDA tensor
+  const c10::cuda::CUDAGuard device_guard(image.device());
   const int64_t f = p.features;
-  at::Tensor s_tt = at::zeros({f, f}, fp32_like(p.text));
+  at::Tensor s_tt = at::zeros({f, f}, fp32_like(p.image));
   at::Tensor s_tx = at::zeros_like(s_tt), s_xx = at::zeros_like(s_tt);
   if (p.n == 0 || f == 0) return {s_tt, s_tx, s_xx};  // empty sums
   const int64_t tile = std::min(kTileRows, p.n);
-  at::Tensor phi_t = at::empty({tile, f}, fp32_like(p.text));
-  at::Tensor phi_x = at::empty({tile, f}, fp32_like(p.text));
+  at::Tensor phi_x = at::empty({tile, f}, fp32_like(p.image));
+  at::Tensor phi_t = at::empty({tile, f}, fp32_like(p.image));
   void* stream = current_stream();
   for (int64_t r0 = 0; r0 < p.n; r0 += kTileRows) {
     const int64_t rows = std::min(kTileRows, p.n - r0);
-    tile_features(p, p.text, r0, rows, phi_t, stream, op);
     tile_features(p, p.image, r0, rows, phi_x, stream, op);
-    check_launch(clipfast_schur_gram_accumulate_cuda(float_ptr(phi_t), float_ptr(phi_t), rows, f, float_ptr(s_tt),
-                                                     stream),
+    tile_features(p, p.text, r0, rows, phi_t, stream, op);
+    // S_ab += phi_a^T phi_b for (a, b) = (t, t), (t, x), (x, x): the cross block has text features on its rows.
+    check_launch(clipfast_schur_covariance_gram_accumulate_cuda(float_ptr(phi_t), float_ptr(phi_t), rows, f,
+                                                                float_ptr(s_tt), stream),
                  op);
-    check_launch(clipfast_schur_gram_accumulate_cuda(float_ptr(phi_t), float_ptr(phi_x), rows, f, float_ptr(s_tx),
-                                                     stream),
+    check_launch(clipfast_schur_covariance_gram_accumulate_cuda(float_ptr(phi_t), float_ptr(phi_x), rows, f,
+                                                                float_ptr(s_tx), stream),
                  op);
-    check_launch(clipfast_schur_gram_accumulate_cuda(float_ptr(phi_x), float_ptr(phi_x), rows, f, float_ptr(s_xx),
-                                                     stream),
+    check_launch(clipfast_schur_covariance_gram_accumulate_cuda(float_ptr(phi_x), float_ptr(phi_x), rows, f,
+                                                                float_ptr(s_xx), stream),
                  op);
   }
   return {s_tt, s_tx, s_xx};
 }
 
 // dz for one tile from its features phi and dphi (both (rows, F) tile buffers), written to dz (rows, dim),
-// a slice of the fp32 gradient. For the linear map dphi already is dz (the caller writes it there).
+// a slice of the fp32 gradient. For column_cosine (phi = z) dphi already is dz (the caller writes it there).
 void tile_input_grad(const Problem& p, const at::Tensor& z, int64_t r0, int64_t rows, at::Tensor& phi,
                      at::Tensor& dphi, at::Tensor& du, float* dz, void* stream, const char* op) {
-  if (p.map == CLIPFAST_SCHUR_ROW_NORMALIZED) {
-    check_launch(clipfast_schur_row_normalized_grad_cuda(row_base(z), p.dtype, r0, rows, p.dim, float_ptr(phi),
-                                                         float_ptr(dphi), dz, stream),
+  if (p.covariance == CLIPFAST_SCHUR_COVARIANCE_ROW_COSINE) {
+    check_launch(clipfast_schur_covariance_row_cosine_grad_cuda(row_base(z), p.dtype, r0, rows, p.dim, float_ptr(phi),
+                                                                float_ptr(dphi), dz, stream),
                  op);
-  } else if (p.map == CLIPFAST_SCHUR_RFF) {
+  } else if (p.covariance == CLIPFAST_SCHUR_COVARIANCE_RFF) {
     // du = (cos u * dphi_sin - sin u * dphi_cos) / sqrt(m), then dz = du W^T (W: (dim, m)).
-    check_launch(clipfast_schur_rff_du_cuda(float_ptr(phi), float_ptr(dphi), rows, p.m, float_ptr(du), stream), op);
-    check_launch(clipfast_schur_matmul_cuda(float_ptr(du), p.omegas.const_data_ptr<float>(), /*transpose_b=*/1, rows,
-                                            p.m, p.dim, /*accumulate=*/0, dz, stream),
+    check_launch(clipfast_schur_covariance_rff_du_cuda(float_ptr(phi), float_ptr(dphi), rows, p.m, float_ptr(du),
+                                                       stream),
+                 op);
+    check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(du), p.omegas.const_data_ptr<float>(),
+                                                       /*transpose_b=*/1, rows, p.m, p.dim, /*accumulate=*/0, dz,
+                                                       stream),
                  op);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> feature_gram_backward_cuda(const at::Tensor& grad_tt, const at::Tensor& grad_tx,
-                                                              const at::Tensor& grad_xx, const at::Tensor& text,
-                                                              const at::Tensor& image, c10::string_view feature_map,
-                                                              const std::optional<at::Tensor>& omegas) {
-  constexpr const char* op = "feature_gram_backward";
+std::tuple<at::Tensor, at::Tensor> schur_covariance_gram_backward_cuda(
+    const at::Tensor& grad_tt, const at::Tensor& grad_tx, const at::Tensor& grad_xx, const at::Tensor& image,
+    const at::Tensor& text, c10::string_view covariance, const std::optional<at::Tensor>& omegas) {
+  constexpr const char* op = "schur_covariance_gram_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Problem p = make_problem(text, image, feature_map, omegas, op);  // checks first: text is a CUDA tensor
-  const c10::cuda::CUDAGuard device_guard(text.device());
+  const Problem p = make_problem(image, text, covariance, omegas, op);  // checks first: image is a CUDA tensor
+  const c10::cuda::CUDAGuard device_guard(image.device());
   const int64_t f = p.features;
   for (const at::Tensor* g : {&grad_tt, &grad_tx, &grad_xx}) {
-    TORCH_CHECK(g->dim() == 2 && g->size(0) == f && g->size(1) == f, "feature_gram_backward: gradients must be (", f,
-                ", ", f, "), got ", g->sizes());
-    TORCH_CHECK(g->device() == text.device(), op, ": gradients must be on ", text.device(), " like the features, got ",
-                g->device());
+    TORCH_CHECK(g->dim() == 2 && g->size(0) == f && g->size(1) == f, op, ": gradients must be (", f, ", ", f,
+                "), got ", g->sizes());
+    TORCH_CHECK(g->device() == image.device(), op, ": gradients must be on ", image.device(),
+                " like the features, got ", g->device());
   }
-  at::Tensor d_text = at::empty({p.n, p.dim}, fp32_like(p.text));
-  at::Tensor d_image = at::empty({p.n, p.dim}, fp32_like(p.text));
+  at::Tensor d_image = at::empty({p.n, p.dim}, fp32_like(p.image));
+  at::Tensor d_text = at::empty({p.n, p.dim}, fp32_like(p.image));
   if (p.n > 0 && p.dim > 0) {
     if (f == 0) {  // no feature (cannot happen for RFF, whose m > 0): nothing flows back
-      d_text.zero_();
       d_image.zero_();
+      d_text.zero_();
     } else {
       const at::Tensor g_tt = grad_tt.detach().to(at::kFloat), g_xx = grad_xx.detach().to(at::kFloat);
       const at::Tensor sym_tt = (g_tt + g_tt.t()).contiguous(), sym_xx = (g_xx + g_xx.t()).contiguous();
@@ -170,44 +175,53 @@ std::tuple<at::Tensor, at::Tensor> feature_gram_backward_cuda(const at::Tensor& 
       const float* sym_tt_ptr = sym_tt.const_data_ptr<float>();
       const float* sym_xx_ptr = sym_xx.const_data_ptr<float>();
       const float* g_tx_ptr = g_tx.const_data_ptr<float>();
-      const bool linear = p.map == CLIPFAST_SCHUR_LINEAR;
+      const bool raw_rows = p.covariance == CLIPFAST_SCHUR_COVARIANCE_COLUMN_COSINE;
       const int64_t tile = std::min(kTileRows, p.n);
-      at::Tensor phi_t = at::empty({tile, f}, fp32_like(p.text));
-      at::Tensor phi_x = at::empty({tile, f}, fp32_like(p.text));
-      // For the linear map dphi is dz: the products are written straight into the gradients.
-      at::Tensor dphi_t = linear ? at::Tensor() : at::empty({tile, f}, fp32_like(p.text));
-      at::Tensor dphi_x = linear ? at::Tensor() : at::empty({tile, f}, fp32_like(p.text));
-      at::Tensor du = p.map == CLIPFAST_SCHUR_RFF ? at::empty({tile, p.m}, fp32_like(p.text)) : at::Tensor();
+      at::Tensor phi_x = at::empty({tile, f}, fp32_like(p.image));
+      at::Tensor phi_t = at::empty({tile, f}, fp32_like(p.image));
+      // For the raw rows (phi = z) dphi is dz: the products are written straight into the gradients.
+      at::Tensor dphi_x = raw_rows ? at::Tensor() : at::empty({tile, f}, fp32_like(p.image));
+      at::Tensor dphi_t = raw_rows ? at::Tensor() : at::empty({tile, f}, fp32_like(p.image));
+      at::Tensor du =
+          p.covariance == CLIPFAST_SCHUR_COVARIANCE_RFF ? at::empty({tile, p.m}, fp32_like(p.image)) : at::Tensor();
       void* stream = current_stream();
       for (int64_t r0 = 0; r0 < p.n; r0 += kTileRows) {
         const int64_t rows = std::min(kTileRows, p.n - r0);
-        float* dz_t = float_ptr(d_text) + r0 * p.dim;
         float* dz_x = float_ptr(d_image) + r0 * p.dim;
-        float* dphi_t_ptr = linear ? dz_t : float_ptr(dphi_t);
-        float* dphi_x_ptr = linear ? dz_x : float_ptr(dphi_x);
-        tile_features(p, p.text, r0, rows, phi_t, stream, op);
+        float* dz_t = float_ptr(d_text) + r0 * p.dim;
+        float* dphi_x_ptr = raw_rows ? dz_x : float_ptr(dphi_x);
+        float* dphi_t_ptr = raw_rows ? dz_t : float_ptr(dphi_t);
         tile_features(p, p.image, r0, rows, phi_x, stream, op);
-        // dphi_t = phi_t (G_tt + G_tt^T) + phi_x G_tx^T
-        check_launch(clipfast_schur_matmul_cuda(float_ptr(phi_t), sym_tt_ptr, 0, rows, f, f, 0, dphi_t_ptr, stream), op);
-        check_launch(clipfast_schur_matmul_cuda(float_ptr(phi_x), g_tx_ptr, 1, rows, f, f, 1, dphi_t_ptr, stream), op);
+        tile_features(p, p.text, r0, rows, phi_t, stream, op);
         // dphi_x = phi_x (G_xx + G_xx^T) + phi_t G_tx
-        check_launch(clipfast_schur_matmul_cuda(float_ptr(phi_x), sym_xx_ptr, 0, rows, f, f, 0, dphi_x_ptr, stream), op);
-        check_launch(clipfast_schur_matmul_cuda(float_ptr(phi_t), g_tx_ptr, 0, rows, f, f, 1, dphi_x_ptr, stream), op);
-        if (!linear) {
-          tile_input_grad(p, p.text, r0, rows, phi_t, dphi_t, du, dz_t, stream, op);
+        check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_x), sym_xx_ptr, 0, rows, f, f, 0, dphi_x_ptr,
+                                                           stream),
+                     op);
+        check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_t), g_tx_ptr, 0, rows, f, f, 1, dphi_x_ptr,
+                                                           stream),
+                     op);
+        // dphi_t = phi_t (G_tt + G_tt^T) + phi_x G_tx^T
+        check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_t), sym_tt_ptr, 0, rows, f, f, 0, dphi_t_ptr,
+                                                           stream),
+                     op);
+        check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_x), g_tx_ptr, 1, rows, f, f, 1, dphi_t_ptr,
+                                                           stream),
+                     op);
+        if (!raw_rows) {
           tile_input_grad(p, p.image, r0, rows, phi_x, dphi_x, du, dz_x, stream, op);
+          tile_input_grad(p, p.text, r0, rows, phi_t, dphi_t, du, dz_t, stream, op);
         }
       }
     }
   }
-  return {d_text.to(text.scalar_type()), d_image.to(image.scalar_type())};
+  return {d_image.to(image.scalar_type()), d_text.to(text.scalar_type())};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(clipfast_C, CUDA, m) {
-  m.impl("feature_gram", &feature_gram_cuda);
-  m.impl("feature_gram_backward", &feature_gram_backward_cuda);
+  m.impl("schur_covariance_gram", &schur_covariance_gram_cuda);
+  m.impl("schur_covariance_gram_backward", &schur_covariance_gram_backward_cuda);
 }
 
 }  // namespace clipfast

@@ -50,14 +50,14 @@ def _public_cases(requires_grad):
 
 
 def _schur_cases(requires_grad):
-    t, x = _features(20, 20, 6, requires_grad)
+    x, t = _features(20, 20, 6, requires_grad)
     omegas = torch.randn(6, 5)
     grads = [torch.randn(6, 6) for _ in range(3)]
     rff_grads = [torch.randn(10, 10) for _ in range(3)]
     return {
-        "feature_gram": [(t, x, "linear", None), (t, x, "row_normalized", None), (t, x, "rff", omegas)],
-        "feature_gram_backward": [(*grads, t.detach(), x.detach(), "row_normalized", None),
-                                  (*rff_grads, t.detach(), x.detach(), "rff", omegas)],
+        "schur_covariance_gram": [(x, t, "column_cosine", None), (x, t, "row_cosine", None), (x, t, "rff", omegas)],
+        "schur_covariance_gram_backward": [(*grads, x.detach(), t.detach(), "row_cosine", None),
+                                           (*rff_grads, x.detach(), t.detach(), "rff", omegas)],
     }
 
 
@@ -83,8 +83,8 @@ def _native_cases():
         "contrastive_grad": [(a, b, s, row, col, 0.5, 0.25), (a, b, s, row, torch.empty(0), 1.0, 0.0)],
         "siglip_softplus": [(a, b, s, beta)],
         "siglip_grad": [(a, b, s, beta)],
-        "feature_gram": [(a, a, "rff", torch.randn(8, 3)), (a, a, "linear", None)],
-        "feature_gram_backward": [(*(torch.randn(8, 8) for _ in range(3)), a, a, "row_normalized", None)],
+        "schur_covariance_gram": [(a, a, "rff", torch.randn(8, 3)), (a, a, "column_cosine", None)],
+        "schur_covariance_gram_backward": [(*(torch.randn(8, 8) for _ in range(3)), a, a, "row_cosine", None)],
         "token_medoids_index": [(torch.randn(3, 12, 8), 4, "euclidean", 100, 0)],
         **_keep_cases(False),
     }

@@ -29,14 +29,15 @@ except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from clipfast.testing import assert_close_relative, assert_within_low_precision_bound
-from clipfast.reference.schur_covariance import (feature_gram_backward_reference, feature_gram_reference,
-                                                 feature_map_reference)
+from clipfast.reference.schur_covariance import (gram_features_reference,
+                                                 schur_covariance_gram_backward_reference,
+                                                 schur_covariance_gram_reference)
 from clipfast.triton_kernels import schur_covariance as K
 from clipfast.triton_kernels.interpreter_patches import patch_bf16_dot
 from gemm_work import count_dot_flops, emulate_tf32_dot
 
 DEVICE = "cpu" if triton.knobs.runtime.interpret else "cuda"
-MAPS = ("linear", "row_normalized", "rff")
+COVARIANCES = ("column_cosine", "row_cosine", "rff")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SHAPES = ((37, 19, 5), (1, 19, 5), (300, 48, 24))  # (n, d, m)
 
@@ -47,12 +48,12 @@ def _interpreter_bf16_dot():
 
 
 def _inputs(n, d, m, dtype=torch.float32, seed=0):
-    """text, image (n, d) rounded to ``dtype`` and omegas (d, m) fp32 with phases u = z W ~ N(0, 4)."""
+    """image, text (n, d) rounded to ``dtype`` and omegas (d, m) fp32 with phases u = z W ~ N(0, 4)."""
     g = torch.Generator().manual_seed(seed)
     text = (torch.randn(n, d, generator=g) / math.sqrt(d)).to(dtype).to(DEVICE)
     image = (torch.randn(n, d, generator=g) / math.sqrt(d) + 0.3 * text.float().cpu()).to(dtype).to(DEVICE)
     omegas = (2.0 * torch.randn(d, m, generator=g)).to(DEVICE)
-    return text, image, omegas
+    return image, text, omegas
 
 
 def _grads(f, seed=1):
@@ -66,36 +67,36 @@ def _within_bound(out, ref, low, dtype, name):
     assert_within_low_precision_bound(out, low, ref, dtype, name, floor=torch.finfo(dtype).eps)
 
 
-def _reference(text, image, fmap, omegas, grads):
-    """float64 (S_tt, S_tx, S_xx) and (d_text, d_image) on CPU."""
-    t, x, w = text.cpu().double(), image.cpu().double(), omegas.cpu().double()
-    grams = feature_gram_reference(t, x, fmap, w)
-    d = feature_gram_backward_reference(*(g.cpu().double() for g in grads), t, x, fmap, w)
+def _reference(image, text, cov, omegas, grads):
+    """float64 (S_tt, S_tx, S_xx) and (d_image, d_text) on CPU."""
+    x, t, w = image.cpu().double(), text.cpu().double(), omegas.cpu().double()
+    grams = schur_covariance_gram_reference(x, t, cov, w)
+    d = schur_covariance_gram_backward_reference(*(g.cpu().double() for g in grads), x, t, cov, w)
     return grams, d
 
 
-def _phi_low(z, fmap, w):
+def _phi_low(z, cov, w):
     """Plain torch feature map in z's dtype."""
-    if fmap == "linear":
+    if cov == "column_cosine":
         return z
-    if fmap == "row_normalized":
+    if cov == "row_cosine":
         return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
     u = z @ w.to(z.dtype)
     return torch.cat([torch.cos(u), torch.sin(u)], 1) / math.sqrt(w.shape[1])
 
 
-def _torch_low(text, image, fmap, omegas, grads):
+def _torch_low(image, text, cov, omegas, grads):
     """The same computation as the reference in the input dtype (what plain torch users get)."""
-    t, x, w = text.cpu(), image.cpu(), omegas.cpu()
+    x, t, w = image.cpu(), text.cpu(), omegas.cpu()
     g_tt, g_tx, g_xx = (g.cpu().to(t.dtype) for g in grads)
-    pt, px = _phi_low(t, fmap, w), _phi_low(x, fmap, w)
+    px, pt = _phi_low(x, cov, w), _phi_low(t, cov, w)
     grams = (pt.T @ pt, pt.T @ px, px.T @ px)
-    dpt, dpx = pt @ (g_tt + g_tt.T) + px @ g_tx.T, px @ (g_xx + g_xx.T) + pt @ g_tx
+    dpx, dpt = px @ (g_xx + g_xx.T) + pt @ g_tx, pt @ (g_tt + g_tt.T) + px @ g_tx.T
 
     def chain(z, phi, dphi):
-        if fmap == "linear":
+        if cov == "column_cosine":
             return dphi
-        if fmap == "row_normalized":
+        if cov == "row_cosine":
             norm = z.norm(dim=1, keepdim=True)
             return (dphi - phi * (phi * dphi).sum(1, keepdim=True)) / norm.clamp_min(1e-12)
         m = w.shape[1]
@@ -103,25 +104,25 @@ def _torch_low(text, image, fmap, omegas, grads):
         u = z @ wl
         return ((torch.cos(u) * dphi[:, m:] - torch.sin(u) * dphi[:, :m]) / math.sqrt(m)) @ wl.T
 
-    return grams, (chain(t, pt, dpt), chain(x, px, dpx))
+    return grams, (chain(x, px, dpx), chain(t, pt, dpt))
 
 
-def _run(text, image, fmap, omegas, grads, **kw):
-    grams = K.feature_gram_triton(text, image, fmap, omegas, **kw)
-    d = K.feature_gram_backward_triton(*grads, text, image, fmap, omegas, **kw)
+def _run(image, text, cov, omegas, grads, **kw):
+    grams = K.schur_covariance_gram_triton(image, text, cov, omegas, **kw)
+    d = K.schur_covariance_gram_backward_triton(*grads, image, text, cov, omegas, **kw)
     return grams, d
 
 
-def _check_fp32(text, image, fmap, omegas):
-    n, d = text.shape
-    f = 2 * omegas.shape[1] if fmap == "rff" else d
+def _check_fp32(image, text, cov, omegas):
+    n, d = image.shape
+    f = 2 * omegas.shape[1] if cov == "rff" else d
     grads = _grads(f)
-    grams, (d_text, d_image) = _run(text, image, fmap, omegas, grads)
-    ref_grams, (ref_dt, ref_dx) = _reference(text, image, fmap, omegas, grads)
+    grams, (d_image, d_text) = _run(image, text, cov, omegas, grads)
+    ref_grams, (ref_dx, ref_dt) = _reference(image, text, cov, omegas, grads)
     for out, ref in zip(grams, ref_grams):
         assert out.dtype == torch.float32 and out.shape == (f, f) and out.is_contiguous()
         assert_close_relative(out, ref, rtol=1e-5, atol_rel=1e-5)
-    assert d_text.shape == d_image.shape == (n, d) and d_text.dtype == d_image.dtype == text.dtype
+    assert d_image.shape == d_text.shape == (n, d) and d_image.dtype == d_text.dtype == image.dtype
     assert_close_relative(d_text, ref_dt, rtol=1e-4, atol_rel=1e-4)
     assert_close_relative(d_image, ref_dx, rtol=1e-4, atol_rel=1e-4)
 
@@ -148,18 +149,18 @@ def small_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("fmap", MAPS)
-def test_fp32(shape, fmap):
-    text, image, omegas = _inputs(*shape)
-    _check_fp32(text, image, fmap, omegas)
+@pytest.mark.parametrize("cov", COVARIANCES)
+def test_fp32(shape, cov):
+    image, text, omegas = _inputs(*shape)
+    _check_fp32(image, text, cov, omegas)
 
 
-@pytest.mark.parametrize("fmap", MAPS)
-def test_fp32_multi_tile(fmap, small_blocks):
+@pytest.mark.parametrize("cov", COVARIANCES)
+def test_fp32_multi_tile(cov, small_blocks):
     # F = 48 (rff: m = 24, cos/sin boundary inside tile 1) -> 3 x 3 tiles of 16; n = 67 rows in
     # backward chunks of 32 (F = 48) with a ragged last chunk.
-    text, image, omegas = _inputs(67, 48 if fmap != "rff" else 21, 24)
-    _check_fp32(text, image, fmap, omegas)
+    image, text, omegas = _inputs(67, 48 if cov != "rff" else 21, 24)
+    _check_fp32(image, text, cov, omegas)
 
 
 # ----------------------------------------------------------------------------------------
@@ -168,29 +169,29 @@ def test_fp32_multi_tile(fmap, small_blocks):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("fmap", MAPS)
+@pytest.mark.parametrize("cov", COVARIANCES)
 @pytest.mark.parametrize("shape", [(37, 19, 5), (130, 48, 24)])
-def test_low_precision(dtype, fmap, shape):
-    text, image, omegas = _inputs(*shape, dtype=dtype)
-    f = 2 * shape[2] if fmap == "rff" else shape[1]
+def test_low_precision(dtype, cov, shape):
+    image, text, omegas = _inputs(*shape, dtype=dtype)
+    f = 2 * shape[2] if cov == "rff" else shape[1]
     grads = _grads(f)
-    grams, d = _run(text, image, fmap, omegas, grads)
-    ref_grams, ref_d = _reference(text, image, fmap, omegas, grads)
-    low_grams, low_d = _torch_low(text, image, fmap, omegas, grads)
+    grams, d = _run(image, text, cov, omegas, grads)
+    ref_grams, ref_d = _reference(image, text, cov, omegas, grads)
+    low_grams, low_d = _torch_low(image, text, cov, omegas, grads)
     for name, out, ref, low in zip(("S_tt", "S_tx", "S_xx"), grams, ref_grams, low_grams):
         assert out.dtype == torch.float32
         _within_bound(out, ref, low, dtype, name)
-    for name, out, ref, low in zip(("d_text", "d_image"), d, ref_d, low_d):
+    for name, out, ref, low in zip(("d_image", "d_text"), d, ref_d, low_d):
         assert out.dtype == dtype
         _within_bound(out, ref, low, dtype, name)
 
 
 def test_low_precision_multi_tile(small_blocks):
-    text, image, omegas = _inputs(67, 21, 24, dtype=torch.bfloat16)
+    image, text, omegas = _inputs(67, 21, 24, dtype=torch.bfloat16)
     grads = _grads(48)
-    grams, d = _run(text, image, "rff", omegas, grads)
-    ref_grams, ref_d = _reference(text, image, "rff", omegas, grads)
-    low_grams, low_d = _torch_low(text, image, "rff", omegas, grads)
+    grams, d = _run(image, text, "rff", omegas, grads)
+    ref_grams, ref_d = _reference(image, text, "rff", omegas, grads)
+    low_grams, low_d = _torch_low(image, text, "rff", omegas, grads)
     for out, ref, low in zip((*grams, *d), (*ref_grams, *ref_d), (*low_grams, *low_d)):
         _within_bound(out, ref, low, torch.bfloat16, "rff multi-tile")
 
@@ -209,17 +210,17 @@ def _strided_copies(t):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmap", ["row_normalized", "rff"])
-def test_non_contiguous_inputs(dtype, fmap):
-    text, image, omegas = _inputs(37, 19, 5, dtype=dtype)
-    grads = _grads(10 if fmap == "rff" else 19)
-    expected = _run(text, image, fmap, omegas, grads)
-    t_t, t_s = _strided_copies(text)
+@pytest.mark.parametrize("cov", ["row_cosine", "rff"])
+def test_non_contiguous_inputs(dtype, cov):
+    image, text, omegas = _inputs(37, 19, 5, dtype=dtype)
+    grads = _grads(10 if cov == "rff" else 19)
+    expected = _run(image, text, cov, omegas, grads)
     x_t, x_s = _strided_copies(image)
+    t_t, t_s = _strided_copies(text)
     w_t, _ = _strided_copies(omegas)
-    assert not any(v.is_contiguous() for v in (t_t, t_s, x_t, x_s, w_t))
-    for tv, xv in ((t_t, x_s), (t_s, x_t)):
-        grams, d = _run(tv, xv, fmap, w_t, tuple(g.T.contiguous().T for g in grads))
+    assert not any(v.is_contiguous() for v in (x_t, x_s, t_t, t_s, w_t))
+    for xv, tv in ((x_s, t_t), (x_t, t_s)):
+        grams, d = _run(xv, tv, cov, w_t, tuple(g.T.contiguous().T for g in grads))
         # Same values, same tile order: only the addressing differs in the kernels. The torch
         # chain rule (rff: z @ W, du @ W^T) may pick another BLAS order for strided operands.
         for out, exp in zip(grams, expected[0]):
@@ -229,9 +230,9 @@ def test_non_contiguous_inputs(dtype, fmap):
 
 
 def test_deterministic():
-    text, image, omegas = _inputs(67, 19, 5)
-    first = _run(text, image, "rff", omegas, _grads(10))
-    second = _run(text, image, "rff", omegas, _grads(10))
+    image, text, omegas = _inputs(67, 19, 5)
+    first = _run(image, text, "rff", omegas, _grads(10))
+    second = _run(image, text, "rff", omegas, _grads(10))
     for a, b in zip((*first[0], *first[1]), (*second[0], *second[1])):
         assert torch.equal(a, b)
 
@@ -239,20 +240,20 @@ def test_deterministic():
 def test_symmetric_blocks_mirror_off_diagonal_tiles(small_blocks):
     # Tiles above the diagonal are stored twice (transposed), so off-diagonal tiles are exact
     # mirrors; inside a diagonal tile symmetry holds to rounding only.
-    text, image, omegas = _inputs(40, 19, 24)
+    image, text, omegas = _inputs(40, 19, 24)
     tile = torch.arange(48, device=DEVICE) // 16
     off_diag = tile[:, None] != tile[None, :]
-    for s in K.feature_gram_triton(text, image, "rff", omegas)[::2]:
+    for s in K.schur_covariance_gram_triton(image, text, "rff", omegas)[::2]:
         assert torch.equal(s[off_diag], s.T[off_diag])
         torch.testing.assert_close(s, s.T, rtol=1e-6, atol=1e-6)
 
 
 def test_zero_row_is_clamped():
-    # row_normalized: a zero row has phi = 0 (norm clamped at 1e-12) and adds nothing to the sums.
-    text, image, omegas = _inputs(37, 19, 5)
+    # row_cosine: a zero row has phi = 0 (norm clamped at 1e-12) and adds nothing to the sums.
+    image, text, omegas = _inputs(37, 19, 5)
     text[3] = 0.0
-    grams = K.feature_gram_triton(text, image, "row_normalized")
-    ref = feature_gram_reference(text.cpu().double(), image.cpu().double(), "row_normalized")
+    grams = K.schur_covariance_gram_triton(image, text, "row_cosine")
+    ref = schur_covariance_gram_reference(image.cpu().double(), text.cpu().double(), "row_cosine")
     for out, r in zip(grams, ref):
         assert_close_relative(out, r, rtol=1e-5, atol_rel=1e-5)
 
@@ -270,19 +271,19 @@ TF32_DOT = 2.0 ** -9
 TF32_CHAINED = 2.0 ** -7
 
 
-@pytest.mark.parametrize("fmap", MAPS)
-def test_tf32(fmap, small_blocks):
-    text, image, omegas = _inputs(67, 48 if fmap != "rff" else 21, 24)
+@pytest.mark.parametrize("cov", COVARIANCES)
+def test_tf32(cov, small_blocks):
+    image, text, omegas = _inputs(67, 48 if cov != "rff" else 21, 24)
     f = 48
     grads = _grads(f)
     with emulate_tf32_dot():
-        grams, d = _run(text, image, fmap, omegas, grads, input_precision="tf32")
-    ref_grams, ref_d = _reference(text, image, fmap, omegas, grads)
+        grams, d = _run(image, text, cov, omegas, grads, input_precision="tf32")
+    ref_grams, ref_d = _reference(image, text, cov, omegas, grads)
     t, x, w = text.cpu().double(), image.cpu().double(), omegas.cpu().double()
-    phi_t, phi_x = (feature_map_reference(z, fmap, w).abs() for z in (t, x))
+    phi_t, phi_x = (gram_features_reference(z, cov, w).abs() for z in (t, x))
     for out, ref, (pa, pb) in zip(grams, ref_grams, ((phi_t, phi_t), (phi_t, phi_x), (phi_x, phi_x))):
         err = (out.cpu().double() - ref).abs()
-        if fmap == "rff":
+        if cov == "rff":
             assert err.max() <= TF32_CHAINED * ref.abs().max()
         else:
             assert (err <= TF32_DOT * (pa.T @ pb) + 1e-5 * ref.abs().max()).all()
@@ -293,11 +294,11 @@ def test_tf32(fmap, small_blocks):
 
 
 def test_precision_ignored_for_16_bit():
-    text, image, omegas = _inputs(37, 19, 5, dtype=torch.bfloat16)
+    image, text, omegas = _inputs(37, 19, 5, dtype=torch.bfloat16)
     grads = _grads(10)
-    ieee = _run(text, image, "rff", omegas, grads)
+    ieee = _run(image, text, "rff", omegas, grads)
     with emulate_tf32_dot():
-        tf32 = _run(text, image, "rff", omegas, grads, input_precision="tf32")
+        tf32 = _run(image, text, "rff", omegas, grads, input_precision="tf32")
     for a, b in zip((*ieee[0], *ieee[1]), (*tf32[0], *tf32[1])):
         assert torch.equal(a, b)
 
@@ -307,27 +308,27 @@ def test_precision_ignored_for_16_bit():
 # ----------------------------------------------------------------------------------------
 
 
-def _stated_gemm_equivalents(fmap, n, d, f, block_f):
+def _stated_gemm_equivalents(cov, n, d, f, block_f):
     """The module docstring's counts for whole blocks: forward 2 + 1/T (+ d/F for rff), backward 4 (+ d/F)."""
     tiles = f // block_f
-    features = d / f if fmap == "rff" else 0.0
+    features = d / f if cov == "rff" else 0.0
     return 2 + 1 / tiles + features, 4 + features
 
 
 @pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="counts tl.dot calls of the Triton interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmap", MAPS)
-def test_gemm_work(fmap, dtype, small_blocks):
+@pytest.mark.parametrize("cov", COVARIANCES)
+def test_gemm_work(cov, dtype, small_blocks):
     # Whole 16-blocks: n = 64 rows (backward chunks of 16 rows: F = 64 and 32 * 48 elements a chunk),
     # F = 64 features (T = 4 tiles), d = 32 (rff: m = 32).
-    n, d, m = 64, (64 if fmap != "rff" else 32), 32
-    f = 2 * m if fmap == "rff" else d
-    text, image, omegas = _inputs(n, d, m, dtype=dtype)
+    n, d, m = 64, (64 if cov != "rff" else 32), 32
+    f = 2 * m if cov == "rff" else d
+    image, text, omegas = _inputs(n, d, m, dtype=dtype)
     with count_dot_flops() as fwd:
-        K.feature_gram_triton(text, image, fmap, omegas)
+        K.schur_covariance_gram_triton(image, text, cov, omegas)
     with count_dot_flops() as bwd:
-        K.feature_gram_backward_triton(*_grads(f), text, image, fmap, omegas)
-    stated_fwd, stated_bwd = _stated_gemm_equivalents(fmap, n, d, f, block_f=16)
+        K.schur_covariance_gram_backward_triton(*_grads(f), image, text, cov, omegas)
+    stated_fwd, stated_bwd = _stated_gemm_equivalents(cov, n, d, f, block_f=16)
     assert fwd.gemm_equivalents(f, n, f) == pytest.approx(stated_fwd, rel=1e-12)
     assert bwd.gemm_equivalents(f, n, f) == pytest.approx(stated_bwd, rel=1e-12)
     # The minimum: the Gram's two halves plus S_tx, and four (n x F) @ (F x F) products back.
@@ -338,32 +339,32 @@ def test_gemm_work(fmap, dtype, small_blocks):
 def test_gemm_work_real_configs():
     # The launch configuration that runs (BLOCK_F = 64): F = 128, two tiles, rff phases once per row.
     n, d, m = 128, 64, 64
-    text, image, omegas = _inputs(n, d, m, dtype=torch.bfloat16)
+    image, text, omegas = _inputs(n, d, m, dtype=torch.bfloat16)
     with count_dot_flops() as fwd:
-        K.feature_gram_triton(text, image, "rff", omegas)
+        K.schur_covariance_gram_triton(image, text, "rff", omegas)
     assert fwd.gemm_equivalents(128, n, 128) == pytest.approx(2 + 1 / 2 + d / 128)
 
 
-@pytest.mark.parametrize("fmap", MAPS)
-def test_empty_batch(fmap):
-    text, image, omegas = _inputs(0, 19, 5)
-    f = 10 if fmap == "rff" else 19
-    grams, (d_text, d_image) = _run(text, image, fmap, omegas, _grads(f))
+@pytest.mark.parametrize("cov", COVARIANCES)
+def test_empty_batch(cov):
+    image, text, omegas = _inputs(0, 19, 5)
+    f = 10 if cov == "rff" else 19
+    grams, (d_image, d_text) = _run(image, text, cov, omegas, _grads(f))
     for s in grams:
         assert s.shape == (f, f) and s.dtype == torch.float32 and not s.any()
-    assert d_text.shape == d_image.shape == (0, 19)
+    assert d_image.shape == d_text.shape == (0, 19)
 
 
 def test_rff_zero_input_dim():
     # d = 0: u = 0, so every cos feature is 1 / sqrt(m) and every sin feature 0.
-    text, image, omegas = _inputs(7, 0, 5)
-    s_tt, s_tx, s_xx = K.feature_gram_triton(text, image, "rff", omegas)
+    image, text, omegas = _inputs(7, 0, 5)
+    s_tt, s_tx, s_xx = K.schur_covariance_gram_triton(image, text, "rff", omegas)
     expected = torch.zeros(10, 10, dtype=torch.float64)
     expected[:5, :5] = 7 / 5
     for s in (s_tt, s_tx, s_xx):
         assert_close_relative(s, expected, rtol=1e-6, atol_rel=1e-6)
-    d_text, d_image = K.feature_gram_backward_triton(*_grads(10), text, image, "rff", omegas)
-    assert d_text.shape == d_image.shape == (7, 0)
+    d_image, d_text = K.schur_covariance_gram_backward_triton(*_grads(10), image, text, "rff", omegas)
+    assert d_image.shape == d_text.shape == (7, 0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -372,37 +373,37 @@ def test_rff_zero_input_dim():
 
 
 def test_invalid_inputs():
-    text, image, omegas = _inputs(4, 8, 3)
-    gram = K.feature_gram_triton
+    image, text, omegas = _inputs(4, 8, 3)
+    gram = K.schur_covariance_gram_triton
     with pytest.raises(ValueError, match="2-D"):
-        gram(text[0], image, "linear")
+        gram(image[0], text, "column_cosine")
     with pytest.raises(ValueError, match="same shape"):
-        gram(text, image[:3], "linear")
+        gram(image, text[:3], "column_cosine")
     with pytest.raises(TypeError, match="same dtype"):
-        gram(text, image.half(), "linear")
+        gram(image, text.half(), "column_cosine")
     with pytest.raises(TypeError, match="dtype"):
-        gram(text.double(), image.double(), "linear")
+        gram(image.double(), text.double(), "column_cosine")
     with pytest.raises(TypeError, match="torch.Tensor"):
-        gram(text.tolist(), image, "linear")
+        gram(image.tolist(), text, "column_cosine")
     with pytest.raises(ValueError, match="same device"):
-        gram(text, image.to("meta"), "linear")
-    with pytest.raises(ValueError, match="feature_map"):
-        gram(text, image, "cosine")
+        gram(image, text.to("meta"), "column_cosine")
+    with pytest.raises(ValueError, match="covariance"):
+        gram(image, text, "cosine")
     with pytest.raises(TypeError, match="omegas"):
-        gram(text, image, "rff", None)
+        gram(image, text, "rff", None)
     with pytest.raises(ValueError, match="omegas"):
-        gram(text, image, "rff", omegas[:5])
+        gram(image, text, "rff", omegas[:5])
     with pytest.raises(ValueError, match="omegas"):
-        gram(text, image, "rff", omegas.to("meta"))
+        gram(image, text, "rff", omegas.to("meta"))
     with pytest.raises(ValueError, match="input_precision"):
-        gram(text, image, "linear", input_precision="tf32x3")
+        gram(image, text, "column_cosine", input_precision="tf32x3")
     grads = _grads(8)
     with pytest.raises(ValueError, match="grad_tx"):
-        K.feature_gram_backward_triton(grads[0], grads[1][:4], grads[2], text, image, "linear")
+        K.schur_covariance_gram_backward_triton(grads[0], grads[1][:4], grads[2], image, text, "column_cosine")
     with pytest.raises(TypeError, match="grad_xx"):
-        K.feature_gram_backward_triton(grads[0], grads[1], grads[2].int(), text, image, "linear")
+        K.schur_covariance_gram_backward_triton(grads[0], grads[1], grads[2].int(), image, text, "column_cosine")
     with pytest.raises(ValueError, match="grad_tt"):
-        K.feature_gram_backward_triton(*grads, text, image, "rff", omegas)  # F = 6, not 8
+        K.schur_covariance_gram_backward_triton(*grads, image, text, "rff", omegas)  # F = 6, not 8
 
 
 def test_kernel_configs():

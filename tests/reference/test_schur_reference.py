@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from clipfast.reference import schur as published
+from clipfast.reference import schur_covariance as published
 
 
 def _pairs(n, d, seed=0):

@@ -7,10 +7,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from clipfast import schur
+from clipfast import schur_covariance as schur
 from clipfast.dtypes import compute_dtype
-from clipfast.ops.schur_covariance import feature_gram
-from clipfast.reference.schur_covariance import FEATURE_MAP_OF, covariance_from_gram
+from clipfast.ops.schur_covariance import covariance_from_gram, schur_covariance_gram
 
 
 class SchurComplementEntropy(nn.Module):
@@ -40,18 +39,15 @@ class SchurComplementEntropy(nn.Module):
                  rff_dim: Optional[int] = None, omegas: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None, ridge: Optional[float] = None, order: float = 1):
         super().__init__()
-        schur._check_kernel_options(kernel, convention, sigma, rff_dim, omegas, generator)
+        schur.check_kernel_options(kernel, convention, sigma, rff_dim, omegas, generator)
         self.kernel = kernel
         self.convention = convention
-        self.ridge = schur._check_ridge(ridge, convention)
-        self.order = schur._check_order(order, convention)
+        self.ridge = schur.resolve_ridge(ridge, convention)
+        self.order = schur.resolve_order(order, convention)
         self.sigma = sigma
         self.rff_dim = rff_dim
         self.generator = generator
-        if kernel == "cosine":
-            self.covariance = "column_cosine" if convention == "clip-dissection" else "row_cosine"
-        else:
-            self.covariance = "rff"
+        self.covariance = schur.covariance_kind(kernel, convention)
         self.register_buffer("omegas", None if omegas is None else omegas.detach().clone())
         self.register_buffer("text_gram", None)
         self.register_buffer("cross_gram", None)
@@ -70,7 +66,7 @@ class SchurComplementEntropy(nn.Module):
     @torch.no_grad()
     def update(self, images: torch.Tensor, texts: torch.Tensor) -> None:
         """Add a batch of pairs: images (b, d) and texts (b, d), same dtype and device, b >= 1."""
-        schur._check_pair(images, texts, "images", "texts", min_rows=1)
+        schur.check_pairs(images, texts, "images", "texts", min_rows=1)
         if self._dim is None:
             self._dim, self._input_dtype = images.shape[1], images.dtype
         elif images.shape[1] != self._dim or images.dtype != self._input_dtype:
@@ -81,8 +77,8 @@ class SchurComplementEntropy(nn.Module):
             if self.omegas is None:
                 self.omegas = schur.rff_omegas(self._dim, int(self.rff_dim), self.sigma, generator=self.generator,
                                                device=images.device)
-            omegas = schur._prepare_omegas(self.omegas, images)
-        grams = feature_gram(texts, images, FEATURE_MAP_OF[self.covariance], omegas)
+            omegas = schur.prepare_omegas(self.omegas, images)
+        grams = schur_covariance_gram(images, texts, self.covariance, omegas)
         grams = [g.to(torch.float64) for g in grams]
         if self.text_gram is None:
             self.text_gram, self.cross_gram, self.image_gram = grams
@@ -103,9 +99,9 @@ class SchurComplementEntropy(nn.Module):
         # The split's dtype follows sce_score's rule (float64 for "normalized" when F >= n: schur.work_dtype).
         dtype = schur.work_dtype(self._input_dtype, self.convention, blocks[0].shape[0], n)
         out = compute_dtype(self._input_dtype)
-        text_part, complement = schur._split(*(b.to(dtype) for b in blocks), self.convention, self.ridge)
-        return (schur._matrix_score(complement, self.convention, self.order).to(out),
-                schur._matrix_score(text_part, self.convention, self.order).to(out))
+        text_part, complement = schur.schur_split(*(b.to(dtype) for b in blocks), self.convention, self.ridge)
+        return (schur.matrix_score(complement, self.convention, self.order).to(out),
+                schur.matrix_score(text_part, self.convention, self.order).to(out))
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel!r}, convention={self.convention!r}, ridge={self.ridge}, order={self.order}"

@@ -29,8 +29,10 @@ Two conventions:
 The Gaussian kernel uses random Fourier features ``phi(z) = [cos(z W), sin(z W)] / sqrt(m)`` with
 ``W = randn(d, m) / sigma`` shared by text and images (``F = 2m``) in both conventions. The covariance
 blocks come from the registered op :func:`clipfast.ops.schur_covariance.kernel_covariance` (one tiled
-pass over the n pairs, differentiable w.r.t. both embedding matrices); everything after it is O(F^3)
-dense linear algebra on ``(F, F)`` matrices and never depends on n.
+pass over the n pairs, differentiable w.r.t. both embedding matrices), which names the three covariances
+the user's ``kernel`` and ``convention`` select "column_cosine", "row_cosine" and "rff"
+(:func:`covariance_kind`); everything after it is O(F^3) dense linear algebra on ``(F, F)`` matrices and
+never depends on n. Every function takes the image embeddings first, then their prompts.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from clipfast.dtypes import compute_dtype
 from clipfast.functional import check_float_tensor
 from clipfast.inputs import check_no_nan
 from clipfast.ops.schur_covariance import kernel_covariance
+from clipfast.reference.schur_covariance import PUBLISHED_EIGENVALUE_FLOOR, PUBLISHED_RIDGE, rff_features
 
 KERNELS = ("cosine", "gaussian")
 CONVENTIONS = ("normalized", "clip-dissection")
@@ -81,12 +84,6 @@ def work_dtype(input_dtype: torch.dtype, convention: str, features: int, n: int,
     if convention == "normalized" and features >= n:
         return torch.float64
     return compute_dtype(input_dtype)
-
-
-# The published code's absolute jitter before pinv (below float32 resolution: a no-op in float32).
-PUBLISHED_RIDGE = 1e-12
-# The published eigenvalue floor of the score.
-PUBLISHED_EIGENVALUE_FLOOR = 1e-10
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +124,8 @@ class ExactGaussianSchur:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Input checks
+# Checks of the arguments. The public ones (no underscore) are also the building blocks of the streaming
+# module (clipfast.nn.SchurComplementEntropy) and the CLI (python -m clipfast.sce).
 # ----------------------------------------------------------------------------------------------------
 
 def _check_embeddings(t, name: str) -> None:
@@ -158,7 +156,11 @@ def _check_directions(t: torch.Tensor, name: str, kernel: str, convention: str) 
         torch._assert_async(~zero.any(), "clipfast: " + message)
 
 
-def _check_pair(image, text, image_name="image_features", text_name="text_features", min_rows=2) -> None:
+def check_pairs(image, text, image_name: str = "image_features", text_name: str = "text_features",
+                min_rows: int = 2) -> None:
+    """Checks paired embeddings ``image: (n, d)`` and ``text: (n, d)``: float tensors of one dtype and
+    device, row i of ``text`` the prompt of row i of ``image``, ``n >= min_rows``, ``d >= 1``, no NaN/Inf
+    (clipfast.inputs.NON_FINITE_RULE). Raises TypeError/ValueError naming ``image_name``/``text_name``."""
     _check_embeddings(image, image_name)
     _check_embeddings(text, text_name)
     if image.dtype != text.dtype:
@@ -194,7 +196,9 @@ def _check_sigma(sigma) -> float:
     return float(sigma)
 
 
-def _check_ridge(ridge, convention: str) -> float:
+def resolve_ridge(ridge: Optional[float], convention: str) -> float:
+    """The ridge a split uses: ``ridge`` checked (finite, >= 0), or the convention's default when None
+    (:data:`DEFAULT_RIDGE`, relative, for "normalized"; the published 1e-12, absolute, for "clip-dissection")."""
     if ridge is None:
         return PUBLISHED_RIDGE if convention == "clip-dissection" else DEFAULT_RIDGE
     if not _is_real(ridge) or not math.isfinite(ridge) or ridge < 0:
@@ -202,7 +206,9 @@ def _check_ridge(ridge, convention: str) -> float:
     return float(ridge)
 
 
-def _check_order(order, convention: str) -> float:
+def resolve_order(order: float, convention: str) -> float:
+    """The Renyi order of the scores as a float: one of :data:`ORDERS` for "normalized", only 1 for
+    "clip-dissection" (the published score). ValueError otherwise."""
     if convention == "clip-dissection":
         if order != 1:
             raise ValueError("convention='clip-dissection' has only the published order-1 score; "
@@ -213,8 +219,11 @@ def _check_order(order, convention: str) -> float:
     return float(order)
 
 
-def _check_kernel_options(kernel, convention, sigma, rff_dim, omegas, generator) -> None:
-    """Static checks of the kernel arguments (those that do not need the data)."""
+def check_kernel_options(kernel: str, convention: str, sigma: Optional[float] = None, rff_dim: Optional[int] = None,
+                         omegas: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> None:
+    """Checks the kernel arguments of :func:`schur_complement` that do not need the data: ``kernel`` in
+    :data:`KERNELS`, ``convention`` in :data:`CONVENTIONS`, and for "gaussian" either ``omegas: (d, m)`` or
+    ``sigma > 0`` with ``rff_dim >= 1`` (none of them for "cosine"). Raises TypeError/ValueError."""
     _check_choice(kernel, "kernel", KERNELS)
     _check_choice(convention, "convention", CONVENTIONS)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -244,8 +253,9 @@ def _check_kernel_options(kernel, convention, sigma, rff_dim, omegas, generator)
         raise ValueError(f"rff_dim must be a positive integer, got {rff_dim!r}")
 
 
-def _prepare_omegas(omegas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Given frequencies checked against the data and cast to the computation dtype."""
+def prepare_omegas(omegas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Frequencies ``omegas: (d, m)`` checked against the embeddings ``like: (n, d)`` (d, device, finite),
+    detached and cast to the computation dtype of ``like`` (float32, float64 for float64)."""
     if omegas.shape[0] != like.shape[1]:
         raise ValueError(f"omegas must have one row per embedding dimension: got {tuple(omegas.shape)} "
                          f"for d = {like.shape[1]}")
@@ -276,14 +286,24 @@ def rff_omegas(dim: int, rff_dim: int, sigma: float, *, generator: Optional[torc
     return (w * (1.0 / sigma)).to(dtype=dtype, device=device if device is not None else draw_device)
 
 
-def _feature_setup(image, kernel, convention, sigma, rff_dim, omegas, generator):
-    """``(feature_map, omegas)`` for :func:`kernel_covariance`, drawing frequencies when needed (after
-    :func:`_check_kernel_options`)."""
+def covariance_kind(kernel: str, convention: str) -> str:
+    """The covariance the op computes for a user's ``kernel`` and ``convention``
+    (:data:`clipfast.reference.schur_covariance.COVARIANCES`): the published column cosine for "cosine" with
+    "clip-dissection", the cosine of unit rows for "cosine" with "normalized", random Fourier features
+    ("rff") for "gaussian" in both conventions."""
+    if kernel == "gaussian":
+        return "rff"
+    return "column_cosine" if convention == "clip-dissection" else "row_cosine"
+
+
+def _frequencies(image, kernel, sigma, rff_dim, omegas, generator) -> Optional[torch.Tensor]:
+    """The (d, m) frequencies of the Gaussian kernel in the computation dtype, drawn when not given (after
+    :func:`check_kernel_options`); None for the cosine kernel."""
     if kernel == "cosine":
-        return ("column_cosine" if convention == "clip-dissection" else "row_cosine"), None
+        return None
     if omegas is None:
         omegas = rff_omegas(image.shape[1], int(rff_dim), sigma, generator=generator, device=image.device)
-    return "rff", _prepare_omegas(omegas, image)
+    return prepare_omegas(omegas, image)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,8 +325,11 @@ def _ridge_cholesky(c_tt: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.cholesky(c_tt + scale * _identity(c_tt))
 
 
-def _split(c_tt, c_tx, c_xx, convention: str, ridge: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(P, S)`` from the blocks in the convention's inverse."""
+def schur_split(c_tt: torch.Tensor, c_tx: torch.Tensor, c_xx: torch.Tensor, convention: str,
+                ridge: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(P, S)``: the text part ``P = C_tx^T C_tt^{-1} C_tx`` and the Schur complement ``S = C_xx - P`` of the
+    ``(F, F)`` covariance blocks, with the convention's inverse and ridge (see :func:`schur_complement`;
+    ``ridge`` as :func:`resolve_ridge` returns it). Differentiable; computed in the blocks' dtype."""
     if convention == "clip-dissection":
         text_part = c_tx.T @ _published_inverse(c_tt, ridge) @ c_tx
     else:
@@ -358,7 +381,10 @@ def _spectrum_score(eigenvalues: torch.Tensor, convention: str, order: float) ->
     return _renyi_score(_normalized_spectrum(eigenvalues), order)
 
 
-def _matrix_score(matrix: torch.Tensor, convention: str, order: float) -> torch.Tensor:
+def matrix_score(matrix: torch.Tensor, convention: str, order: float) -> torch.Tensor:
+    """The convention's score of a symmetric ``(F, F)`` matrix (see :func:`sce_score`): the published
+    score for "clip-dissection" (``order`` 1), ``exp(H_q)`` of the trace-normalised spectrum for
+    "normalized". 0-d, in the matrix's dtype, differentiable."""
     return _spectrum_score(torch.linalg.eigvalsh(matrix), convention, order)
 
 
@@ -457,20 +483,20 @@ def schur_complement(image_features: torch.Tensor, text_features: torch.Tensor, 
 def _work_split(image_features, text_features, kernel, sigma, rff_dim, omegas, generator, ridge, convention,
                 compute_dtype_override):
     """``(split in the work dtype, output dtype)`` (see :func:`work_dtype`)."""
-    _check_pair(image_features, text_features)
-    _check_kernel_options(kernel, convention, sigma, rff_dim, omegas, generator)
+    check_pairs(image_features, text_features)
+    check_kernel_options(kernel, convention, sigma, rff_dim, omegas, generator)
     _check_directions(image_features, "image_features", kernel, convention)
     _check_directions(text_features, "text_features", kernel, convention)
-    ridge = _check_ridge(ridge, convention)
-    feature_map, omegas = _feature_setup(image_features, kernel, convention, sigma, rff_dim, omegas, generator)
+    ridge = resolve_ridge(ridge, convention)
+    omegas = _frequencies(image_features, kernel, sigma, rff_dim, omegas, generator)
     features = image_features.shape[1] if omegas is None else 2 * omegas.shape[1]
     out_dtype = compute_dtype(image_features.dtype)
     dtype = work_dtype(image_features.dtype, convention, features, image_features.shape[0], compute_dtype_override)
     if dtype != out_dtype:
         image_features, text_features = image_features.to(dtype), text_features.to(dtype)
         omegas = None if omegas is None else omegas.to(dtype)
-    c_tt, c_tx, c_xx = kernel_covariance(text_features, image_features, feature_map, omegas)
-    text_part, complement = _split(c_tt, c_tx, c_xx, convention, ridge)
+    c_tt, c_tx, c_xx = kernel_covariance(image_features, text_features, covariance_kind(kernel, convention), omegas)
+    text_part, complement = schur_split(c_tt, c_tx, c_xx, convention, ridge)
     return SchurComplement(c_tt, c_tx, c_xx, text_part, complement, omegas, kernel, convention, ridge), out_dtype
 
 
@@ -501,17 +527,11 @@ def sce_score(image_features: torch.Tensor, text_features: torch.Tensor, *, kern
         "clip-dissection".
     """
     _check_choice(convention, "convention", CONVENTIONS)
-    q = _check_order(order, convention)
+    q = resolve_order(order, convention)
     split, out_dtype = _work_split(image_features, text_features, kernel, sigma, rff_dim, omegas, generator,
                                    ridge, convention, compute_dtype)
-    return (_matrix_score(split.complement, convention, q).to(out_dtype),
-            _matrix_score(split.text_part, convention, q).to(out_dtype))
-
-
-def rff_features(z: torch.Tensor, omegas: torch.Tensor) -> torch.Tensor:
-    """``phi(z) = [cos(z W), sin(z W)] / sqrt(m)`` for ``z: (k, d)``, ``W = omegas: (d, m)`` -> (k, 2m)."""
-    u = z @ omegas
-    return torch.cat([torch.cos(u), torch.sin(u)], dim=1) / math.sqrt(omegas.shape[1])
+    return (matrix_score(split.complement, convention, q).to(out_dtype),
+            matrix_score(split.text_part, convention, q).to(out_dtype))
 
 
 def defocus(image_features: torch.Tensor, text_features: torch.Tensor, *,
@@ -550,28 +570,23 @@ def defocus(image_features: torch.Tensor, text_features: torch.Tensor, *,
         As :func:`schur_complement`; ValueError when neither ``a_star`` nor both reference sets are given,
         when the Gaussian kernel comes without ``omegas``, or ``a_star`` is not (F, F).
     """
-    _check_pair(image_features, text_features, min_rows=1)
+    check_pairs(image_features, text_features, min_rows=1)
     _check_choice(kernel, "kernel", KERNELS)
     _check_choice(convention, "convention", CONVENTIONS)
     if kernel == "gaussian" and omegas is None:
         raise ValueError("defocus with kernel='gaussian' needs omegas (d, m): the corrected features live in "
                          "that random-feature space and A* only holds for the frequencies it was fitted with; "
-                         "draw them once with clipfast.schur.rff_omegas(d, m, sigma) and pass them every time")
-    _check_kernel_options(kernel, convention, None, None, omegas, None)
-    ridge = _check_ridge(ridge, convention)
+                         "draw them once with clipfast.rff_omegas(d, m, sigma) and pass them every time")
+    check_kernel_options(kernel, convention, None, None, omegas, None)
+    ridge = resolve_ridge(ridge, convention)
     dtype = compute_dtype(image_features.dtype)
-    if kernel == "gaussian":
-        w = _prepare_omegas(omegas, image_features)
-        feature_map, features = "rff", 2 * w.shape[1]
-    else:
-        w = None
-        feature_map = "column_cosine" if convention == "clip-dissection" else "row_cosine"
-        features = image_features.shape[1]
+    w = _frequencies(image_features, kernel, None, None, omegas, None)
+    features = image_features.shape[1] if w is None else 2 * w.shape[1]
 
     if a_star is None:
         if reference_images is None or reference_texts is None:
             raise ValueError("defocus needs reference_images and reference_texts to fit A*, or a_star")
-        _check_pair(reference_images, reference_texts, "reference_images", "reference_texts")
+        check_pairs(reference_images, reference_texts, "reference_images", "reference_texts")
         if reference_images.shape[1] != image_features.shape[1]:
             raise ValueError(f"reference embeddings are {tuple(reference_images.shape)} but the features to "
                              f"correct are {tuple(image_features.shape)}: d differs")
@@ -581,7 +596,7 @@ def defocus(image_features: torch.Tensor, text_features: torch.Tensor, *,
         if reference_images.device != image_features.device:
             raise ValueError(f"reference embeddings are on {reference_images.device} but the features to "
                              f"correct are on {image_features.device}")
-        c_tt, c_tx, _ = kernel_covariance(reference_texts, reference_images, feature_map, w)
+        c_tt, c_tx, _ = kernel_covariance(reference_images, reference_texts, covariance_kind(kernel, convention), w)
         a_star = _regression(c_tt, c_tx, convention, ridge)
     else:
         if not isinstance(a_star, torch.Tensor) or not a_star.is_floating_point():
@@ -627,11 +642,11 @@ def exact_gaussian_schur(image_features: torch.Tensor, text_features: torch.Tens
         :class:`ExactGaussianSchur`: ascending (n,) spectra of S and P (float32, float64 for float64
         inputs; ``sum = tr(C_xx) = 1``) and their scores.
     """
-    _check_pair(image_features, text_features)
+    check_pairs(image_features, text_features)
     sigma = _check_sigma(sigma)
     if not _is_real(ridge) or not math.isfinite(ridge) or ridge <= 0:
         raise ValueError(f"ridge must be a finite number > 0 (with no ridge S is identically 0), got {ridge!r}")
-    q = _check_order(order, "normalized")
+    q = resolve_order(order, "normalized")
     dtype = compute_dtype(image_features.dtype)
 
     def gram(z):
@@ -663,11 +678,20 @@ __all__ = [
     "KERNELS",
     "ORDERS",
     "SchurComplement",
+    "check_kernel_options",
+    "check_pairs",
+    "covariance_kind",
     "defocus",
     "exact_gaussian_schur",
+    "matrix_score",
+    "prepare_omegas",
     "renyi_scores",
+    "resolve_order",
+    "resolve_ridge",
     "rff_features",
     "rff_omegas",
     "sce_score",
     "schur_complement",
+    "schur_split",
+    "work_dtype",
 ]

@@ -1,7 +1,7 @@
-"""clipfast.schur (Schur-complement kernel covariance, SCE, defocus), its streaming module and CLI.
+"""clipfast.schur_covariance (Schur-complement kernel covariance, SCE, defocus), its streaming module and CLI.
 
 The compatibility convention is checked against the port of the published procedure
-(clipfast/reference/schur.py); the normalized convention against its definitions and properties."""
+(clipfast/reference/schur_covariance.py); the normalized convention against its definitions and properties."""
 
 import math
 import subprocess
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from clipfast import schur
-from clipfast.nn.schur import SchurComplementEntropy
-from clipfast.reference import schur as published
+from clipfast import schur_covariance as schur
+from clipfast.nn.schur_covariance import SchurComplementEntropy
+from clipfast.reference import schur_covariance as published
 from clipfast.sce import main as sce_main
 
 
@@ -146,7 +146,7 @@ def test_rff_scores_approach_the_exact_gaussian_kernel():
         for seed in range(4):
             split = schur.schur_complement(image, text, kernel="gaussian", sigma=sigma, rff_dim=m,
                                            ridge=eta * 2 * m, generator=torch.Generator().manual_seed(seed))
-            sce = schur._matrix_score(split.complement, "normalized", 1.0)
+            sce = schur.matrix_score(split.complement, "normalized", 1.0)
             errors.append([abs(sce / exact.sce - 1).item(), abs(torch.trace(split.complement) / trace_s - 1).item()])
         return torch.tensor(errors).mean(0)
 
