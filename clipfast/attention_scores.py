@@ -19,7 +19,7 @@ layer, and every block keeps its own fused attention for its outputs.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,15 +68,10 @@ def cls_attention_scores(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[fl
         raise RuntimeError("cls_attention_scores has no backward: call it under torch.no_grad() or pass "
                            "detached q and k")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _cls_row(q[:, :, :1], k, scale)[:, num_prefix_tokens:]
+    return cls_row(q[:, :, :1], k, scale)[:, num_prefix_tokens:]
 
 
-def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, H * Dh) -> (B, H, N, Dh)."""
-    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-
-def _cls_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def cls_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Head-mean softmax row ``1/H sum_h softmax_j(scale * q_cls[b, h] . k[b, h, j])``: (B, N).
 
     q_cls (B, H, 1, Dh), k (B, H, N, Dh); float32 math, float64 if either input is float64.
@@ -91,9 +86,9 @@ def _head_mean_softmax(logits: torch.Tensor, scale: float) -> torch.Tensor:
     return (logits * scale).softmax(-1).mean(1)
 
 
-def _linear_key_cls_row(x_cls: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def linear_key_cls_row(x_cls: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         bias: Optional[torch.Tensor], heads: int, scale: float) -> torch.Tensor:
-    """``_cls_row`` for attention whose keys are a plain linear map of its input, without forming k.
+    """``cls_row`` for attention whose keys are a plain linear map of its input, without forming k.
 
     With ``q0 = W_q x_cls + b_q`` split into heads and ``k_j = W_k x_j + b_k``, per head h::
 
@@ -137,15 +132,17 @@ def attention_scores(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     outputs; forward hooks registered on this instance's attention submodules compute the [CLS]
     row of each layer from that layer's q and k, and are removed when the call returns or raises.
 
-    Supported towers (detected by structure):
+    Supported towers (detected by structure), with exactly the blocks that EViT token removal
+    (``TokenRemoval.self_attention``) supports too, as :mod:`clipfast.integrations.vision_blocks`
+    describes both:
 
     - open_clip ``VisionTransformer`` (``model.visual``, or the open_clip model itself): a pre-hook
       on each ``resblocks[i].attn`` (``nn.MultiheadAttention``, or open_clip's ``Attention`` with
       or without qk-norm) reads its input; q of the [CLS] token comes from ``in_proj_weight``, and
-      the keys are never formed (see ``_linear_key_cls_row``) unless qk-norm needs them.
-    - timm ``VisionTransformer`` with a class token: a hook on each ``blocks[i].attn.qkv`` takes q
-      and k from its output (no extra projection), then ``q_norm`` / ``k_norm``; P is
-      ``model.num_prefix_tokens`` (class and register tokens).
+      the keys are never formed (see ``linear_key_cls_row``) unless qk-norm needs them.
+    - timm ``VisionTransformer`` with a class token (``Block`` with timm's ``Attention``): a hook on
+      each ``blocks[i].attn.qkv`` takes q and k from its output (no extra projection), then
+      ``q_norm`` / ``k_norm``; P is ``model.num_prefix_tokens`` (class and register tokens).
     - transformers ``CLIPVisionModel`` (5.x), ``CLIPVisionTransformer`` (4.x), or any model with a
       ``.vision_model`` (``CLIPModel``, ``CLIPVisionModelWithProjection``): hooks on each layer's
       ``self_attn.q_proj`` and ``k_proj`` outputs.
@@ -163,180 +160,44 @@ def attention_scores(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
     Raises:
         TypeError: ``visual`` is none of the supported towers, has no class token (timm
-            ``class_token=False``, SigLIP), or one of its blocks has an attention variant this
-            function cannot read (scaled-cosine, extra key tokens, differential attention).
+            ``class_token=False``, SigLIP), or one of its blocks is not a supported block or holds an
+            attention variant that cannot be read (scaled-cosine, extra key tokens, differential
+            attention, ...): the same error EViT token removal raises for that block.
         ValueError: token dropping (patch dropout in training mode) is active: the scores would
             describe a random subset of the patches; call ``.eval()`` or set its probability to 0.
         RuntimeError: the forward ran a different number of attention layers than the tower has.
     """
-    tower, install, call, prefix = _resolve(visual)
+    tower = _supported_tower(visual)
+    blocks = [tower.block(i) for i in range(len(tower.blocks))]  # every block checked before any hook exists
     layer_sum = _LayerSum()
     with contextlib.ExitStack() as hooks, torch.no_grad():
-        expected = install(tower, layer_sum.add, hooks)
-        call(tower, images)
+        for block in blocks:
+            for handle in block.watch_cls_row(layer_sum.add):
+                hooks.enter_context(handle)
+        tower.run(images)
+    expected = len(blocks)
     if layer_sum.total is None or layer_sum.layers != expected:
-        raise RuntimeError(f"the forward of {type(tower).__name__} ran {layer_sum.layers} attention layers, "
+        raise RuntimeError(f"the forward of {type(tower.module).__name__} ran {layer_sum.layers} attention layers, "
                            f"expected one per block ({expected}); blocks skipped or repeated are not supported")
-    return (layer_sum.total / expected)[:, prefix:].float().contiguous()
+    return (layer_sum.total / expected)[:, tower.num_prefix_tokens:].float().contiguous()
 
 
-_Install = Callable[[nn.Module, Callable[[torch.Tensor], None], contextlib.ExitStack], int]
-
-
-def _resolve(visual) -> Tuple[nn.Module, _Install, Callable, int]:
-    """(tower, hook installer, forward call, number of prefix tokens) for a supported model."""
+def _supported_tower(visual):
+    """The ``VisionTower`` description of ``visual`` if attention scores can be read from it, else TypeError
+    (ValueError for active token dropping)."""
     if not isinstance(visual, nn.Module):
         raise TypeError(f"attention_scores needs a vision tower module ({_SUPPORTED}); got {type(visual).__name__}")
-    tower = visual
-    # Containers: transformers CLIPModel / CLIPVisionModel 4.x / ...WithProjection, open_clip CLIP.
-    while True:
-        inner = getattr(tower, "vision_model", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(tower, "visual", None)
-        if not isinstance(inner, nn.Module):
-            break
-        tower = inner
-    encoder = getattr(tower, "encoder", None)
-    if hasattr(tower, "embeddings") and isinstance(getattr(encoder, "layers", None), nn.ModuleList):
-        if not hasattr(tower.embeddings, "class_embedding"):  # e.g. SigLIP: token 0 is a patch
-            raise _no_class_token(tower)
-        return tower, _install_hf, lambda m, images: m(pixel_values=images), 1
-    transformer = getattr(tower, "transformer", None)
-    if hasattr(tower, "conv1") and hasattr(tower, "class_embedding") \
-            and isinstance(getattr(transformer, "resblocks", None), nn.ModuleList):
-        _check_no_token_drop(tower, "patch_dropout")
-        return tower, _install_open_clip, lambda m, images: m(images), 1
-    if isinstance(getattr(tower, "blocks", None), nn.Sequential) and hasattr(tower, "patch_embed") \
-            and hasattr(tower, "num_prefix_tokens"):
-        if getattr(tower, "cls_token", None) is None:
-            raise _no_class_token(tower)
-        _check_no_token_drop(tower, "patch_drop")
-        return tower, _install_timm, lambda m, images: m(images), int(tower.num_prefix_tokens)
-    raise TypeError(f"attention_scores supports {_SUPPORTED}; {type(visual).__name__} matches none of them")
+    # Imported here: clipfast.integrations imports this module (cls_attention_scores) when it loads.
+    from clipfast.integrations import vision_blocks
 
-
-def _no_class_token(tower: nn.Module) -> TypeError:
-    return TypeError(f"{type(tower).__name__} has no class token: there is no [CLS] attention to score")
-
-
-def _check_no_token_drop(tower: nn.Module, attr: str) -> None:
-    drop = getattr(tower, attr, None)
-    if drop is not None and drop.training and getattr(drop, "prob", 0.0) > 0:
-        raise ValueError(f"{type(tower).__name__}.{attr} drops tokens in training mode (prob {drop.prob}), so the "
-                         "scores would cover a random subset of the patches; call .eval() on the tower or set "
-                         f"{attr}.prob = 0 first")
-
-
-def _unsupported(where: str, why: str) -> TypeError:
-    return TypeError(f"attention_scores cannot read the [CLS] attention of {where}: {why}")
-
-
-def _install_open_clip(tower: nn.Module, add, hooks: contextlib.ExitStack) -> int:
-    for i, block in enumerate(tower.transformer.resblocks):
-        attn = block.attn
-        name = f"transformer.resblocks[{i}].attn ({type(attn).__name__})"
-        if getattr(attn, "in_proj_weight", None) is None:
-            raise _unsupported(name, "it has no packed in_proj_weight (separate q/k/v projections)")
-        if isinstance(attn, nn.MultiheadAttention):
-            if attn.bias_k is not None or attn.add_zero_attn:
-                raise _unsupported(name, "it adds key tokens (add_bias_kv / add_zero_attn)")
-            hook = _mha_hook(attn, add)
-        elif hasattr(attn, "ln_q") and hasattr(attn, "ln_k") and hasattr(attn, "num_heads"):
-            if getattr(attn, "logit_scale", None) is not None:
-                raise _unsupported(name, "scaled-cosine attention is not supported")
-            hook = _open_clip_attention_hook(attn, add)
-        else:
-            raise _unsupported(name, "unknown attention class (expected nn.MultiheadAttention or open_clip's "
-                                     "Attention)")
-        hooks.enter_context(attn.register_forward_pre_hook(hook, with_kwargs=True))
-    return len(tower.transformer.resblocks)
-
-
-def _mha_hook(attn: nn.MultiheadAttention, add):
-    heads = attn.num_heads
-    scale = (attn.embed_dim // heads) ** -0.5
-
-    def hook(module, args, kwargs):
-        query = args[0] if args else kwargs["query"]
-        key = args[1] if len(args) > 1 else kwargs["key"]
-        if not module.batch_first:
-            query, key = query.transpose(0, 1), key.transpose(0, 1)
-        add(_linear_key_cls_row(query[:, :1], key, module.in_proj_weight, module.in_proj_bias, heads, scale))
-
-    return hook
-
-
-def _open_clip_attention_hook(attn: nn.Module, add):
-    """open_clip's own ``Attention`` (used with qk-norm and the other custom-block options)."""
-    heads = attn.num_heads
-    plain = isinstance(attn.ln_q, nn.Identity) and isinstance(attn.ln_k, nn.Identity)
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["x"]
-        if plain:
-            add(_linear_key_cls_row(x[:, :1], x, module.in_proj_weight, module.in_proj_bias, heads, module.scale))
-            return
-        # qk-norm is not linear in the input: form q of the [CLS] token and all keys, then normalise.
-        batch, n, dim = x.shape
-        weight, bias = module.in_proj_weight, module.in_proj_bias
-        q0 = F.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim])
-        k = F.linear(x, weight[dim:2 * dim], None if bias is None else bias[dim:2 * dim])
-        q0 = module.ln_q(q0.reshape(batch, 1, heads, -1).transpose(1, 2))
-        k = module.ln_k(k.reshape(batch, n, heads, -1).transpose(1, 2))
-        add(_cls_row(q0, k, module.scale))
-
-    return hook
-
-
-def _install_timm(tower: nn.Module, add, hooks: contextlib.ExitStack) -> int:
-    for i, block in enumerate(tower.blocks):
-        attn = getattr(block, "attn", None)
-        qkv = getattr(attn, "qkv", None)
-        # The width check also rejects look-alikes such as timm's DiffAttention (two maps per head).
-        if not (isinstance(qkv, nn.Linear) and all(hasattr(attn, a) for a in ("q_norm", "k_norm", "scale"))
-                and qkv.out_features == 3 * getattr(attn, "num_heads", 0) * getattr(attn, "head_dim", 0)):
-            raise _unsupported(f"blocks[{i}].attn ({type(attn).__name__})",
-                               "expected a fused qkv Linear with 3 x num_heads x head_dim outputs, q_norm and k_norm")
-        hooks.enter_context(qkv.register_forward_hook(_timm_qkv_hook(attn, add)))
-    return len(tower.blocks)
-
-
-def _timm_qkv_hook(attn: nn.Module, add):
-    heads = attn.num_heads
-
-    def hook(module, args, qkv):
-        batch, n, _ = qkv.shape
-        qkv = qkv.reshape(batch, n, 3, heads, -1)
-        q0 = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, H, 1, Dh)
-        k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, H, N, Dh)
-        add(_cls_row(q0, k, attn.scale))
-
-    return hook
-
-
-def _install_hf(tower: nn.Module, add, hooks: contextlib.ExitStack) -> int:
-    for i, layer in enumerate(tower.encoder.layers):
-        attn = getattr(layer, "self_attn", None)
-        if not (isinstance(getattr(attn, "q_proj", None), nn.Linear) and isinstance(getattr(attn, "k_proj", None),
-                                                                                    nn.Linear)
-                and hasattr(attn, "num_heads") and hasattr(attn, "scale")):
-            raise _unsupported(f"encoder.layers[{i}].self_attn ({type(attn).__name__})",
-                               "expected q_proj and k_proj Linear layers, num_heads and scale")
-        q_hook, k_hook = _hf_hooks(attn, add)
-        hooks.enter_context(attn.q_proj.register_forward_hook(q_hook))
-        hooks.enter_context(attn.k_proj.register_forward_hook(k_hook))
-    return len(tower.encoder.layers)
-
-
-def _hf_hooks(attn: nn.Module, add):
-    """Hooks on q_proj and k_proj outputs; the second of the pair to run completes the layer."""
-    heads = attn.num_heads
-    pending = {}
-
-    def record(slot, value):
-        pending[slot] = value
-        if len(pending) == 2:
-            add(_cls_row(split_heads(pending.pop("q"), heads), split_heads(pending.pop("k"), heads), attn.scale))
-
-    return (lambda module, args, out: record("q", out[:, :1]),
-            lambda module, args, out: record("k", out))
+    tower = vision_blocks.find_tower(visual)
+    if tower is None:
+        raise TypeError(f"attention_scores supports {_SUPPORTED}; {type(visual).__name__} matches none of them")
+    if not tower.has_class_token:  # e.g. SigLIP: token 0 is a patch
+        raise TypeError(f"{type(tower.module).__name__} has no class token: there is no [CLS] attention to score")
+    drop = tower.embedding_output
+    if drop.training and getattr(drop, "prob", 0.0) > 0:
+        where = f"{type(tower.module).__name__}.{tower.embedding_output_path}"
+        raise ValueError(f"{where} drops tokens in training mode (prob {drop.prob}), so the scores would cover a "
+                         f"random subset of the patches; call .eval() on the tower or set {where}.prob = 0 first")
+    return tower

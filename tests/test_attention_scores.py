@@ -2,13 +2,18 @@
 single forward of open_clip / timm / transformers towers against plain re-implementations that keep
 every layer's full attention map; hooks leave no trace, also on errors."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from clipfast import TokenRemoval
 from clipfast.attention_scores import attention_scores, cls_attention_scores
+from clipfast.integrations import vision_blocks
+from clipfast.integrations._handle import MARKER_ATTR
 from clipfast.testing import assert_close_to_reference
 
 IMAGES = 3  # batch of every tower test
@@ -205,6 +210,9 @@ def _build(name):
     if name == "open_clip":
         model = _open_clip_tower()
         return model, model, open_clip_reference
+    if name == "open_clip_attention":  # open_clip's own Attention class without qk-norm: keys never formed
+        model = _open_clip_tower(block_type="custom")
+        return model, model, open_clip_reference
     if name == "open_clip_qk_norm":  # open_clip's own Attention class (custom blocks)
         model = _open_clip_tower(qk_norm=True, ls_init_value=0.5)
         return model, model, open_clip_reference
@@ -224,7 +232,7 @@ def _build(name):
     return model, model.vision_model, hf_reference
 
 
-TOWERS = ["open_clip", "open_clip_qk_norm", "open_clip_model", "timm", "timm_registers_qk_norm",
+TOWERS = ["open_clip", "open_clip_attention", "open_clip_qk_norm", "open_clip_model", "timm", "timm_registers_qk_norm",
           "hf_vision_model", "hf_clip_model"]
 
 
@@ -376,3 +384,143 @@ def test_repeated_blocks_raise():
     model.blocks[1] = model.blocks[0]  # one module run twice: the hooks see more layers than blocks
     with pytest.raises(RuntimeError, match="ran 5 attention layers, expected one per block"):
         attention_scores(model, _images())
+
+
+# ---------------------------------------------------------------------------------------------------
+# One description per framework's blocks (clipfast.integrations.vision_blocks): the score hooks and EViT
+# token removal (TokenRemoval.self_attention) accept, and refuse with the same TypeError, the same blocks.
+
+
+def _with_block_attention(model, blocks_of, attention_name, attention):
+    setattr(blocks_of(model)[1], attention_name, attention)
+    return model
+
+
+def _open_clip_with_timm_block():
+    model = _open_clip_tower()
+    model.transformer.resblocks[1] = _timm_tower().blocks[1]
+    return model
+
+
+def _hf_image_features(model, images):
+    out = model.get_image_features(pixel_values=images)
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def _open_clip_blocks(model):
+    return model.transformer.resblocks
+
+
+def _hf_layers(model):
+    return model.vision_model.encoder.layers
+
+
+def _patches():
+    """(patch function, forward, blocks) per framework; the patch functions need the frameworks installed."""
+    from clipfast import patch_hf_clip, patch_open_clip, patch_timm_vit
+
+    return {"open_clip": (patch_open_clip, lambda m, x: m(x), _open_clip_blocks),
+            "timm": (patch_timm_vit, lambda m, x: m(x), lambda m: m.blocks),
+            "transformers": (patch_hf_clip, _hf_image_features, _hf_layers)}
+
+
+# name: (framework, model builder, a regex for the TypeError's "where: why" of a refused model, or None)
+SAME_BLOCK_CASES = {
+    "open_clip MultiheadAttention": ("open_clip", _open_clip_tower, None),
+    "open_clip Attention": ("open_clip", lambda: _open_clip_tower(block_type="custom"), None),
+    "open_clip Attention with every option": (
+        "open_clip", lambda: _open_clip_tower(qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True,
+                                              scale_fc=True, ls_init_value=0.5), None),
+    "open_clip scaled-cosine Attention": ("open_clip", lambda: _open_clip_tower(scaled_cosine_attn=True),
+                                          r"transformer\.resblocks\[0\]\.attn \(Attention\): scaled-cosine"),
+    "open_clip added key tokens": (
+        "open_clip", lambda: _with_block_attention(_open_clip_tower(), _open_clip_blocks, "attn",
+                                                   nn.MultiheadAttention(64, 4, batch_first=True, add_bias_kv=True)),
+        r"transformer\.resblocks\[1\]\.attn \(MultiheadAttention\): it adds key tokens"),
+    "open_clip separate projections": (
+        "open_clip", lambda: _with_block_attention(_open_clip_tower(), _open_clip_blocks, "attn",
+                                                   nn.MultiheadAttention(64, 4, batch_first=True, kdim=16, vdim=16)),
+        r"transformer\.resblocks\[1\]\.attn \(MultiheadAttention\): it has no packed in_proj_weight"),
+    "open_clip foreign block": ("open_clip", _open_clip_with_timm_block,
+                                r"transformer\.resblocks\[1\] \(Block\): expected open_clip's"),
+    "timm Attention": ("timm", lambda: _timm_tower(qk_norm=True, init_values=0.5, reg_tokens=1), None),
+    "timm DiffAttention": ("timm", lambda: _timm_tower(attn_layer="diff"), r"blocks\[0\]\.attn \(DiffAttention\)"),
+    "timm ResPostBlock": (
+        "timm", lambda: _timm_tower(block_fn=pytest.importorskip("timm.models.vision_transformer").ResPostBlock),
+        r"blocks\[0\] \(ResPostBlock\): expected timm's Block"),
+    "transformers CLIPAttention": ("transformers", _hf_clip_model, None),
+    "transformers foreign attention": (
+        "transformers", lambda: _with_block_attention(_hf_clip_model(), _hf_layers, "self_attn", nn.Identity()),
+        r"encoder\.layers\[1\]\.self_attn \(Identity\)"),
+}
+
+
+def _type_error(fn):
+    """The message of the TypeError ``fn()`` raises, or None when it returns."""
+    try:
+        fn()
+    except TypeError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize("case", list(SAME_BLOCK_CASES))
+def test_scores_and_evit_accept_and_refuse_the_same_blocks(case):
+    framework, build, refused_at = SAME_BLOCK_CASES[case]
+    model, images = build(), _images()
+    patch, forward, blocks_of = _patches()[framework]
+    evit_everywhere = TokenRemoval.self_attention(1.0, blocks=tuple(range(len(blocks_of(model)))))
+
+    scores_error = _type_error(lambda: attention_scores(model, images))
+    patch_error = _type_error(lambda: patch(model, token_removal=evit_everywhere).unpatch())
+    assert scores_error == patch_error  # one block description: the same verdict, in the same words
+
+    if refused_at is None:
+        assert attention_scores(model, images).shape == (IMAGES, 16)
+        with torch.no_grad():
+            want = forward(model, images)
+            with patch(model, token_removal=evit_everywhere):  # every token kept: the model's own output
+                got = forward(model, images)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    else:
+        assert scores_error is not None and re.search(refused_at, scores_error), scores_error
+        assert scores_error.startswith("clipfast's [CLS]-attention scores and EViT token removal do not support ")
+    # Neither path leaves anything behind, whether it accepted the model or not.
+    assert not any(MARKER_ATTR in vars(m) or "forward" in vars(m) for m in model.modules())
+
+
+def test_each_framework_has_one_tower_description():
+    """attention_scores' find_tower and each patch's own framework function describe a tower the same way."""
+    towers = {"open_clip": (_open_clip_model(), vision_blocks.open_clip_tower),
+              "timm": (_timm_tower(reg_tokens=2), vision_blocks.timm_tower),
+              "transformers": (_hf_clip_model(), vision_blocks.hf_tower)}
+    for framework, (model, describe) in towers.items():
+        tower, found = describe(model), vision_blocks.find_tower(model)
+        assert (found.module, found.blocks, found.describe_block) == (tower.module, tower.blocks, tower.describe_block)
+        assert tower.framework == framework and tower.grid == (4, 4) and len(tower.blocks) == 3
+        assert tower.has_class_token and tower.num_prefix_tokens == (3 if framework == "timm" else 1)
+        assert all(other(model) is None for name, (_, other) in towers.items() if name != framework)
+    assert vision_blocks.find_tower(nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize("name", ["open_clip", "open_clip_qk_norm", "timm_registers_qk_norm", "hf_vision_model"])
+def test_block_halves_and_watched_cls_row_agree(name):
+    """A block description's two halves are the block's own forward, and the [CLS] row its hooks report during
+    that forward is cls_attention_scores of the q, k its attention half returns."""
+    torch.manual_seed(0)
+    _, tower_module, _ = _build(name)
+    tower = vision_blocks.find_tower(tower_module)
+    block, description = tower.blocks[1], tower.block(1)
+    x = torch.randn(IMAGES, tower.num_prefix_tokens + 16, 64 if tower.framework != "transformers" else 32)
+    rows = []
+    handles = description.watch_cls_row(rows.append)
+    with torch.no_grad():
+        want = block(x) if tower.framework != "transformers" else block(x, None)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        after_attention, q, k = description.attention(x)
+        got = description.mlp(after_attention)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len(rows) == 1
+    assert_close_to_reference(rows[0][:, 1:], _materialised(q, k, description.scale, 1)[0], torch.float32)

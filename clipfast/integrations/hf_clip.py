@@ -12,9 +12,9 @@ from __future__ import annotations
 import inspect
 import types
 
-from clipfast.attention_scores import split_heads
 from clipfast.functional import clip_loss
 from clipfast.integrations import token_reduction as reduction
+from clipfast.integrations import vision_blocks
 from clipfast.integrations.token_reduction import VisionPatchHandle
 
 # CLIPModel.forward's parameters up to return_loss, which callers may also pass positionally.
@@ -53,7 +53,8 @@ def patch_hf_clip(model, *, token_removal=None) -> VisionPatchHandle:
     ``given_scores`` hooks the vision tower's ``embeddings`` (its output is [CLS] + patches with their
     positional embeddings) and keeps the patches chosen by ``handle.keep_scores(scores)``;
     ``self_attention`` replaces the chosen ``encoder.layers[i].forward`` (attention through SDPA from the
-    layer's own projections, EViT's reduction, then the MLP). Both transformers 5 (``vision_model`` is a
+    layer's own projections, EViT's reduction, then the MLP), for the layers :func:`clipfast.attention_scores`
+    reads too (:mod:`clipfast.integrations.vision_blocks`). Both transformers 5 (``vision_model`` is a
     ``CLIPVisionModel``) and 4 (``vision_model`` holds the transformer directly) layouts are found.
 
     Args:
@@ -96,13 +97,12 @@ def patch_hf_clip(model, *, token_removal=None) -> VisionPatchHandle:
             f"{type(model).__qualname__}.forward (transformers {transformers.__version__}) does not start with "
             f"the parameters patch_hf_clip was written for: expected {_LEADING_PARAMETERS}, found {found}")
 
+    tower = vision_blocks.hf_tower(model) if token_removal is not None else None
+    if token_removal is not None and tower is None:
+        raise TypeError(f"patch_hf_clip: {type(model.vision_model).__qualname__} has no embeddings / encoder.layers")
     handle = VisionPatchHandle(model, "clipfast.integrations.patch_hf_clip")
-    if token_removal is not None:
-        vision = _vision_transformer(model)
-        grid = vision.embeddings.image_size // vision.embeddings.patch_size
-        reduction.install(handle, embedding_output=vision.embeddings, grid=(grid, grid),
-                          blocks=vision.encoder.layers, num_prefix=1, parts_of=_layer_parts,
-                          token_removal=token_removal, token_medoids=None)
+    if tower is not None:
+        reduction.install(handle, tower, token_removal=token_removal, token_medoids=None)
     # model.forward is CLIPModel.forward bound to model, or an instance forward already there
     # (e.g. accelerate's device-placement hooks); either way the patch wraps what was called before.
     handle.set(model, _ORIGINAL_FORWARD_ATTR, model.forward)
@@ -138,35 +138,3 @@ def _forward_with_fused_loss(self, *args, **kwargs):
         return (loss,) + outputs
     # A fresh CLIPOutput, so that "loss" comes first in keys() and to_tuple() as in HF's own output.
     return type(outputs)(loss=loss, **outputs)
-
-
-def _vision_transformer(model):
-    """The module holding ``embeddings`` and ``encoder.layers`` (transformers 5: ``model.vision_model``;
-    transformers 4: ``model.vision_model.vision_model`` or ``model.vision_model``)."""
-    vision = model.vision_model
-    vision = getattr(vision, "vision_model", vision)
-    if not (hasattr(vision, "embeddings") and hasattr(getattr(vision, "encoder", None), "layers")):
-        raise TypeError(f"patch_hf_clip: {type(vision).__qualname__} has no embeddings / encoder.layers")
-    return vision
-
-
-def _layer_parts(layer):
-    """``CLIPEncoderLayer`` split at EViT's reduction point (see token_reduction.BlockParts)."""
-    import torch.nn.functional as F
-
-    attn = getattr(layer, "self_attn", None)
-    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "scale")):
-        raise TypeError(f"EViT token removal supports CLIPEncoderLayer-like layers, not {type(layer).__qualname__}")
-    heads = attn.num_heads
-
-    def attention(x):
-        h = layer.layer_norm1(x)
-        q, k, v = (split_heads(proj(h), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0,
-                                             scale=attn.scale)
-        return x + attn.out_proj(reduction.merge_heads(out)), q, k
-
-    def mlp(x):
-        return x + layer.mlp(layer.layer_norm2(x))
-
-    return reduction.BlockParts(attention, mlp, scale=attn.scale)

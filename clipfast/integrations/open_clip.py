@@ -65,13 +65,15 @@ def patch_open_clip(model, *, token_removal=None, token_medoids=None):
 
     Args:
         model: an ``open_clip`` ``CLIP`` / ``CustomTextCLIP`` (its ``.visual`` is patched) or a
-            ``VisionTransformer`` itself, with the default ``ResidualAttentionBlock`` blocks
-            (``nn.MultiheadAttention``, batch first).
+            ``VisionTransformer`` itself (batch first, open_clip's default since 2.24).
         token_removal: a :class:`~clipfast.integrations.token_reduction.TokenRemoval`:
             ``given_scores`` hooks ``visual.patch_dropout`` (right after the positional embedding; the
             model's own patch dropout must be off), ``self_attention`` replaces the chosen resblocks'
             ``forward`` (attention through SDPA from the block's own weights, then EViT's reduction, then
-            the MLP).
+            the MLP). EViT supports the blocks :func:`clipfast.attention_scores` reads
+            (:mod:`clipfast.integrations.vision_blocks`): ``ResidualAttentionBlock`` with
+            ``nn.MultiheadAttention`` and ``CustomResidualAttentionBlock`` with open_clip's ``Attention``
+            (qk-norm, head scale, inner and post-attention norms; not scaled-cosine attention).
         token_medoids: a :class:`~clipfast.integrations.token_reduction.TokenMedoids`: the input of
             ``transformer.resblocks[block]`` becomes :func:`clipfast.segment_medoids` of it; images are
             the frames of videos folded into the batch (``(B*T, 3, H, W)``) and the tower returns
@@ -81,6 +83,11 @@ def patch_open_clip(model, *, token_removal=None, token_medoids=None):
         A :class:`~clipfast.integrations.token_reduction.VisionPatchHandle` (``keep_scores(scores)`` for
         given scores; ``unpatch()``; a context manager).
 
+    Raises:
+        TypeError: ``model`` is not an open_clip vision tower or model, or an EViT block is not supported
+            (the same error ``attention_scores`` raises for it).
+        ValueError: neither reduction asked for, or one that does not fit the model.
+
     Example (A-CLIP's online view, scores from an unpatched EMA copy)::
 
         handle = clipfast.patch_open_clip(model, token_removal=TokenRemoval.given_scores(0.5, block=2))
@@ -89,46 +96,8 @@ def patch_open_clip(model, *, token_removal=None, token_medoids=None):
             features = model.encode_image(online_view)
     """
     from clipfast.integrations import token_reduction as reduction
+    from clipfast.integrations import vision_blocks
 
-    visual = getattr(model, "visual", model)
-    transformer = getattr(visual, "transformer", None)
-    if not (hasattr(visual, "patch_dropout") and hasattr(visual, "grid_size")
-            and hasattr(transformer, "resblocks")):
-        raise TypeError(f"patch_open_clip expects an open_clip CLIP model or VisionTransformer, got "
-                        f"{type(model).__module__}.{type(model).__qualname__}")
-    if not getattr(transformer, "batch_first", True):
-        raise TypeError("patch_open_clip supports batch-first transformers only (open_clip >= 2.24 default)")
-    if token_removal is None and token_medoids is None:
-        raise ValueError("patch_open_clip: pass token_removal=... and/or token_medoids=...")
-    handle = reduction.VisionPatchHandle(visual, "clipfast.patch_open_clip")
-    reduction.install(handle, embedding_output=visual.patch_dropout, grid=tuple(visual.grid_size),
-                      blocks=transformer.resblocks, num_prefix=1,  # open_clip's class embedding
-                      parts_of=_block_parts, token_removal=token_removal, token_medoids=token_medoids)
-    return handle
-
-
-def _block_parts(block):
-    """open_clip ``ResidualAttentionBlock`` split at EViT's reduction point (see token_reduction.BlockParts)."""
-    import torch
-    import torch.nn.functional as F
-
-    from clipfast.attention_scores import split_heads
-    from clipfast.integrations.token_reduction import BlockParts, merge_heads
-
-    attn = getattr(block, "attn", None)
-    if not (isinstance(attn, torch.nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
-            and hasattr(block, "ln_1") and hasattr(block, "ls_1") and not hasattr(block, "ln_1_kv")):
-        raise TypeError(f"EViT token removal supports open_clip's ResidualAttentionBlock (self-attention through "
-                        f"a batch-first nn.MultiheadAttention), not {type(block).__qualname__}")
-    heads = attn.num_heads
-
-    def attention(x):
-        q, k, v = (split_heads(t, heads) for t in
-                   F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if block.training else 0.0)
-        return x + block.ls_1(attn.out_proj(merge_heads(out))), q, k
-
-    def mlp(x):
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-    return BlockParts(attention, mlp, scale=attn.head_dim ** -0.5)
+    return reduction.patch_vision_tower("patch_open_clip", model, vision_blocks.open_clip_tower(model),
+                                        "an open_clip CLIP model or VisionTransformer", token_removal=token_removal,
+                                        token_medoids=token_medoids)

@@ -11,14 +11,16 @@ Three insertions, each on the given instance only and undone by ``handle.unpatch
 - **self attention** (EViT): the chosen blocks' ``forward`` is replaced (an instance attribute) by the same
   computation split in two: attention (fused SDPA, from the block's own weights), then the tokens are
   reduced by that block's [CLS] attention (:func:`clipfast.cls_attention_scores` on the same q, k), then
-  the MLP on the kept tokens. Each framework supplies the attention half (:class:`BlockParts`).
+  the MLP on the kept tokens. Both halves come from the block's description
+  (:class:`~clipfast.integrations.vision_blocks.VisionBlock`), the same one :func:`clipfast.attention_scores`
+  reads, so EViT and the scores support the same blocks.
 - **medoids** (CenterCLIP): a forward pre-hook on the chosen block replaces its input by
   :func:`clipfast.segment_medoids` of it (video frames folded into the batch: ``(B*T, 1+L, D)`` becomes
   ``(B*S, 1+K, D)``, so the tower returns one embedding per segment).
 
 All shapes are fixed, and checked, when the patch is made (a count, grid or block size that does not fit the
-model, or EViT removal on a tower without a class token, raises then, not at the first forward), so ``torch.compile(fullgraph=True)`` traces the patched
-towers without graph breaks.
+model, or EViT removal on a tower without a class token, raises then, not at the first forward), so
+``torch.compile(fullgraph=True)`` traces the patched towers without graph breaks.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from clipfast.attention_scores import cls_attention_scores
 from clipfast.functional import attentive_token_keep, resolve_num_keep, segment_medoids
 from clipfast.inputs import as_int, int_in_range, is_int_like
 from clipfast.integrations._handle import PatchHandle
+from clipfast.integrations.vision_blocks import VisionBlock, VisionTower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,18 +131,6 @@ class VisionPatchHandle(PatchHandle):
         self.scores = None
 
 
-@dataclasses.dataclass
-class BlockParts:
-    """One transformer block split where EViT reduces tokens (all tensors (B, N, D), batch first).
-
-    ``attention(x) -> (x + attention branch, q, k)`` with q, k as (B, H, N, Dh) (what the block's softmax
-    sees, scale included in ``scale``); ``mlp(x) -> x + MLP branch``."""
-
-    attention: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    mlp: Callable[[torch.Tensor], torch.Tensor]
-    scale: float
-
-
 def check_block_indices(blocks, depth: int, what: str) -> None:
     for index in blocks:
         if int_in_range(index, 0, depth - 1) is None:
@@ -175,14 +166,17 @@ def install_given_scores(handle: VisionPatchHandle, embedding_output: torch.nn.M
     handle.add_hook(embedding_output.register_forward_hook(keep_hook))
 
 
-def self_attention_forward(parts_of: Callable[[torch.nn.Module], BlockParts], removal: TokenRemoval,
-                           num_prefix: int):
-    """A block ``forward`` (bind with ``types.MethodType``) doing EViT's attention / reduce / MLP."""
+def self_attention_forward(describe_block: Callable[[torch.nn.Module, str], VisionBlock], where: str,
+                           removal: TokenRemoval, num_prefix: int):
+    """A block ``forward`` (bind with ``types.MethodType``) doing EViT's attention / reduce / MLP.
+
+    The block is described anew on every call, from the block the forward is bound to: a deep copy of the
+    patched model then runs its own weights. The closure holds no module."""
     def forward(block, x, *args, **kwargs):
         if any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):
             raise NotImplementedError("clipfast's EViT token removal supports unmasked vision blocks only "
                                       "(an attention mask was passed)")
-        parts = parts_of(block)
+        parts = describe_block(block, where)
         x, q, k = parts.attention(x)
         with torch.no_grad():
             scores = cls_attention_scores(q, k, scale=parts.scale, num_prefix_tokens=num_prefix)
@@ -194,17 +188,18 @@ def self_attention_forward(parts_of: Callable[[torch.nn.Module], BlockParts], re
     return forward
 
 
-def install_self_attention(handle: VisionPatchHandle, blocks, removal: TokenRemoval, num_prefix: int,
-                           parts_of: Callable[[torch.nn.Module], BlockParts], has_class_token: bool = True) -> None:
-    if not has_class_token or num_prefix < 1:
+def install_self_attention(handle: VisionPatchHandle, tower: VisionTower, removal: TokenRemoval) -> None:
+    """The EViT insertion: the chosen blocks' ``forward`` replaced (instance attributes)."""
+    if not tower.has_class_token or tower.num_prefix_tokens < 1:
         raise ValueError(f"{handle.name}: TokenRemoval.self_attention (EViT) ranks patches by the [CLS] token's "
                          "attention, and this model has no class token; use TokenRemoval.given_scores with "
                          "scores of your own")
-    check_block_indices(removal.blocks, len(blocks), "TokenRemoval.self_attention")
-    forward = self_attention_forward(parts_of, removal, num_prefix)
-    for index in removal.blocks:
-        parts_of(blocks[index])  # fail at patch time on an unsupported block, not in the first forward
-        handle.set(blocks[index], "forward", types.MethodType(forward, blocks[index]))
+    check_block_indices(removal.blocks, len(tower.blocks), "TokenRemoval.self_attention")
+    for index in map(operator.index, removal.blocks):
+        tower.block(index)  # fail at patch time on an unsupported block (attention_scores' error), not at forward
+        forward = self_attention_forward(tower.describe_block, tower.block_path(index), removal,
+                                         tower.num_prefix_tokens)
+        handle.set(tower.blocks[index], "forward", types.MethodType(forward, tower.blocks[index]))
 
 
 def patches_at_block(block_index: int, patches: int, removal: Optional[TokenRemoval], grid: Tuple[int, int]) -> int:
@@ -251,12 +246,24 @@ def install_medoids(handle: VisionPatchHandle, blocks, medoids: TokenMedoids, nu
     handle.add_hook(blocks[block].register_forward_pre_hook(medoid_hook, with_kwargs=True))
 
 
-def install(handle: VisionPatchHandle, *, embedding_output: torch.nn.Module, grid: Tuple[int, int], blocks,
-            num_prefix: int, parts_of: Callable[[torch.nn.Module], BlockParts],
-            token_removal: Optional[TokenRemoval], token_medoids: Optional[TokenMedoids],
-            has_class_token: bool = True) -> None:
+def patch_vision_tower(patch_name: str, model, tower: Optional[VisionTower], expected: str, *,
+                       token_removal: Optional[TokenRemoval], token_medoids: Optional[TokenMedoids]) -> VisionPatchHandle:
+    """The whole of ``patch_open_clip`` / ``patch_timm_vit`` once ``tower`` (None: ``model`` is not one,
+    TypeError naming ``expected``) has been found: a handle on the tower with every insertion asked for."""
+    if tower is None:
+        raise TypeError(f"{patch_name} expects {expected}, got {type(model).__module__}.{type(model).__qualname__}")
+    if token_removal is None and token_medoids is None:
+        raise ValueError(f"{patch_name}: pass token_removal=... and/or token_medoids=...")
+    handle = VisionPatchHandle(tower.module, f"clipfast.{patch_name}")
+    install(handle, tower, token_removal=token_removal, token_medoids=token_medoids)
+    return handle
+
+
+def install(handle: VisionPatchHandle, tower: VisionTower, *, token_removal: Optional[TokenRemoval],
+            token_medoids: Optional[TokenMedoids]) -> None:
     """Every insertion asked for, on one tower; on any error the handle is unpatched before re-raising.
     Every shape the patch fixes (kept count, block grid, class token, medoid count) is checked here."""
+    embedding_output, grid, num_prefix = tower.embedding_output, tower.grid, tower.num_prefix_tokens
     try:
         if token_removal is not None and token_removal.mode == "given_scores":
             if getattr(embedding_output, "prob", 0.0) > 0:
@@ -264,16 +271,11 @@ def install(handle: VisionPatchHandle, *, embedding_output: torch.nn.Module, gri
                                  f"(prob={embedding_output.prob}); attentive removal replaces it, turn it off")
             install_given_scores(handle, embedding_output, token_removal, num_prefix, grid)
         elif token_removal is not None:
-            install_self_attention(handle, blocks, token_removal, num_prefix, parts_of, has_class_token)
+            install_self_attention(handle, tower, token_removal)
         if token_medoids is not None:
-            check_block_indices((token_medoids.block,), len(blocks), "TokenMedoids")
+            check_block_indices((token_medoids.block,), len(tower.blocks), "TokenMedoids")
             patches = patches_at_block(operator.index(token_medoids.block), grid[0] * grid[1], token_removal, grid)
-            install_medoids(handle, blocks, token_medoids, num_prefix, patches)
+            install_medoids(handle, tower.blocks, token_medoids, num_prefix, patches)
     except BaseException:
         handle.unpatch()
         raise
-
-
-def merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, Dh) -> (B, N, H * Dh)."""
-    return t.transpose(1, 2).flatten(2)

@@ -35,6 +35,19 @@ def _open_clip_visual():
                                                    layers=DEPTH, heads=HEADS, mlp_ratio=4.0, output_dim=32).eval()
 
 
+def _open_clip_attention_visual():
+    """open_clip's CustomResidualAttentionBlock / Attention with every option EViT must respect."""
+    torch.manual_seed(0)
+    visual = open_clip.transformer.VisionTransformer(
+        image_size=GRID * PATCH, patch_size=PATCH, width=WIDTH, layers=DEPTH, heads=HEADS, mlp_ratio=4.0,
+        output_dim=32, ls_init_value=0.5, qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True,
+        scale_fc=True).eval()
+    with torch.no_grad():
+        for block in visual.transformer.resblocks:
+            block.attn.head_scale.uniform_(0.5, 1.5)  # starts at ones, which would hide a dropped head scale
+    return visual
+
+
 def _timm_vit():
     torch.manual_seed(0)
     # LayerScale and q/k norms on, so that the patched blocks must respect them.
@@ -171,6 +184,17 @@ def _plain_open_clip_block(block, x, keep_ratio, fuse):
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def _plain_open_clip_attention_block(block, x, keep_ratio, fuse):
+    """open_clip's own Attention for the output; its softmax map written out from the same weights."""
+    attn, h = block.attn, block.ln_1(x)
+    q, k, _ = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+               for t in F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
+    attn_map = torch.softmax(attn.ln_q(q) @ attn.ln_k(k).transpose(-1, -2) * attn.scale, dim=-1)
+    x = x + block.ls_1(block.ln_attn(attn(h)))
+    x = _evit_plain_reduce(x, attn_map, keep_ratio, fuse)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 def _plain_timm_block(block, x, keep_ratio, fuse):
     captured = {}
     block.attn.fused_attn = False  # timm's explicit path; its attn_drop sees the softmax map
@@ -194,6 +218,8 @@ def _plain_hf_layer(layer, x, keep_ratio, fuse):
 EVIT_TOWERS = {
     "open_clip": (_open_clip_visual, lambda m: m.transformer.resblocks, _plain_open_clip_block,
                   lambda m, x: m(x), clipfast.patch_open_clip),
+    "open_clip_attention": (_open_clip_attention_visual, lambda m: m.transformer.resblocks,
+                            _plain_open_clip_attention_block, lambda m, x: m(x), clipfast.patch_open_clip),
     "timm": (_timm_vit, lambda m: m.blocks, _plain_timm_block, lambda m, x: m(x), clipfast.patch_timm_vit),
     "hf": (lambda: _hf_clip("eager"), lambda m: m.vision_model.encoder.layers, _plain_hf_layer,
            lambda m, x: m.get_image_features(pixel_values=x), clipfast.patch_hf_clip),
@@ -282,6 +308,8 @@ COMPILE_CASES = {
                        dict(token_removal=TokenRemoval.self_attention(0.5, blocks=(1,), fuse_dropped=True)), 3),
     "open_clip-medoids": (_open_clip_visual, clipfast.patch_open_clip,
                           dict(token_medoids=TokenMedoids(block=2, num_frames=3, num_segments=1, num_medoids=6)), 6),
+    "open_clip_attention-evit": (_open_clip_attention_visual, clipfast.patch_open_clip,
+                                 dict(token_removal=TokenRemoval.self_attention(0.5, blocks=(0, 2))), 3),
     "timm-given": (_timm_vit, clipfast.patch_timm_vit, dict(token_removal=TokenRemoval.given_scores(7)), 3),
     "timm-evit": (_timm_vit, clipfast.patch_timm_vit,
                   dict(token_removal=TokenRemoval.self_attention(0.7, blocks=(1, 3))), 3),
