@@ -246,7 +246,12 @@ def ring_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.T
     Returns:
         0-d fp32 loss; feature gradients are summed over ranks exactly as with gather_with_grad.
     """
+    from clipfast import functional
+
+    functional.check_feature_pair(image, text)  # this rank's pair, then the same (n, D, dtype) on every rank
     check_consistent_features(image, text, group)
+    logit_scale = functional.as_scalar_tensor(logit_scale, "logit_scale", image)
+    logit_bias = functional.as_scalar_tensor(logit_bias, "logit_bias", image)
     _ops._check_scalar_values(logit_scale, logit_bias)
     return _RingInfoNCE.apply(image, text, logit_scale, logit_bias, group)
 

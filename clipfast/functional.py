@@ -32,7 +32,8 @@ def check_float_tensor(t, name: str, layout: tuple) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def _check_features(image_features, text_features, name_a="image_features", name_b="text_features"):
+def check_feature_pair(image_features, text_features, name_a="image_features", name_b="text_features"):
+    """TypeError / ValueError unless both are non-empty 2-D float tensors of one dtype, one D and one device."""
     for name, t in ((name_a, image_features), (name_b, text_features)):
         check_float_tensor(t, name, ("batch", "dim"))
         if t.shape[0] == 0:
@@ -59,7 +60,7 @@ def _autocast_features(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, 
     return a, b
 
 
-def _as_scalar_tensor(value: Optional[Scalar], name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+def as_scalar_tensor(value: Optional[Scalar], name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
     """A one-element float tensor on ``like``'s device; Python numbers are converted, shapes kept."""
     if value is None:
         return None
@@ -111,7 +112,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     ``"high"``). NaN or Inf in the features propagate to a NaN (or Inf) loss; nothing is silently
     masked. Non-contiguous and expanded inputs are accepted (made contiguous, O(N*D)). CPU results are bitwise reproducible for a fixed number of threads.
     """
-    _check_features(image_features, text_features)
+    check_feature_pair(image_features, text_features)
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(f"the symmetric CLIP loss needs as many images as texts, got "
                          f"{image_features.shape[0]} and {text_features.shape[0]}; "
@@ -135,7 +136,7 @@ def contrastive_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, logit_s
     Returns:
         0-d float32 (float64 for float64 inputs).
     """
-    _check_features(queries, keys, "queries", "keys")
+    check_feature_pair(queries, keys, "queries", "keys")
     label_offset = as_int(label_offset, "label_offset")
     if label_offset < 0 or label_offset + queries.shape[0] > keys.shape[0]:
         raise ValueError(f"label_offset={label_offset!r} with {queries.shape[0]} queries needs "
@@ -146,8 +147,8 @@ def contrastive_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, logit_s
 def _infonce(queries, keys, logit_scale, logit_bias, label_offset, label_smoothing, symmetric):
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    scale = _as_scalar_tensor(logit_scale, "logit_scale", queries)
-    bias = _as_scalar_tensor(logit_bias, "logit_bias", queries)
+    scale = as_scalar_tensor(logit_scale, "logit_scale", queries)
+    bias = as_scalar_tensor(logit_bias, "logit_bias", queries)
     queries, keys = _autocast_features(queries, keys)
     loss, _, _ = _ops.contrastive_loss(queries, keys, scale, bias, label_offset, symmetric,
                                        float(label_smoothing))
@@ -175,7 +176,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         0-d float32 (float64 for float64 inputs); gradients for both features, ``logit_scale``
         and ``logit_bias``. Raises and numerics as :func:`clip_loss`.
     """
-    _check_features(image_features, text_features)
+    check_feature_pair(image_features, text_features)
     n, m = image_features.shape[0], text_features.shape[0]
     if logit_bias is None:
         raise ValueError("siglip_loss needs logit_bias (SigLIP learns one; open_clip passes model.logit_bias)")
@@ -183,8 +184,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if not negative_only and (label_offset < 0 or label_offset + n > m):
         raise ValueError(f"label_offset={label_offset!r} with {n} images needs 0 <= label_offset <= {m - n} "
                          f"for {m} texts (N != M needs negative_only=True or a label_offset)")
-    scale = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
-    bias = _as_scalar_tensor(logit_bias, "logit_bias", image_features)
+    scale = as_scalar_tensor(logit_scale, "logit_scale", image_features)
+    bias = as_scalar_tensor(logit_bias, "logit_bias", image_features)
     image_features, text_features = _autocast_features(image_features, text_features)
     return _ops.siglip_loss(image_features, text_features, scale, bias, int(label_offset), bool(negative_only))
 
