@@ -373,8 +373,4 @@ int clipfast_schur_covariance_rff_du_cuda(const float* phi, const float* dphi, i
   return cudaGetLastError();
 }
 
-const char* clipfast_schur_covariance_cuda_error_string(int code) {
-  return cudaGetErrorString(static_cast<cudaError_t>(code));
-}
-
 }  // extern "C"

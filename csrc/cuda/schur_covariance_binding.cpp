@@ -7,8 +7,6 @@
 // or the dphi products and the chain rule through phi (backward). Memory: O(F^2 + kTileRows * F).
 // Everything runs in fp32 on the current stream; nothing synchronises with the host.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,6 +15,7 @@
 #include <tuple>
 
 #include "clipfast/checks.h"
+#include "clipfast/cuda_binding.h"
 #include "clipfast/schur_covariance_cuda.h"
 
 namespace clipfast {
@@ -24,10 +23,6 @@ namespace {
 
 constexpr int64_t kTileRows = 1024;
 constexpr const char* kOp = "schur_covariance_gram";
-
-void check_launch(int code, const char* op) {
-  TORCH_CHECK(code == 0, op, ": CUDA kernel launch failed: ", clipfast_schur_covariance_cuda_error_string(code));
-}
 
 int parse_covariance(c10::string_view name) {
   if (name == "column_cosine") return CLIPFAST_SCHUR_COVARIANCE_COLUMN_COSINE;
@@ -50,14 +45,10 @@ Problem make_problem(const at::Tensor& image, const at::Tensor& text, c10::strin
   check_feature_pair(image, text, kOp);
   TORCH_CHECK(image.size(0) == text.size(0), kOp, ": image has ", image.size(0), " rows but text has ", text.size(0),
               " (pairs are rows)");
-  TORCH_CHECK(image.is_cuda(), op, ": expected CUDA tensors, got image on ", image.device());
-  const at::ScalarType dtype = image.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": the CUDA kernels take float32, float16 or bfloat16 features, got ", dtype,
-              " (float64 runs on the CPU or reference backends)");
+  assert_on_cuda(image, op, "image");
   Problem p;
   p.covariance = parse_covariance(covariance);
-  p.dtype = dtype == at::kFloat ? CLIPFAST_F32 : dtype == at::kHalf ? CLIPFAST_F16 : CLIPFAST_BF16;
+  p.dtype = cuda_dtype_code(image, op, "image");
   p.image = image.detach().contiguous();
   p.text = text.detach().contiguous();
   p.n = image.size(0);
@@ -68,16 +59,13 @@ Problem make_problem(const at::Tensor& image, const at::Tensor& text, c10::strin
     TORCH_CHECK(omegas.has_value() && omegas->dim() == 2 && omegas->size(0) == image.size(1), kOp,
                 ": 'rff' needs omegas of shape (", image.size(1), ", m)");
     TORCH_CHECK(omegas->size(1) > 0, kOp, ": omegas needs at least one frequency");
-    TORCH_CHECK(omegas->device() == image.device(), op, ": omegas must be on ", image.device(),
-                " like the features, got ", omegas->device());
+    assert_same_device(*omegas, image, op, "omegas");
     p.omegas = omegas->detach().to(at::kFloat).contiguous();
     p.m = omegas->size(1);
     p.features = 2 * p.m;
   }
   return p;
 }
-
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::TensorOptions fp32_like(const at::Tensor& x) { return x.options().dtype(at::kFloat); }
 
@@ -159,8 +147,7 @@ std::tuple<at::Tensor, at::Tensor> schur_covariance_gram_backward_cuda(
   for (const at::Tensor* g : {&grad_tt, &grad_tx, &grad_xx}) {
     TORCH_CHECK(g->dim() == 2 && g->size(0) == f && g->size(1) == f, op, ": gradients must be (", f, ", ", f,
                 "), got ", g->sizes());
-    TORCH_CHECK(g->device() == image.device(), op, ": gradients must be on ", image.device(),
-                " like the features, got ", g->device());
+    assert_same_device(*g, image, op, "each gradient");
   }
   at::Tensor d_image = at::empty({p.n, p.dim}, fp32_like(p.image));
   at::Tensor d_text = at::empty({p.n, p.dim}, fp32_like(p.image));

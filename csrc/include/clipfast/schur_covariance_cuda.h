@@ -16,15 +16,17 @@
 //     current CUDA device.
 //   - Launches on `stream` (a cudaStream_t; NULL = legacy default stream), never synchronises, and returns
 //     the cudaError_t of its launches as an int (0 = success; like any cudaGetLastError check it may also
-//     report an earlier asynchronous error). Invalid arguments (unknown dtype or covariance, negative
-//     sizes, a NULL pointer that will be dereferenced) return cudaErrorInvalidValue without launching;
-//     a problem whose grid does not fit returns cudaErrorInvalidConfiguration.
+//     report an earlier asynchronous error; clipfast_cuda_error_string of cuda_errors.h names it). Invalid
+//     arguments (unknown dtype or covariance, negative sizes, a NULL pointer that will be dereferenced)
+//     return cudaErrorInvalidValue without launching; a problem whose grid does not fit returns
+//     cudaErrorInvalidConfiguration.
 //   - Empty problems (no output element) launch nothing and return 0. 64-bit index math throughout.
 //   - Deterministic: every output element is written by one thread in a fixed order (no atomics).
 #pragma once
 #include <stdint.h>
 
-#include "clipfast/dtype_codes.h"
+#include "clipfast/cuda_errors.h"  // clipfast_cuda_error_string: the message of a returned code
+#include "clipfast/dtype_codes.h"  // CLIPFAST_F32 / F16 / BF16: the dtype codes of the embeddings
 
 #ifdef __cplusplus
 extern "C" {
@@ -69,9 +71,6 @@ int clipfast_schur_covariance_row_cosine_grad_cuda(const void* z, int dtype, int
 // -> dz.
 int clipfast_schur_covariance_rff_du_cuda(const float* phi, const float* dphi, int64_t rows, int64_t m, float* du,
                                           void* stream);
-
-// cudaGetErrorString of a code returned above.
-const char* clipfast_schur_covariance_cuda_error_string(int code);
 
 #ifdef __cplusplus
 }
