@@ -468,7 +468,8 @@ def schur_complement(image_features: torch.Tensor, text_features: torch.Tensor, 
         ValueError: non-2-D inputs, n or d mismatch, n < 2, NaN/Inf values (clipfast.inputs.NON_FINITE_RULE:
         ValueError on CPU; an async device assert, a RuntimeError, on CUDA and under torch.compile), an
         all-zero row (column for "clip-dissection") with the cosine kernel, unknown kernel or convention,
-        missing or non-positive sigma, missing rff_dim, omegas whose rows differ from d, cosine with Gaussian options, negative ridge.
+        missing or non-positive sigma, missing rff_dim, omegas whose rows differ from d, cosine with Gaussian
+        options, negative ridge.
         torch.linalg.LinAlgError: the Cholesky factor does not exist (ridge 0 with a singular C_tt).
     """
     split, out_dtype = _work_split(image_features, text_features, kernel, sigma, rff_dim, omegas, generator, ridge,
