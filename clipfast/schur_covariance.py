@@ -45,7 +45,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from clipfast.dtypes import compute_dtype
-from clipfast.functional import check_float_tensor
+from clipfast.functional import check_feature_pair, check_float_tensor
 from clipfast.inputs import check_no_nan
 from clipfast.ops.schur_covariance import kernel_covariance
 from clipfast.reference.schur_covariance import PUBLISHED_EIGENVALUE_FLOOR, PUBLISHED_RIDGE, rff_features
@@ -128,12 +128,6 @@ class ExactGaussianSchur:
 # module (clipfast.nn.SchurComplementEntropy) and the CLI (python -m clipfast.sce).
 # ----------------------------------------------------------------------------------------------------
 
-def _check_embeddings(t, name: str) -> None:
-    check_float_tensor(t, name, ("n", "d"))
-    if t.shape[1] == 0:
-        raise ValueError(f"{name} has feature dimension 0 (shape {tuple(t.shape)})")
-
-
 def _check_finite(t: torch.Tensor, name: str) -> None:
     # clipfast.inputs.NON_FINITE_RULE: the eigendecompositions would turn a NaN into garbage or a LAPACK
     # error, so it raises (ValueError on CPU; an async device assert on CUDA and under torch.compile).
@@ -161,20 +155,14 @@ def check_pairs(image, text, image_name: str = "image_features", text_name: str 
     """Checks paired embeddings ``image: (n, d)`` and ``text: (n, d)``: float tensors of one dtype and
     device, row i of ``text`` the prompt of row i of ``image``, ``n >= min_rows``, ``d >= 1``, no NaN/Inf
     (clipfast.inputs.NON_FINITE_RULE). Raises TypeError/ValueError naming ``image_name``/``text_name``."""
-    _check_embeddings(image, image_name)
-    _check_embeddings(text, text_name)
-    if image.dtype != text.dtype:
-        raise TypeError(f"{image_name} and {text_name} dtypes differ: {image.dtype} vs {text.dtype}")
-    if image.device != text.device:
-        raise ValueError(f"{image_name} is on {image.device} but {text_name} on {text.device}")
+    for t, name in ((image, image_name), (text, text_name)):
+        check_float_tensor(t, name, ("n", "d"))
     if image.shape[0] != text.shape[0]:
         raise ValueError(f"{image_name} and {text_name} must be paired row by row, got {image.shape[0]} and "
                          f"{text.shape[0]} rows")
-    if image.shape[1] != text.shape[1]:
-        raise ValueError(f"feature dimensions differ: {image_name} {tuple(image.shape)}, "
-                         f"{text_name} {tuple(text.shape)}")
     if image.shape[0] < min_rows:
         raise ValueError(f"need at least {min_rows} pairs, got {image.shape[0]}")
+    check_feature_pair(image, text, image_name, text_name)  # one dtype, one device, one d >= 1
     _check_finite(image, image_name)
     _check_finite(text, text_name)
 
