@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import clipfast
-from clipfast.testing import run_gloo
+from clipfast.testing.gloo import run_gloo
 
 pytest.importorskip("open_clip.loss", reason="open-clip-torch is not installed")
 
