@@ -251,7 +251,7 @@ setup(
         "Typing :: Typed",
     ],
     packages=["clipfast", "clipfast.reference", "clipfast.ops", "clipfast.nn", "clipfast.bench",
-              "clipfast.integrations", "clipfast.triton_kernels"],
+              "clipfast.integrations", "clipfast.testing", "clipfast.triton_kernels"],
     package_dir={"clipfast.triton_kernels": "triton_kernels"},
     package_data={"clipfast": ["py.typed"]},
     zip_safe=False,
