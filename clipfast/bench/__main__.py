@@ -4,9 +4,10 @@ contrastive: every case of the op (providers x N, fp32, D = 512, forward + backw
 the targets, bench-results/contrastive.csv and PNG plots; about 5 minutes on 2 cores (open_clip at
 N = 16384 and clipfast at N = 65536 dominate); --quick stops at N = 4096 (about a minute).
 distributed: open_clip's production distributed ClipLoss against clipfast's gather and ring variants
-on 2 gloo processes (see clipfast.bench.distributed); about a minute.
-schur, token_medoids, token_keep: the cases of clipfast.bench.schur, .token_medoids and .token_keep (the
-same lists as benchmarks/bench_<op>.py), each with its table, targets, <op>.csv and PNG plots.
+on 2 gloo processes (see clipfast.bench.distributed), with its table, targets, distributed.csv and PNG
+plots; about a minute.
+schur_covariance, token_medoids, token_keep: the cases of clipfast.bench.<op> (the same lists as
+benchmarks/bench_<op>.py), each with its table, targets, <op>.csv and PNG plots.
 Every time is a median of repetitions after a warm-up run; targets that apply only at sizes a run does
 not reach are printed as "not run".
 """
@@ -26,6 +27,8 @@ from clipfast.bench import report
 
 # The ceiling matmul at N = 65536 would need a 16 GiB output; larger N reuse the largest measured one.
 CEILING_MAX_N = 16384
+# The ops whose benchmark is the module clipfast.bench.<op stem> with cases(quick) and run(quick, out_dir, log).
+OPS = ("schur_covariance", "token_medoids", "token_keep")
 
 
 def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tuple[list[report.Row], bool]:
@@ -67,9 +70,9 @@ def main(argv=None) -> int:
         description="clipfast benchmarks: tables, targets (PASS / FAIL / not run), CSV and plots. Every time is "
                     "the median of repetitions after a warm-up run.")
     parser.add_argument("--op", default="contrastive",
-                        choices=["contrastive", "distributed", "schur", "token_medoids", "token_keep", "all"],
-                        help="contrastive (single process), distributed (2 gloo processes), schur, token_medoids, "
-                             "token_keep, or all (default: contrastive)")
+                        choices=["contrastive", "distributed", *OPS, "all"],
+                        help="contrastive (single process), distributed (2 gloo processes), "
+                             f"{', '.join(OPS)}, or all (default: contrastive)")
     parser.add_argument("--quick", action="store_true",
                         help=f"small sizes only (contrastive N in {list(bench_cases.QUICK_SIZES)}, distributed n = "
                              "1024, no published-procedure ports); targets needing larger sizes show 'not run'")
@@ -92,13 +95,13 @@ def main(argv=None) -> int:
     if args.op in ("distributed", "all"):
         from clipfast.bench import distributed
 
-        sizes = args.sizes or ((1024,) if args.quick else distributed.SIZES)
+        sizes = args.sizes or (distributed.QUICK_SIZES if args.quick else distributed.SIZES)
         print(f"\nclipfast.bench: op=distributed n/rank={list(sizes)}", flush=True)
-        text, distributed_met = distributed.run(sizes)
-        print(report.machine_line())
+        text, distributed_met = distributed.run(sizes, args.out)
+        print()
         print(text)
         met &= distributed_met
-    for op in ("schur", "token_medoids", "token_keep"):  # each module's run(quick, out_dir, log) -> (text, met)
+    for op in OPS:  # each module's run(quick, out_dir, log) -> (text, met)
         if args.op in (op, "all"):
             module = importlib.import_module(f"clipfast.bench.{op}")
             print(f"\nclipfast.bench: op={op} quick={args.quick}", flush=True)

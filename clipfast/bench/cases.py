@@ -4,10 +4,10 @@ Contrastive (:class:`Case`): a provider turns a case into a ``step()`` callable 
 once: forward only (``mode="fwd"``) or forward + backward (``mode="fwd_bwd"``), the way a training step
 calls the loss (``logit_scale`` is a learnable log-scale exponentiated inside the step, as in open_clip).
 
-Every other op (:class:`OpCase`): each op module (``clipfast.bench.schur``, ``.token_medoids``,
-``.token_keep``) lists its cases in ``cases(quick)``; a case names the function that builds its inputs
-and the step over them, so nothing is built before a case runs, and :func:`measure_cases` turns the
-list into report rows.
+Every other op (:class:`OpCase`): each op module, named by the op's stem
+(``clipfast.bench.schur_covariance``, ``.token_medoids``, ``.token_keep``), lists its cases in
+``cases(quick)``; a case names the function that builds its inputs and the step over them, so nothing
+is built before a case runs, and :func:`measure_cases` turns the list into report rows.
 """
 
 from __future__ import annotations

@@ -95,13 +95,15 @@ def device_name(device: str = "cpu") -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def machine_line() -> str:
+def machine_line(threads: Optional[str] = None) -> str:
     """One line for the top of every table; the load average is read now (CPU timings on a shared machine
-    are only comparable within one run)."""
+    are only comparable within one run). ``threads`` says how the measured steps ran when not on this
+    process's torch threads (the distributed benchmark's worker processes)."""
     m = machine()
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (f"machine: {m['cpu']} ({m['arch']}, {m['cpus']} CPUs) | ISA: {m['isa']} (ATen: {m['aten_isa']}) | "
-            f"threads: {torch.get_num_threads()} | BLAS: {m['blas']} | torch {m['torch']} | load avg {load}")
+            f"threads: {threads or torch.get_num_threads()} | BLAS: {m['blas']} | torch {m['torch']} | "
+            f"load avg {load}")
 
 
 def _git_sha() -> str:
@@ -214,10 +216,11 @@ def op_columns(time_unit: str = "s", group_width: int = 14, shape_width: int = 2
     )
 
 
-def table(rows: list[Row], columns=CONTRASTIVE_COLUMNS) -> str:
-    """The machine line, a header and one aligned line per row; a blank line between (group, size) blocks."""
+def table(rows: list[Row], columns=CONTRASTIVE_COLUMNS, threads: Optional[str] = None) -> str:
+    """The machine line (``threads``: see :func:`machine_line`), a header and one aligned line per row; a
+    blank line between (group, size) blocks."""
     header = "".join(column.render(column.title) for column in columns)
-    lines = [machine_line(), header, "-" * len(header)]
+    lines = [machine_line(threads), header, "-" * len(header)]
     previous = None
     for row in rows:
         if previous is not None and (row.group, row.x_value) != previous:
@@ -295,11 +298,11 @@ CSV_FIELDS = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "
               "machine", "clipfast_version", "git_sha", "torch_version", "timestamp"]
 
 
-def write_csv(rows: list[Row], path: str, device_name: str) -> None:
+def write_csv(rows: list[Row], path: str, device_name: str, threads: Optional[str] = None) -> None:
     """Long format: one line per row and metric (time, peak_memory when measured, each throughput), the
     metric's ratio to the row's baseline in the same run; provider is ``group:provider``."""
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    common = {"device_name": device_name, "machine": machine_line().removeprefix("machine: "),
+    common = {"device_name": device_name, "machine": machine_line(threads).removeprefix("machine: "),
               "clipfast_version": clipfast.__version__, "git_sha": _git_sha(), "torch_version": torch.__version__,
               "timestamp": stamp}
     with open(path, "w", newline="") as f:
@@ -313,7 +316,8 @@ def write_csv(rows: list[Row], path: str, device_name: str) -> None:
                 values["peak_memory"] = ("MiB", row.peak_extra_bytes / MIB, None, None,
                                          base_peak / MIB if base_peak is not None else None)
             for metric, (unit, value) in row.throughputs.items():
-                values[metric] = (unit, value, None, None, base.throughputs[metric][1] if base else None)
+                base_value = base.throughputs[metric][1] if base and metric in base.throughputs else None
+                values[metric] = (unit, value, None, None, base_value)
             for metric, (unit, p50, p20, p80, base_value) in values.items():
                 writer.writerow({**common, "op": row.op, "provider": f"{row.group}:{row.provider}",
                                  "mode": row.mode, "metric": metric, "unit": unit, "x_name": row.x_name,
@@ -364,7 +368,8 @@ def plot(rows: list[Row], directory: str, x_label: str, title: Callable[[str], s
                                 for key in series])
                 ax.set_xscale("log")
                 ax.set_xlabel(label)
-                ax.set_title(f"{title(group)}, {x_label}: {metric}")
+                ax.set_title(f"{title(group)}: {metric}\n{x_label}; {group_rows[0].x_name} = {group_rows[0].x_value}",
+                             fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             path = os.path.join(directory, f"{group_rows[0].op}_{_file_stem(group)}_{metric}.png")
             fig.tight_layout()
@@ -375,13 +380,13 @@ def plot(rows: list[Row], directory: str, x_label: str, title: Callable[[str], s
 
 
 def publish(op: str, title: str, rows: list[Row], targets: Targets, out_dir: str, device_name: str,
-            columns=CONTRASTIVE_COLUMNS, notes=(), plot_options=None) -> str:
+            columns=CONTRASTIVE_COLUMNS, notes=(), plot_options=None, threads: Optional[str] = None) -> str:
     """Writes ``<out_dir>/<op>.csv`` and the plots; returns the printable report: the title, the table (the
-    machine line first), notes, the targets and where the files are."""
+    machine line first; ``threads``: see :func:`machine_line`), notes, the targets and where the files are."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{op}.csv")
-    write_csv(rows, csv_path, device_name)
+    write_csv(rows, csv_path, device_name, threads)
     plots = plot(rows, out_dir, **(plot_options or {}))
-    parts = [title, table(rows, columns), *([""] + list(notes) if notes else []), "", "Targets (from this run):", targets.text(),
+    parts = [title, table(rows, columns, threads), *([""] + list(notes) if notes else []), "", "Targets (from this run):", targets.text(),
              f"\nCSV and plots: {csv_path}, " + ", ".join(os.path.basename(p) for p in plots)]
     return "\n".join(parts)

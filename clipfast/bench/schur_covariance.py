@@ -1,4 +1,4 @@
-"""The Schur-complement benchmark (CPU, fp32, d = 512): ``python -m clipfast.bench --op schur``.
+"""The Schur-complement benchmark (CPU, fp32, d = 512): ``python -m clipfast.bench --op schur_covariance``.
 
 Cases, each against baselines measured in the same run:
 
@@ -18,7 +18,7 @@ Cases, each against baselines measured in the same run:
   extra memory (bounded by O(F^2), independent of n).
 
 The cases (:func:`cases`) are shared with ``benchmarks/bench_schur_covariance.py``; :func:`run` measures
-them and prints the table, the targets, ``schur.csv`` and the plots.
+them and prints the table, the targets, ``schur_covariance.csv`` and the plots.
 """
 
 from __future__ import annotations
@@ -108,8 +108,9 @@ def cases(quick: bool = False) -> list[bench_cases.OpCase]:
 
     op_cases = []
     for n in COSINE_SIZES[:2] if quick else COSINE_SIZES:
-        common = dict(op="schur", group="cosine", mode="fwd", x_name="n", x_value=n, shape=(("n", n), ("d", DIM)),
-                      inputs=(pairs, n), baseline="three_gemms", reps=3 if n <= 10000 else 2)
+        common = dict(op="schur_covariance", group="cosine", mode="fwd", x_name="n", x_value=n,
+                      shape=(("n", n), ("d", DIM)), inputs=(pairs, n), baseline="three_gemms",
+                      reps=3 if n <= 10000 else 2)
 
         def sce(inputs):
             text, image = inputs
@@ -125,7 +126,7 @@ def cases(quick: bool = False) -> list[bench_cases.OpCase]:
                 provider="published", **{**common, "reps": 2},
                 step=lambda i: bench_cases.plain_step(lambda: published.published_sce_score(*reversed(i), "cosine"))))
     for n in RFF_SIZES[:1] if quick else RFF_SIZES:
-        common = dict(op="schur", group="rff", mode="fwd", x_name="n", x_value=n,
+        common = dict(op="schur_covariance", group="rff", mode="fwd", x_name="n", x_value=n,
                       shape=(("n", n), ("d", DIM), ("m", RFF_DIM)), inputs=(rff_inputs, n), baseline="joint_gemm",
                       reps=3 if n <= 1000 else 2)
 
@@ -149,7 +150,7 @@ def cases(quick: bool = False) -> list[bench_cases.OpCase]:
                 step=lambda i, f=published_loop: bench_cases.plain_step(f(i))))
     if not quick:
         op_cases.append(bench_cases.OpCase(
-            op="schur", group="stream", provider="clipfast_streaming", mode="fwd", x_name="samples",
+            op="schur_covariance", group="stream", provider="clipfast_streaming", mode="fwd", x_name="samples",
             x_value=STREAM_SAMPLES, shape=(("samples", STREAM_SAMPLES), ("batch", STREAM_BATCH), ("d", DIM)),
             inputs=(stream_metric,), step=stream_step, reps=1, warmup=0))
     return op_cases
@@ -206,7 +207,7 @@ def run(quick: bool = False, out_dir: str = "bench-results", log=print) -> tuple
     title = (f"Schur-complement kernel covariance, CPU x{torch.get_num_threads()} threads, fp32, d={DIM}; "
              "median of repetitions after a warm-up run")
     targets = judge(rows)
-    text = report.publish("schur", title, rows, targets, out_dir, report.device_name(),
+    text = report.publish("schur_covariance", title, rows, targets, out_dir, report.device_name(),
                           report.op_columns("s", group_width=8, shape_width=22, provider_width=20), notes,
                           {"x_label": f"n (samples), d = {DIM}, fp32", "time_label": "time [s]"})
     return text, targets.met
