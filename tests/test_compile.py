@@ -23,7 +23,18 @@ FUNCTIONS = {
         i[:8], t, ls.exp(), label_offset=8),
     "nn.ClipLoss": lambda i, t, ls, b: clipfast.nn.ClipLoss()(i, t, ls.exp(), output_dict=True)["contrastive_loss"],
     "nn.SigLipLoss": lambda i, t, ls, b: clipfast.nn.SigLipLoss()(i, t, ls.exp(), b),
+    "nn.CoCaLoss": lambda i, t, ls, b: sum(clipfast.nn.CoCaLoss(2.0, 1.0)(
+        i, t, _caption_logits(i, t), CAPTION_LABELS, ls.exp())),
 }
+
+
+# Caption logits (B, L, V) = (24, 2, 24) made from the features, so that gradients reach them through the
+# caption term too; the last token of each caption is padding (id 0, ignored).
+CAPTION_LABELS = torch.stack([torch.arange(24) % 7 + 1, torch.zeros(24, dtype=torch.long)], dim=1)
+
+
+def _caption_logits(image, text):
+    return torch.stack([image @ text.T, text @ image.T], dim=1)
 
 
 def _run(fn, inputs):

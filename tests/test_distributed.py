@@ -1,7 +1,8 @@
 """The distributed losses on 2 and 4 gloo processes (127.0.0.1, free port, bounded time):
 
 - per rank, loss and every gradient equal open_clip 3.3.0's module in the same configuration
-  (ClipLoss: the four local_loss x gather_with_grad combinations and the ring; SigLipLoss: every dist_impl);
+  (ClipLoss: the four local_loss x gather_with_grad combinations and the ring; CoCaLoss: the global and
+  the local loss; SigLipLoss: every dist_impl);
 - the production setting (local loss, gather with grad; the ring) summed over ranks equals a
   single-process computation over the full batch;
 - mismatched per-rank batch sizes and feature dimensions raise the same ValueError on every rank.
@@ -43,6 +44,14 @@ def _run_module(module, image, text, log_scale, bias, siglip):
     return [loss.item()] + [g.flatten().tolist() for g in grads]
 
 
+def _run_coca(module, image, text, log_scale, logits, labels):
+    image, text = image.clone().requires_grad_(), text.clone().requires_grad_()
+    log_scale, logits = log_scale.clone().requires_grad_(), logits.clone().requires_grad_()
+    contrastive, caption = module(image, text, logits, labels, log_scale.exp())
+    grads = torch.autograd.grad(contrastive + caption, (image, text, log_scale, logits))
+    return [contrastive.item(), caption.item()] + [g.flatten().tolist() for g in grads]
+
+
 def _max_diff(a, b):
     if isinstance(a, float):
         return abs(a - b)
@@ -62,6 +71,16 @@ def _parity_worker(rank, world_size, out_dir):
         ours = _run_module(clipfast.nn.ClipLoss(**kwargs, dist_impl=dist_impl), image, text, log_scale, bias, False)
         theirs = _run_module(oc.ClipLoss(**kwargs), image, text, log_scale, bias, False)
         report[f"clip-{local_loss}-{gather_with_grad}-{dist_impl}"] = {
+            "ours": ours, "diff": [_max_diff(a, b) for a, b in zip(ours, theirs)]}
+    g = torch.Generator().manual_seed(100 + rank)  # this rank's captions
+    logits = torch.randn(N_PER_RANK, 5, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (N_PER_RANK, 5), generator=g)
+    for local_loss, gather_with_grad in ((False, False), (True, True)):
+        kwargs = dict(caption_loss_weight=2.0, clip_loss_weight=1.0, local_loss=local_loss,
+                      gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
+        ours = _run_coca(clipfast.nn.CoCaLoss(**kwargs), image, text, log_scale, logits, labels)
+        theirs = _run_coca(oc.CoCaLoss(**kwargs), image, text, log_scale, logits, labels)
+        report[f"coca-{local_loss}-{gather_with_grad}"] = {
             "ours": ours, "diff": [_max_diff(a, b) for a, b in zip(ours, theirs)]}
     for impl in SIGLIP_IMPLS:
         kwargs = dict(rank=rank, world_size=world_size, dist_impl=impl)

@@ -13,13 +13,15 @@ from clipfast import nn
 
 
 def create_loss(args):
-    """open_clip's ``create_loss(args)``, building clipfast's ``ClipLoss`` or ``SigLipLoss``.
+    """open_clip's ``create_loss(args)``, building clipfast's ``ClipLoss``, ``CoCaLoss`` or ``SigLipLoss``.
 
     Reads the fields of open_clip_train's argument namespace, with open_clip's precedence
     (distillation, then CoCa, then SigLIP, then CLIP):
 
-    - ``args.distill`` (default False) or a CoCa model (``"coca" in args.model.lower()``): not
-      supported by clipfast yet, raises.
+    - ``args.distill`` (default False): not supported by clipfast yet, raises.
+    - a CoCa model (``"coca" in args.model.lower()``): ``CoCaLoss(caption_loss_weight=
+      args.coca_caption_loss_weight, clip_loss_weight=args.coca_contrastive_loss_weight, local_loss=...,
+      gather_with_grad=..., cache_labels=True, rank=..., world_size=..., use_horovod=args.horovod)``.
     - ``args.siglip`` (default False): ``SigLipLoss(rank=args.rank, world_size=args.world_size,
       dist_impl=args.loss_dist_impl)`` (``loss_dist_impl`` defaults to None, i.e. "bidir").
     - otherwise: ``ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
@@ -34,10 +36,10 @@ def create_loss(args):
         args: an ``argparse.Namespace`` (or any object) with the fields above.
 
     Returns:
-        A ``clipfast.nn.ClipLoss`` or ``clipfast.nn.SigLipLoss`` module.
+        A ``clipfast.nn.ClipLoss``, ``clipfast.nn.CoCaLoss`` or ``clipfast.nn.SigLipLoss`` module.
 
     Raises:
-        NotImplementedError: distillation or CoCa (use ``open_clip.create_loss(args)`` for those), or
+        NotImplementedError: distillation (use ``open_clip.create_loss(args)`` for it), or
             ``args.horovod`` with SigLIP (open_clip rejects that combination too). ``ClipLoss`` and
             ``SigLipLoss`` raise their own errors for settings they do not support.
     """
@@ -45,11 +47,12 @@ def create_loss(args):
         raise NotImplementedError(
             "clipfast has no distillation loss (open_clip's DistillClipLoss) yet; "
             "use open_clip.create_loss(args) for --distill-model/--distill-pretrained runs")
-    if "coca" in args.model.lower():
-        raise NotImplementedError(
-            f"clipfast has no CoCa loss (open_clip's CoCaLoss, needed by model {args.model!r}) yet; "
-            "use open_clip.create_loss(args) for CoCa models")
     horovod = getattr(args, "horovod", False)
+    if "coca" in args.model.lower():
+        return nn.CoCaLoss(caption_loss_weight=args.coca_caption_loss_weight,
+                           clip_loss_weight=args.coca_contrastive_loss_weight, local_loss=args.local_loss,
+                           gather_with_grad=args.gather_with_grad, cache_labels=True, rank=args.rank,
+                           world_size=args.world_size, use_horovod=horovod)
     if getattr(args, "siglip", False):
         if horovod:
             raise NotImplementedError("Horovod is not supported for SigLIP (open_clip rejects --horovod with "

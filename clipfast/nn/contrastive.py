@@ -1,4 +1,4 @@
-"""Drop-in replacements for open_clip's ``ClipLoss`` and ``SigLipLoss`` (open-clip-torch 3.3.0).
+"""Drop-in replacements for open_clip's ``ClipLoss``, ``CoCaLoss`` and ``SigLipLoss`` (open-clip-torch 3.3.0).
 
 Same constructor arguments, same ``forward`` signatures and return conventions (a 0-d tensor, or
 ``{"contrastive_loss": loss}`` with ``output_dict=True``), same numbers and gradients per rank,
@@ -131,6 +131,47 @@ class ClipLoss(nn.Module):
                                                              label_offset=offset)
         return (image_to_text + text_to_image) / 2
 
+
+
+class CoCaLoss(ClipLoss):
+    """open_clip's ``CoCaLoss``: the contrastive loss of :class:`ClipLoss` (fused, every distributed mode of
+    ClipLoss) plus CoCa's captioning cross-entropy, each weighted::
+
+        contrastive_loss = clip_loss_weight * ClipLoss(image_features, text_features, logit_scale)
+        caption_loss = caption_loss_weight * cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=pad_id)
+
+    The caption logits ``(B, L, V)`` are the text decoder's output, which the model has already
+    materialised; the caption term is computed exactly as open_clip computes it (``nn.CrossEntropyLoss``),
+    so only the contrastive part changes. With ``clip_loss_weight == 0`` the contrastive loss is open_clip's
+    int64 zero on the logits' device.
+
+    Args (as open_clip): caption_loss_weight, clip_loss_weight, pad_id (the padding token ignored by the
+    caption loss, 0 for open_clip's tokenizer), then ClipLoss's (local_loss, gather_with_grad, cache_labels,
+    rank, world_size, use_horovod, dist_impl).
+    """
+
+    def __init__(self, caption_loss_weight: float, clip_loss_weight: float, pad_id: int = 0,
+                 local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, dist_impl: Optional[str] = None):
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                         rank=rank, world_size=world_size, use_horovod=use_horovod, dist_impl=dist_impl)
+        self.clip_loss_weight = clip_loss_weight
+        self.caption_loss_weight = caption_loss_weight
+        self.caption_loss = nn.CrossEntropyLoss(ignore_index=pad_id)
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logits: torch.Tensor,
+                labels: torch.Tensor, logit_scale: torch.Tensor, output_dict: bool = False):
+        """image_features, text_features: (n, D); logits: (B, L, V) caption logits; labels: (B, L) int64 token
+        ids; logit_scale: exponentiated, 0-d or [1]. Returns ``(contrastive_loss, caption_loss)``, or
+        ``{"contrastive_loss": ..., "caption_loss": ...}`` with ``output_dict``."""
+        if self.clip_loss_weight:
+            clip_loss = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
+        else:
+            clip_loss = torch.tensor(0, device=logits.device)
+        caption_loss = self.caption_loss(logits.permute(0, 2, 1), labels) * self.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
+        return clip_loss, caption_loss
 
 class SigLipLoss(nn.Module):
     """open_clip's ``SigLipLoss`` (pairwise sigmoid loss), fused; see :func:`clipfast.siglip_loss`.

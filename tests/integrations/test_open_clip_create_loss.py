@@ -30,7 +30,11 @@ def _args(**overrides):
     (dict(siglip=True), clipfast.nn.SigLipLoss, dict(rank=0, world_size=1, dist_impl="bidir")),
     (dict(siglip=True, loss_dist_impl="gather"), clipfast.nn.SigLipLoss,
      dict(rank=0, world_size=1, dist_impl="gather")),
-], ids=["clip", "clip_local_gather", "siglip", "siglip_gather"])
+    (dict(model="coca_ViT-B-32", local_loss=True), clipfast.nn.CoCaLoss,
+     dict(caption_loss_weight=2.0, clip_loss_weight=1.0, local_loss=True, cache_labels=True, rank=0, world_size=1)),
+    (dict(model="CoCa-ViT-L-14", siglip=True), clipfast.nn.CoCaLoss,  # open_clip's order: CoCa before SigLIP
+     dict(caption_loss_weight=2.0, clip_loss_weight=1.0)),
+], ids=["clip", "clip_local_gather", "siglip", "siglip_gather", "coca", "coca_before_siglip"])
 def test_builds_the_module_with_the_fields(overrides, cls, attributes):
     loss = create_loss(_args(**overrides))
     assert type(loss) is cls
@@ -68,10 +72,8 @@ def test_older_namespaces_use_open_clip_defaults():
 @pytest.mark.parametrize("overrides,match", [
     (dict(distill=True), r"no distillation loss .*open_clip\.create_loss\(args\)"),
     (dict(distill=True, siglip=True), r"no distillation loss"),  # open_clip's order: distill first
-    (dict(model="coca_ViT-B-32"), r"no CoCa loss .*'coca_ViT-B-32'.*open_clip\.create_loss\(args\)"),
-    (dict(model="CoCa-ViT-L-14", siglip=True), r"no CoCa loss"),
     (dict(siglip=True, horovod=True), r"Horovod is not supported for SigLIP"),
-], ids=["distill", "distill_before_siglip", "coca", "coca_before_siglip", "siglip_horovod"])
+], ids=["distill", "distill_before_siglip", "siglip_horovod"])
 def test_unsupported_configurations_raise(overrides, match):
     with pytest.raises(NotImplementedError, match=match):
         create_loss(_args(**overrides))

@@ -120,3 +120,50 @@ def test_siglip_methods_match_open_clip(with_bias, negative_only):
     theirs_grads = torch.autograd.grad(theirs_loss, (image, text, log_s))
     for g, h in zip(ours_grads, theirs_grads):
         torch.testing.assert_close(g, h, rtol=1e-9, atol=1e-10)
+
+
+def _caption_batch(batch, length, vocab, dtype, pad_id):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(batch, length, vocab, generator=g, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[:, -2:] = pad_id  # padded tail: ignored by the caption loss
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("weights,pad_id", [((2.0, 1.0), 0), ((1.5, 0.25), 3), ((1.0, 0.0), 0)],
+                         ids=["open_clip_defaults", "weighted_pad3", "no_contrastive"])
+def test_coca_loss_matches_open_clip(weights, pad_id, dtype, tol):
+    caption_weight, clip_weight = weights
+    ours_module = clipfast.nn.CoCaLoss(caption_weight, clip_weight, pad_id=pad_id)
+    theirs_module = open_clip_loss.CoCaLoss(caption_weight, clip_weight, pad_id=pad_id)
+    image, text, log_s, _ = _leaves(64, 32, dtype)
+    logits, labels = _caption_batch(64, 9, 50, dtype, pad_id)
+    leaves = (image, text, log_s, logits)
+    results = []
+    for module in (ours_module, theirs_module):
+        out = module(image, text, logits, labels, log_s.exp(), output_dict=True)
+        assert set(out) == {"contrastive_loss", "caption_loss"}
+        total = out["contrastive_loss"] + out["caption_loss"]
+        grads = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+        results.append((out, grads))
+    (ours, ours_grads), (theirs, theirs_grads) = results
+    for key in ("contrastive_loss", "caption_loss"):
+        assert ours[key].dtype == theirs[key].dtype or key == "contrastive_loss", key
+        torch.testing.assert_close(ours[key].to(theirs[key].dtype), theirs[key], rtol=tol, atol=tol)
+    for g, h in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(g, h, rtol=tol * 10, atol=tol)
+    if clip_weight == 0:  # open_clip's int64 zero, not a float
+        assert ours["contrastive_loss"].dtype == torch.int64 and int(ours["contrastive_loss"]) == 0
+    pair = ours_module(image, text, logits, labels, log_s.exp())
+    assert isinstance(pair, tuple) and len(pair) == 2
+
+
+def test_coca_loss_has_open_clips_signatures():
+    """Same parameter names, kinds and defaults in the same order (clipfast adds dist_impl at the end)."""
+    def shape(cls, name):
+        return [(p.name, p.kind, p.default) for p in _public_signature(cls, name)]
+
+    for name in ("__init__", "forward"):
+        theirs = shape(open_clip_loss.CoCaLoss, name)
+        assert shape(clipfast.nn.CoCaLoss, name)[:len(theirs)] == theirs, name
