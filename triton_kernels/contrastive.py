@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from clipfast.triton_kernels import INPUT_PRECISIONS, resolve_input_precision
+from clipfast.triton_kernels import INPUT_PRECISIONS, check_launch_device, is_interpreted, resolve_input_precision
 
 __all__ = [
     "contrastive_grad_triton",
@@ -298,8 +298,7 @@ def _contrastive_grad_kernel(
         tl.store(row_sum_ptr + rows, g_sum, mask=row_mask)
 
 
-# Decided when the decorators ran: under TRITON_INTERPRET=1 they return interpreter objects.
-_INTERPRETED = not isinstance(_contrastive_row_reduce_kernel, triton.runtime.JITFunction)
+_INTERPRETED = is_interpreted(_contrastive_row_reduce_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,9 +369,7 @@ def _check_launch(x, y, *scalars):
                  lambda: f"x and y must be (rows, D) with one D, got {tuple(x.shape)} and {tuple(y.shape)}")
     torch._check(x.dtype == y.dtype and x.dtype in _SUPPORTED_DTYPES,
                  lambda: f"x and y must share one of {_SUPPORTED_DTYPES}, got {x.dtype} and {y.dtype}")
-    torch._check(x.device == y.device and (x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRETED)),
-                 lambda: f"x and y must be on one CUDA device (or the CPU under TRITON_INTERPRET=1 set before "
-                         f"this module is imported), got {x.device} and {y.device}")
+    check_launch_device(_INTERPRETED, x=x, y=y)
     for t in scalars:
         torch._check(t.numel() == 1 and t.ndim <= 1 and t.dtype.is_floating_point and t.device == x.device,
                      lambda: f"scale and bias must be one-element float tensors on {x.device}, got {t.dtype} "

@@ -84,7 +84,8 @@ import torch
 import triton
 import triton.language as tl
 
-from clipfast.triton_kernels import INPUT_PRECISIONS, resolve_input_precision
+from clipfast.triton_kernels import (INPUT_PRECISIONS, check_launch_device, check_tensor, describe, is_interpreted,
+                                     resolve_input_precision)
 
 __all__ = [
     "kernel_configs",
@@ -356,8 +357,7 @@ def _schur_covariance_grad_kernel(
     tl.store(out + rows[:, None] * F + cols[None, :], acc, mask=row_mask[:, None] & col_mask[None, :])
 
 
-# Decided when the decorators ran: under TRITON_INTERPRET=1 they return interpreter objects.
-_INTERPRETED = not isinstance(_schur_covariance_gram_kernel, triton.runtime.JITFunction)
+_INTERPRETED = is_interpreted(_schur_covariance_gram_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,39 +417,26 @@ def kernel_configs(F: int, d: int, dtype: torch.dtype, precision: str = "ieee") 
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(image, text, covariance, omegas, input_precision):
-    """Validate; return (F, m, fp32 omegas or None, dot precision)."""
-    for name, t in (("image", image), ("text", text)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_SUPPORTED_DTYPES}")
-    if image.dtype != text.dtype:
-        raise TypeError(f"image and text must have the same dtype, got {image.dtype} and {text.dtype}")
-    if image.shape != text.shape:
-        raise ValueError(f"image and text must have the same shape (paired rows), got {tuple(image.shape)} and "
-                         f"{tuple(text.shape)}")
-    if image.device != text.device:
-        raise ValueError(f"image and text must be on the same device, got {image.device} and {text.device}")
-    if image.device.type != "cuda" and not (image.device.type == "cpu" and _INTERPRETED):
-        raise ValueError(f"tensors on {image.device} are not supported: use CUDA tensors, or CPU tensors with "
-                         "TRITON_INTERPRET=1 set before this module is imported")
-    if covariance not in COVARIANCES:
-        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-    precision = resolve_input_precision(input_precision, image.dtype)
+def _check_launch(image, text, covariance, omegas, input_precision):
+    """(F, m, fp32 omegas or None, dot precision) after checking the launch's invariants (see
+    :mod:`clipfast.triton_kernels`): the shapes, dtypes and device the kernels index with."""
+    check_tensor(image, "image", 2, _SUPPORTED_DTYPES)
+    check_tensor(text, "text", 2, _SUPPORTED_DTYPES)
+    torch._check(image.shape == text.shape and image.dtype == text.dtype,
+                 lambda: f"image and text must have the same shape and dtype (paired rows), got {describe(image)} "
+                         f"and {describe(text)}")
+    torch._check(covariance in COVARIANCES, lambda: f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    rff = covariance == "rff"  # omegas is ignored by the cosine covariances
     d = image.shape[1]
-    if covariance != "rff":  # omegas is ignored by the cosine covariances
+    if rff:
+        torch._check(isinstance(omegas, torch.Tensor) and omegas.ndim == 2 and omegas.shape[0] == d
+                     and omegas.shape[1] >= 1 and omegas.dtype.is_floating_point,
+                     lambda: f"covariance 'rff' needs omegas: a float (d, m) = ({d}, m >= 1) tensor, got "
+                             f"{describe(omegas)}")
+    check_launch_device(_INTERPRETED, image=image, text=text, omegas=omegas if rff else None)
+    precision = resolve_input_precision(input_precision, image.dtype)
+    if not rff:
         return d, 0, None, precision
-    if not isinstance(omegas, torch.Tensor):
-        raise TypeError(f"covariance 'rff' needs omegas: a (d, m) tensor, got {type(omegas).__name__}")
-    if omegas.ndim != 2 or omegas.shape[0] != d or omegas.shape[1] < 1:
-        raise ValueError(f"omegas must have shape (d, m) = ({d}, m >= 1), got {tuple(omegas.shape)}")
-    if not omegas.dtype.is_floating_point:
-        raise TypeError(f"omegas must be a floating-point tensor, got {omegas.dtype}")
-    if omegas.device != image.device:
-        raise ValueError(f"omegas is on {omegas.device} but the inputs are on {image.device}")
     m = omegas.shape[1]
     return 2 * m, m, omegas.to(torch.float32), precision
 
@@ -503,7 +490,7 @@ def schur_covariance_gram_triton(image, text, covariance, omegas=None, *, input_
     Returns:
         Three (F, F) fp32 contiguous tensors (F = d, or 2m for "rff"); zeros when n == 0.
     """
-    F, m, w, precision = _check_inputs(image, text, covariance, omegas, input_precision)
+    F, m, w, precision = _check_launch(image, text, covariance, omegas, input_precision)
     n, d = image.shape
     out = [torch.zeros((F, F), dtype=torch.float32, device=image.device) for _ in range(3)]
     if n == 0 or F == 0:
@@ -532,15 +519,10 @@ def _pow2_scale(mat):
     return 2.0 ** math.floor(math.log2(peak))
 
 
-def _check_grad(name, g, F, device):
-    if not isinstance(g, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
-    if g.shape != (F, F):
-        raise ValueError(f"{name} must have shape ({F}, {F}), got {tuple(g.shape)}")
-    if not g.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {g.dtype}")
-    if g.device != device:
-        raise ValueError(f"{name} is on {g.device} but the inputs are on {device}")
+def _grad_matrix(name, g, F, device):
+    """``g`` in fp32, after checking the launch invariant that it is a float (F, F) tensor on ``device``."""
+    torch._check(isinstance(g, torch.Tensor) and g.shape == (F, F) and g.dtype.is_floating_point and g.device == device,
+                 lambda: f"{name} must be a float ({F}, {F}) tensor on {device}, got {describe(g)}")
     return g.to(torch.float32)
 
 
@@ -571,8 +553,8 @@ def schur_covariance_gram_backward_triton(grad_tt, grad_tx, grad_xx, image, text
     Returns:
         (d_image, d_text): (n, d) each, in the input dtype (computed in fp32).
     """
-    F, m, w, precision = _check_inputs(image, text, covariance, omegas, input_precision)
-    g_tt, g_tx, g_xx = (_check_grad(name, g, F, image.device)
+    F, m, w, precision = _check_launch(image, text, covariance, omegas, input_precision)
+    g_tt, g_tx, g_xx = (_grad_matrix(name, g, F, image.device)
                         for name, g in (("grad_tt", grad_tt), ("grad_tx", grad_tx), ("grad_xx", grad_xx)))
     n, d = image.shape
     d_image = torch.zeros_like(image, memory_format=torch.contiguous_format)

@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from clipfast.triton_kernels import check_int, check_launch_device, check_tensor, describe, is_interpreted
+
 __all__ = [
     "kernel_configs",
     "token_keep_gather_backward_triton",
@@ -307,8 +309,7 @@ def _gather_backward_kernel(
         tl.store(grad_weights_ptr + b * L + i, tl.where(dropped, dot, 0.0), mask=valid & (r >= P))
 
 
-# Decided when the decorators ran: under TRITON_INTERPRET=1 they return interpreter objects.
-_INTERPRETED = not isinstance(_keep_index_kernel, triton.runtime.JITFunction)
+_INTERPRETED = is_interpreted(_keep_index_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,45 +350,25 @@ def kernel_configs(num_patches: int, dim: int, block: int = 1) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_tensor(t, name, ndim, dtypes):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {dtypes}")
-    if t.device.type != "cuda" and not (t.device.type == "cpu" and _INTERPRETED):
-        raise ValueError(f"tensors on {t.device} are not supported: use CUDA tensors, or CPU tensors with "
-                         "TRITON_INTERPRET=1 set before this module is imported")
-
-
 def _weights_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_gather_inputs(tokens, keep_index, fuse_weights, num_prefix):
-    """(P, L, K) after validating the common arguments of the gather and its backward."""
-    _check_tensor(tokens, "tokens", 3, _TOKEN_DTYPES)
-    _check_tensor(keep_index, "keep_index", 2, (torch.int64,))
-    if not _is_int(num_prefix) or not 0 <= num_prefix <= tokens.shape[1]:
-        raise ValueError(f"num_prefix must be an int in [0, {tokens.shape[1]}], got {num_prefix!r}")
+def _check_gather_launch(tokens, keep_index, fuse_weights, num_prefix):
+    """(P, L, K) of a gather or its backward, after checking the launch's invariants (see
+    :mod:`clipfast.triton_kernels`): the shapes, dtypes and device the kernels index with."""
+    check_tensor(tokens, "tokens", 3, _TOKEN_DTYPES)
+    check_tensor(keep_index, "keep_index", 2, (torch.int64,))
+    check_int(num_prefix, "num_prefix", 0, tokens.shape[1])
     batch, length, num_keep = tokens.shape[0], tokens.shape[1] - num_prefix, keep_index.shape[1]
-    if keep_index.shape[0] != batch or num_keep > length:
-        raise ValueError(f"keep_index must have shape (B, K) with B = {batch} and K <= {length} patches, got "
+    torch._check(keep_index.shape[0] == batch and num_keep <= length,
+                 lambda: f"keep_index must have shape (B, K) with B = {batch} and K <= {length} patches, got "
                          f"{tuple(keep_index.shape)}")
-    if keep_index.device != tokens.device:
-        raise ValueError(f"keep_index is on {keep_index.device} but tokens on {tokens.device}")
     if fuse_weights is not None:
-        _check_tensor(fuse_weights, "fuse_weights", 2, (_weights_dtype(tokens.dtype),))
-        if fuse_weights.shape != (batch, length):
-            raise ValueError(f"fuse_weights must have shape (B, L) = ({batch}, {length}), got "
-                             f"{tuple(fuse_weights.shape)}")
-        if fuse_weights.device != tokens.device:
-            raise ValueError(f"fuse_weights is on {fuse_weights.device} but tokens on {tokens.device}")
+        check_tensor(fuse_weights, "fuse_weights", 2, (_weights_dtype(tokens.dtype),))
+        torch._check(fuse_weights.shape == (batch, length),
+                     lambda: f"fuse_weights must have shape (B, L) = ({batch}, {length}), got {describe(fuse_weights)}")
+    check_launch_device(_INTERPRETED, tokens=tokens, keep_index=keep_index, fuse_weights=fuse_weights)
     return num_prefix, length, num_keep
 
 
@@ -404,21 +385,21 @@ def token_keep_index_triton(scores, num_keep, grid_width, block):
     Returns:
         (B, K) int64, ascending per row.
     """
-    _check_tensor(scores, "scores", 2, _SCORE_DTYPES)
-    for name, v in (("num_keep", num_keep), ("grid_width", grid_width), ("block", block)):
-        if not _is_int(v):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    # The launch's invariants (see :mod:`clipfast.triton_kernels`): the kernel sizes its output by num_keep and
+    # maps patches to blocks with grid_width and block, so a mismatch would write past a row.
+    check_tensor(scores, "scores", 2, _SCORE_DTYPES)
+    check_launch_device(_INTERPRETED, scores=scores)
     batch, length = scores.shape
-    if not 1 <= num_keep <= length:
-        raise ValueError(f"num_keep must satisfy 1 <= num_keep <= L = {length}, got {num_keep}")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
+    check_int(num_keep, "num_keep", 1, length)
+    check_int(grid_width, "grid_width", 0)
+    check_int(block, "block", 1)
     if block > 1:
-        if grid_width < 1 or length % grid_width or grid_width % block or (length // grid_width) % block:
-            raise ValueError(f"block={block} needs a grid_width W dividing L = {length} with W and L / W "
-                             f"multiples of the block, got grid_width={grid_width}")
-        if num_keep % (block * block):
-            raise ValueError(f"num_keep must be a multiple of block^2 = {block * block}, got {num_keep}")
+        torch._check(grid_width >= 1 and length % grid_width == 0 and grid_width % block == 0
+                     and (length // grid_width) % block == 0,
+                     lambda: f"block={block} needs a grid_width W dividing L = {length} with W and L / W multiples of "
+                             f"the block, got grid_width={grid_width}")
+        torch._check(num_keep % (block * block) == 0,
+                     lambda: f"num_keep must be a multiple of block^2 = {block * block}, got {num_keep}")
     else:
         grid_width = length  # unused by the kernel's block == 1 path
     out = torch.empty((batch, num_keep), dtype=torch.int64, device=scores.device)
@@ -445,7 +426,7 @@ def token_keep_gather_triton(tokens, keep_index, fuse_weights, num_prefix):
     Returns:
         (B, P + K (+1 with fuse_weights), D) contiguous in the tokens' dtype.
     """
-    P, L, K = _check_gather_inputs(tokens, keep_index, fuse_weights, num_prefix)
+    P, L, K = _check_gather_launch(tokens, keep_index, fuse_weights, num_prefix)
     batch, _, dim = tokens.shape
     rows_out = P + K + (fuse_weights is not None)
     out = torch.empty((batch, rows_out, dim), dtype=tokens.dtype, device=tokens.device)
@@ -477,14 +458,13 @@ def token_keep_gather_backward_triton(grad_kept, tokens, keep_index, fuse_weight
         ``(grad_tokens, grad_weights)``: (B, P + L, D) contiguous in the tokens' dtype; (B, L) in the
         weights' dtype with fuse_weights, else an empty (B, 0) float32 (float64 for float64 tokens).
     """
-    P, L, K = _check_gather_inputs(tokens, keep_index, fuse_weights, num_prefix)
+    P, L, K = _check_gather_launch(tokens, keep_index, fuse_weights, num_prefix)
     fuse = fuse_weights is not None
     batch, _, dim = tokens.shape
-    _check_tensor(grad_kept, "grad_kept", 3, (tokens.dtype,))
-    if grad_kept.shape != (batch, P + K + fuse, dim):
-        raise ValueError(f"grad_kept must have shape ({batch}, {P + K + fuse}, {dim}), got {tuple(grad_kept.shape)}")
-    if grad_kept.device != tokens.device:
-        raise ValueError(f"grad_kept is on {grad_kept.device} but tokens on {tokens.device}")
+    check_tensor(grad_kept, "grad_kept", 3, (tokens.dtype,))
+    torch._check(grad_kept.shape == (batch, P + K + fuse, dim),
+                 lambda: f"grad_kept must have shape ({batch}, {P + K + fuse}, {dim}), got {describe(grad_kept)}")
+    check_launch_device(_INTERPRETED, grad_kept=grad_kept, tokens=tokens)
     grad_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device)
     wdtype = _weights_dtype(tokens.dtype)
     grad_weights = torch.empty((batch, L if fuse else 0), dtype=wdtype, device=tokens.device)

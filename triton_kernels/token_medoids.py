@@ -79,7 +79,8 @@ import torch
 import triton
 import triton.language as tl
 
-from clipfast.triton_kernels import INPUT_PRECISIONS, resolve_input_precision
+from clipfast.triton_kernels import (INPUT_PRECISIONS, check_int, check_launch_device, check_tensor, is_interpreted,
+                                     resolve_input_precision)
 
 __all__ = ["kernel_configs", "token_medoids_index_triton"]
 
@@ -328,8 +329,7 @@ def _medoids_kernel(
         tl.store(assign_ptr + r * N + offs, assign.to(tl.int64), mask=valid)
 
 
-# Decided when the decorators ran: under TRITON_INTERPRET=1 they return interpreter objects.
-_INTERPRETED = not isinstance(_medoids_kernel, triton.runtime.JITFunction)
+_INTERPRETED = is_interpreted(_medoids_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,34 +375,20 @@ def kernel_configs(N: int, D: int, dtype: torch.dtype, precision: str = "ieee") 
 # --------------------------------------------------------------------------------------------
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_inputs(x, num_medoids, metric, max_iters, split_size, input_precision):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 3:
-        raise ValueError(f"x must be 3-D (R, N, D), got shape {tuple(x.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; expected one of {_SUPPORTED_DTYPES}")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _INTERPRETED):
-        raise ValueError(f"tensors on {x.device} are not supported: use CUDA tensors, or CPU tensors with "
-                         "TRITON_INTERPRET=1 set before this module is imported")
+def _check_launch(x, num_medoids, metric, max_iters, split_size):
+    """The launch's invariants (see :mod:`clipfast.triton_kernels`): the tokens' shape, dtype and device, the
+    sizes the kernels are launched with, and this kernel's token limit."""
+    check_tensor(x, "x", 3, _SUPPORTED_DTYPES)
+    check_launch_device(_INTERPRETED, x=x)
     n = x.shape[1]
-    for name, v in (("num_medoids", num_medoids), ("max_iters", max_iters), ("split_size", split_size)):
-        if not _is_int(v):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if not 1 <= num_medoids <= n:
-        raise ValueError(f"num_medoids must satisfy 1 <= num_medoids <= N = {n}, got {num_medoids}")
+    # A capability limit of this backend, not a re-validation: the backend is chosen by device and dtype, not by
+    # N, so a user's valid x reaches it through clipfast.token_medoids, and an unsupported input is a ValueError.
     if n > MAX_TOKENS:
         raise ValueError(f"the Triton token_medoids kernel supports N <= {MAX_TOKENS} tokens per row, got {n}")
-    if metric not in _METRIC_ID:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if max_iters < 0:
-        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
-    if split_size < 0:
-        raise ValueError(f"split_size must be >= 0 (0: per-row convergence), got {split_size}")
+    check_int(num_medoids, "num_medoids", 1, n)
+    check_int(max_iters, "max_iters", 0)
+    check_int(split_size, "split_size", 0)
+    torch._check(metric in _METRIC_ID, lambda: f"metric must be one of {METRICS}, got {metric!r}")
 
 
 def _launch_distances(xs, dist, norms, gdiag, metric, precision, dcfg):
@@ -426,7 +412,7 @@ def _launch_distances(xs, dist, norms, gdiag, metric, precision, dcfg):
 def _pairwise_distances(x, metric="euclidean", input_precision=None):
     """``(dist, norms)``: the (R, N, N) fp32 distance matrices and (R, N) raw token norms the medoid kernel
     reads (for tests)."""
-    _check_inputs(x, 1, metric, 0, 0, input_precision)
+    _check_launch(x, 1, metric, 0, 0)
     R, N, D = x.shape
     precision = resolve_input_precision(input_precision, x.dtype)
     dist = torch.empty((R, N, N), dtype=torch.float32, device=x.device)
@@ -455,8 +441,12 @@ def token_medoids_index_triton(x, num_medoids, metric="euclidean", max_iters=10,
     Returns:
         ``(medoid_index, assignment)``: (R, K) int64 ascending token indices, and (R, N) int64 indices into
         the sorted medoids.
+
+    Raises:
+        ValueError: N > MAX_TOKENS (this kernel's limit). RuntimeError: a broken launch invariant (arguments
+        are validated by clipfast.token_medoids and the op, not here).
     """
-    _check_inputs(x, num_medoids, metric, max_iters, split_size, input_precision)
+    _check_launch(x, num_medoids, metric, max_iters, split_size)
     R, N, D = x.shape
     K = num_medoids
     medoid_index = torch.empty((R, K), dtype=torch.int64, device=x.device)

@@ -373,36 +373,41 @@ def test_rff_zero_input_dim():
 
 
 def test_invalid_inputs():
+    """User arguments are validated by clipfast.schur_covariance and the op; a direct caller that breaks the
+    launchers' invariants gets a RuntimeError, never an out-of-bounds launch."""
     image, text, omegas = _inputs(4, 8, 3)
     gram = K.schur_covariance_gram_triton
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(RuntimeError, match=r"image must be a 2-D tensor .*, got \(8,\)"):
         gram(image[0], text, "column_cosine")
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(RuntimeError, match=r"image and text must have the same shape and dtype .* and \(3, 8\)"):
         gram(image, text[:3], "column_cosine")
-    with pytest.raises(TypeError, match="same dtype"):
+    with pytest.raises(RuntimeError, match=r"image and text must have the same shape and dtype .* and "
+                                           r"\(4, 8\) torch.float16"):
         gram(image, text.half(), "column_cosine")
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(RuntimeError, match=r"image must be a 2-D tensor of dtype torch.float32 or torch.float16 or "
+                                           r"torch.bfloat16, got \(4, 8\) torch.float64"):
         gram(image.double(), text.double(), "column_cosine")
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(RuntimeError, match="image must be a 2-D tensor .*, got list"):
         gram(image.tolist(), text, "column_cosine")
-    with pytest.raises(ValueError, match="same device"):
+    with pytest.raises(RuntimeError, match="one CUDA device .*, got image on .*, text on meta"):
         gram(image, text.to("meta"), "column_cosine")
-    with pytest.raises(ValueError, match="covariance"):
+    with pytest.raises(RuntimeError, match="covariance must be one of .*, got 'cosine'"):
         gram(image, text, "cosine")
-    with pytest.raises(TypeError, match="omegas"):
+    with pytest.raises(RuntimeError, match=r"covariance 'rff' needs omegas: .*, got NoneType"):
         gram(image, text, "rff", None)
-    with pytest.raises(ValueError, match="omegas"):
+    with pytest.raises(RuntimeError, match=r"covariance 'rff' needs omegas: a float \(d, m\) = \(8, m >= 1\) "
+                                           r"tensor, got \(5, 3\)"):
         gram(image, text, "rff", omegas[:5])
-    with pytest.raises(ValueError, match="omegas"):
+    with pytest.raises(RuntimeError, match="one CUDA device .*, omegas on meta"):
         gram(image, text, "rff", omegas.to("meta"))
     with pytest.raises(ValueError, match="input_precision"):
         gram(image, text, "column_cosine", input_precision="tf32x3")
     grads = _grads(8)
-    with pytest.raises(ValueError, match="grad_tx"):
+    with pytest.raises(RuntimeError, match=r"grad_tx must be a float \(8, 8\) tensor .*, got \(4, 8\)"):
         K.schur_covariance_gram_backward_triton(grads[0], grads[1][:4], grads[2], image, text, "column_cosine")
-    with pytest.raises(TypeError, match="grad_xx"):
+    with pytest.raises(RuntimeError, match=r"grad_xx must be a float \(8, 8\) tensor .*, got \(8, 8\) torch.int32"):
         K.schur_covariance_gram_backward_triton(grads[0], grads[1], grads[2].int(), image, text, "column_cosine")
-    with pytest.raises(ValueError, match="grad_tt"):
+    with pytest.raises(RuntimeError, match=r"grad_tt must be a float \(6, 6\) tensor .*, got \(8, 8\)"):
         K.schur_covariance_gram_backward_triton(*grads, image, text, "rff", omegas)  # F = 6, not 8
 
 

@@ -142,25 +142,28 @@ def test_index_empty_batch():
 
 
 def test_index_validation():
+    """User arguments are validated by clipfast.functional and the op; a direct caller that breaks the
+    launcher's invariants gets a RuntimeError, never an out-of-bounds launch."""
     s = torch.randn(2, 16, device=DEVICE)
     f = T.token_keep_index_triton
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(RuntimeError, match=r"scores must be a 2-D tensor .*, got \(16,\)"):
         f(s[0], 2, 4, 1)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(RuntimeError, match=r"scores must be a 2-D tensor of dtype torch.float32 or torch.float64, "
+                                           r"got \(2, 16\) torch.float16"):
         f(s.half(), 2, 4, 1)
-    with pytest.raises(TypeError, match="scores must be"):
+    with pytest.raises(RuntimeError, match="scores must be a 2-D tensor .*, got list"):
         f(s.tolist(), 2, 4, 1)
     for k in (0, 17):
-        with pytest.raises(ValueError, match="num_keep"):
+        with pytest.raises(RuntimeError, match=rf"num_keep must be an int in \[1, 16\], got {k}"):
             f(s, k, 4, 1)
-    with pytest.raises(TypeError, match="num_keep"):
+    with pytest.raises(RuntimeError, match=r"num_keep must be an int in \[1, 16\], got 2.0"):
         f(s, 2.0, 4, 1)
-    with pytest.raises(ValueError, match="block"):
+    with pytest.raises(RuntimeError, match=r"block must be an int >= 1, got 0"):
         f(s, 4, 4, 0)
     for width in (0, 3, 6, 16):  # W must divide L, with W and L / W multiples of the block
-        with pytest.raises(ValueError, match="grid_width"):
+        with pytest.raises(RuntimeError, match=f"grid_width W dividing L = 16 .*, got grid_width={width}"):
             f(s, 4, width, 2)
-    with pytest.raises(ValueError, match="multiple of block"):
+    with pytest.raises(RuntimeError, match=r"num_keep must be a multiple of block\^2 = 4, got 6"):
         f(s, 6, 4, 2)
 
 
@@ -326,29 +329,32 @@ def test_gather_validation():
     keep = torch.tensor([[0, 3], [1, 2]], device=DEVICE)
     weights = torch.rand(2, 8, device=DEVICE)
     gather, backward = T.token_keep_gather_triton, T.token_keep_gather_backward_triton
-    with pytest.raises(ValueError, match="3-D"):
+    with pytest.raises(RuntimeError, match=r"tokens must be a 3-D tensor .*, got \(9, 4\)"):
         gather(tokens[0], keep, None, 1)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(RuntimeError, match=r"tokens must be a 3-D tensor of dtype .*, got \(2, 9, 4\) torch.int32"):
         gather(tokens.to(torch.int32), keep, None, 1)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(RuntimeError, match=r"keep_index must be a 2-D tensor of dtype torch.int64, "
+                                           r"got \(2, 2\) torch.int32"):
         gather(tokens, keep.int(), None, 1)
-    with pytest.raises(ValueError, match="keep_index must have shape"):
+    with pytest.raises(RuntimeError, match=r"keep_index must have shape \(B, K\) with B = 2 .*, got \(1, 2\)"):
         gather(tokens, keep[:1], None, 1)
-    with pytest.raises(ValueError, match="keep_index must have shape"):
+    with pytest.raises(RuntimeError, match=r"keep_index must have shape \(B, K\) with B = 2 and K <= 1 patches"):
         gather(tokens[:, :2], keep, None, 1)  # K = 2 > L = 1
     for p in (-1, 10, 1.0):
-        with pytest.raises(ValueError, match="num_prefix"):
+        with pytest.raises(RuntimeError, match=rf"num_prefix must be an int in \[0, 9\], got {p}"):
             gather(tokens, keep, None, p)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(RuntimeError, match=r"fuse_weights must be a 2-D tensor of dtype torch.float32, "
+                                           r"got \(2, 8\) torch.float64"):
         gather(tokens, keep, weights.double(), 1)  # float32 tokens take float32 weights
-    with pytest.raises(ValueError, match="fuse_weights must have shape"):
+    with pytest.raises(RuntimeError, match=r"fuse_weights must have shape \(B, L\) = \(2, 8\), got \(2, 7\)"):
         gather(tokens, keep, weights[:, :7], 1)
-    with pytest.raises(ValueError, match="grad_kept must have shape"):
+    with pytest.raises(RuntimeError, match=r"grad_kept must have shape \(2, 4, 4\), got \(2, 3, 4\)"):
         backward(torch.randn(2, 3, 4, device=DEVICE), tokens, keep, weights, 1)  # missing the fused row
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(RuntimeError, match=r"grad_kept must be a 3-D tensor of dtype torch.float32, "
+                                           r"got \(2, 3, 4\) torch.float16"):
         backward(torch.randn(2, 3, 4, device=DEVICE).half(), tokens, keep, None, 1)
     if DEVICE == "cpu":
-        with pytest.raises(ValueError, match="tensors on meta"):
+        with pytest.raises(RuntimeError, match="one CUDA device .*, got tokens on meta, keep_index on meta"):
             gather(tokens.to("meta"), keep.to("meta"), None, 1)
     out = gather(tokens, keep, weights, 1)
     assert out.shape == (2, 4, 4)
