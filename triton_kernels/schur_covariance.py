@@ -512,11 +512,12 @@ def schur_covariance_gram_triton(image, text, covariance, omegas=None, *, input_
 
 
 def _pow2_scale(mat):
-    """Power of two close to max|mat| (1 for an all-zero or non-finite max): exact to divide by."""
-    peak = mat.abs().max().item() if mat.numel() else 0.0
-    if not math.isfinite(peak) or peak == 0.0:
-        return 1.0
-    return 2.0 ** math.floor(math.log2(peak))
+    """A power of two close to max|mat| (1 for an all-zero or non-finite max), as a 0-d fp32 tensor on mat's
+    device: dividing by it and multiplying back are exact, and it is never read on the host (no sync)."""
+    peak = mat.abs().amax().to(torch.float64) if mat.numel() else mat.new_zeros((), dtype=torch.float64)
+    usable = torch.isfinite(peak) & (peak > 0)
+    exponent = torch.floor(torch.log2(torch.where(usable, peak, torch.ones_like(peak))))
+    return torch.exp2(exponent).to(torch.float32)
 
 
 def _grad_matrix(name, g, F, device):
@@ -564,8 +565,7 @@ def schur_covariance_gram_backward_triton(grad_tt, grad_tx, grad_xx, image, text
     mats = torch.stack([g_xx + g_xx.T, g_tx, g_tt + g_tt.T, g_tx.T])  # [A_x, B_x, A_t, B_t], contiguous
     # 16-bit inputs round the matrices for the tensor cores: scale them into [-2, 2) first.
     scale = _pow2_scale(mats)
-    if scale != 1.0:
-        mats = mats / scale
+    mats = mats / scale
     if covariance == "row_cosine":
         inv_x, inv_t = _inv_norms(image)[0], _inv_norms(text)[0]
     else:
@@ -595,8 +595,7 @@ def schur_covariance_gram_backward_triton(grad_tt, grad_tx, grad_xx, image, text
             a_x.stride(0), a_x.stride(1), a_t.stride(0), a_t.stride(1),
             ROW_SCALE=ROW_SCALE[covariance], INPUT_PRECISION=precision, **cfg,
         )  # fmt: skip
-        if scale != 1.0:
-            out = out * scale
+        out = out * scale
         d_image[r0:r1] = _chain_rule(x, out[0], covariance, w, phi[0] if rff else None)
         d_text[r0:r1] = _chain_rule(t, out[1], covariance, w, phi[1] if rff else None)
     return d_image, d_text

@@ -237,6 +237,23 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cov", COVARIANCES)
+def test_launchers_never_read_a_tensor_on_the_host(cov, monkeypatch):
+    """No host sync inside the op (DESIGN section 7): the backward's power-of-two scaling of G stays a device
+    tensor. Every way of reading a tensor's value on the host raises during the launches."""
+    image, text, omegas = _inputs(37, 19, 5)
+    grads = _grads(2 * omegas.shape[1] if cov == "rff" else 19)
+
+    def host_read(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host inside a launcher")
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    grams, d = _run(image, text, cov, omegas, grads)
+    monkeypatch.undo()
+    assert all(torch.isfinite(t).all() for t in (*grams, *d))
+
+
 def test_symmetric_blocks_mirror_off_diagonal_tiles(small_blocks):
     # Tiles above the diagonal are stored twice (transposed), so off-diagonal tiles are exact
     # mirrors; inside a diagonal tile symmetry holds to rounding only.
