@@ -180,20 +180,17 @@ std::tuple<at::Tensor, at::Tensor> schur_covariance_gram_backward_cuda(
         float* dphi_t_ptr = raw_rows ? dz_t : float_ptr(dphi_t);
         tile_features(p, p.image, r0, rows, phi_x, stream, op);
         tile_features(p, p.text, r0, rows, phi_t, stream, op);
-        // dphi_x = phi_x (G_xx + G_xx^T) + phi_t G_tx
-        check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_x), sym_xx_ptr, 0, rows, f, f, 0, dphi_x_ptr,
-                                                           stream),
-                     op);
-        check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_t), g_tx_ptr, 0, rows, f, f, 1, dphi_x_ptr,
-                                                           stream),
-                     op);
-        // dphi_t = phi_t (G_tt + G_tt^T) + phi_x G_tx^T
-        check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_t), sym_tt_ptr, 0, rows, f, f, 0, dphi_t_ptr,
-                                                           stream),
-                     op);
-        check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_x), g_tx_ptr, 1, rows, f, f, 1, dphi_t_ptr,
-                                                           stream),
-                     op);
+        // One side's chain rule into its features: dphi = phi_self sym + phi_other op(G_tx).
+        const auto side_grad = [&](at::Tensor& phi_self, const float* sym, at::Tensor& phi_other,
+                                   int transpose_tx, float* dphi) {
+          check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_self), sym, 0, rows, f, f, 0, dphi, stream),
+                       op);
+          check_launch(clipfast_schur_covariance_matmul_cuda(float_ptr(phi_other), g_tx_ptr, transpose_tx, rows, f, f,
+                                                             1, dphi, stream),
+                       op);
+        };
+        side_grad(phi_x, sym_xx_ptr, phi_t, 0, dphi_x_ptr);  // dphi_x = phi_x (G_xx + G_xx^T) + phi_t G_tx
+        side_grad(phi_t, sym_tt_ptr, phi_x, 1, dphi_t_ptr);  // dphi_t = phi_t (G_tt + G_tt^T) + phi_x G_tx^T
         if (!raw_rows) {
           tile_input_grad(p, p.image, r0, rows, phi_x, dphi_x, du, dz_x, stream, op);
           tile_input_grad(p, p.text, r0, rows, phi_t, dphi_t, du, dz_t, stream, op);
