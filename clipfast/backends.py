@@ -180,8 +180,8 @@ class OpKernels:
             raise ValueError(f"unknown op {op!r}; clipfast ops are {OPS}")
         self.op = op
         self.native_names: tuple[str, ...] = tuple(native)
-        native_set = lambda: type(native)(*(getattr(torch.ops.clipfast_C, name) for name in native))  # noqa: E731
-        self._builders = {"cpu": native_set, "cuda": native_set, "triton": triton}
+        self._native = native
+        self._builders = {"native": self._native_set, "triton": triton}
         self._sets = {"reference": reference}
         self._registered: dict[str, bool] = {}
         _REGISTRY[op] = self
@@ -194,11 +194,15 @@ class OpKernels:
         return self.kernels(select(self.op, tensor.device, tensor.dtype))
 
     def kernels(self, backend: str):
-        """The kernel set of ``backend`` (built once)."""
-        found = self._sets.get(backend)
+        """The kernel set of ``backend`` (built once; ``cpu`` and ``cuda`` share the one native set)."""
+        key = "native" if backend in ("cpu", "cuda") else backend
+        found = self._sets.get(key)
         if found is None:
-            found = self._sets[backend] = self._builders[backend]()
+            found = self._sets[key] = self._builders[key]()
         return found
+
+    def _native_set(self):
+        return type(self._native)(*(getattr(torch.ops.clipfast_C, name) for name in self._native))
 
     def native_registered(self, dispatch_key: str) -> bool:
         """True when every native op of this op has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
