@@ -5,9 +5,9 @@ Kept free of clipfast imports so that the op modules and the user API can both u
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
-
 from typing import Optional
 
 import torch
@@ -58,8 +58,8 @@ def check_no_nan(t: torch.Tensor, name: str, *, allow_inf: bool = False) -> None
         # One reduction decides the common case without a full-size mask: a NaN (or an Inf) element makes
         # the sum NaN (non-finite). Only a suspicious sum, which finite values can also give by overflow
         # or inf - inf, pays for the element-wise check.
-        total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-        suspicious = bool(torch.isnan(total)) if allow_inf else not bool(torch.isfinite(total))
+        total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).item()
+        suspicious = math.isnan(total) if allow_inf else not math.isfinite(total)
         bad = suspicious and (bool(torch.isnan(t).any()) if allow_inf else not bool(torch.isfinite(t).all()))
         if bad:
             raise ValueError(f"{name} contains {what}; clipfast raises instead of returning an answer that would "
