@@ -13,6 +13,7 @@ import torch
 
 from clipfast.bench import cases as bench_cases
 from clipfast.bench import distributed
+from clipfast.bench import measure as bench_measure
 from clipfast.bench import report
 from clipfast.bench.__main__ import OPS
 
@@ -65,6 +66,22 @@ def read_csv(path):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         return reader.fieldnames, list(reader)
+
+
+def test_a_step_measured_alongside_another_alternates_with_it_so_their_ratio_shares_the_conditions():
+    calls = []
+    timing, other = bench_measure.measure_alongside(lambda: calls.append("step"), lambda: calls.append("mm"),
+                                                    reps=3, warmup=1)
+    # warm-up (the alongside step once, untimed), then mm before every timed step and once after the last
+    assert calls == ["step", "mm", "mm", "step", "mm", "step", "mm", "step", "mm"]
+    assert (timing.reps, other.reps) == (3, 4)
+    assert bench_measure.measure_alongside(lambda: None, None, reps=2)[1] is None
+
+
+def test_memory_of_the_alongside_step_is_not_counted_in_the_step_peak():
+    buffer = torch.empty(64 * 2 ** 20 // 4)  # 64 MiB, untouched until the alongside step fills it
+    timing, _ = bench_measure.measure_alongside(lambda: None, lambda: buffer.fill_(1.0), reps=2)
+    assert timing.peak_extra_bytes < 16 * 2 ** 20
 
 
 def test_csv_is_long_format_with_one_line_per_case_provider_and_metric(tmp_path):

@@ -16,7 +16,7 @@ import dataclasses
 import gc
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -65,10 +65,33 @@ def reps_for(n: int) -> int:
 def measure(step: Callable, device: str = "cpu", reps: int = 3, warmup: int = 1) -> Timing:
     """Run ``warmup`` untimed steps, then ``reps`` timed ones; peak extra memory is that of the first
     timed step."""
+    return measure_alongside(step, None, device, reps, warmup)[0]
+
+
+def measure_alongside(step: Callable, alongside: Optional[Callable], device: str = "cpu", reps: int = 3,
+                      warmup: int = 1) -> tuple[Timing, Optional[Timing]]:
+    """:func:`measure` of ``step``, with a second step ``alongside`` timed in alternation with it: once
+    before every timed ``step`` and once after the last (after one untimed run with the warm-up).
+
+    A ratio of the two Timings compares them under the same machine conditions: on a shared 2-core VM
+    the same GEMM's throughput drifts by 10% or more over minutes, more than a target's margin. The
+    ``alongside`` step's memory is made resident during the warm-up, so it adds nothing to ``step``'s
+    peak (its own Timing reports no peak).
+    """
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
     for _ in range(warmup):
         step()
+        sync()
+    if alongside is not None:
+        alongside()
         sync()
     gc.collect()
     if cuda:
@@ -77,12 +100,18 @@ def measure(step: Callable, device: str = "cpu", reps: int = 3, warmup: int = 1)
     else:
         _reset_peak_rss()
         before = _rss_status("VmRSS")
-    times, peak = [], 0.0
+    times, alongside_times, peak = [], [], 0.0
     for i in range(reps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+        if alongside is not None:
+            alongside_times.append(timed(alongside))
+        times.append(timed(step))
         if i == 0:
             peak = float((torch.cuda.max_memory_allocated() if cuda else _rss_status("VmHWM")) - before)
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), peak, reps)
+    if alongside is None:
+        return _timing(times, peak), None
+    alongside_times.append(timed(alongside))
+    return _timing(times, peak), _timing(alongside_times, 0.0)
+
+
+def _timing(times: list[float], peak: float) -> Timing:
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), peak, len(times))
