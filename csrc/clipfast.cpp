@@ -8,9 +8,11 @@
 TORCH_LIBRARY(clipfast_C, m) {
   // contrastive (clipfast/ops/contrastive.py): S = scale * x @ y^T is never materialised.
   m.def("contrastive_lse(Tensor x, Tensor y, Tensor scale, bool with_cols) -> (Tensor row_lse, Tensor col_lse)");
+  // grad_x = G @ y_values, grad_y = G^T @ x_values; the values default to y and x (the loss's own gradient),
+  // other ones (same rows, any width E) contract a teacher's softmax with a student's features (distillation).
   m.def(
       "contrastive_grad(Tensor x, Tensor y, Tensor scale, Tensor row_lse, Tensor col_lse, float row_weight, "
-      "float col_weight) -> (Tensor grad_x, Tensor grad_y)");
+      "float col_weight, Tensor? x_values=None, Tensor? y_values=None) -> (Tensor grad_x, Tensor grad_y)");
   m.def("siglip_softplus(Tensor x, Tensor y, Tensor scale, Tensor bias) -> Tensor row_sum");
   m.def(
       "siglip_grad(Tensor x, Tensor y, Tensor scale, Tensor bias) -> (Tensor grad_x, Tensor grad_y, "

@@ -25,14 +25,18 @@ Algorithm
   matching rows of y, chunk by chunk over D, adding into the program's own gradient rows
   (``grad_x = G @ y``); launching the same kernel with the roles of x and y swapped gives
   ``grad_y = G.T @ x``. (dF/dx = scale * grad_x: the caller applies ``scale`` and any
-  loss-specific terms.)
+  loss-specific terms.) The softmax launcher can contract G with other values instead,
+  ``G @ y_values`` (N, E) and ``G.T @ x_values`` (M, E) of any width E: G still comes from
+  x and y, the values only enter the second GEMM (distillation: a teacher's G, a student's
+  features).
 * Work, in N x M x D GEMM-equivalents (2·N·M·D flops each) for one forward + backward, any
   D (the block sizes only tile it): the row reduction is 1, a gradient launch 2 (the logit
-  recompute and G @ y). Softmax InfoNCE: 2 (row and column LSE) + 2 x 2 = 6; SigLIP:
-  1 + 2 x 2 = 5. ``tests/ops/test_contrastive_triton_work.py`` counts every executed
-  ``tl.dot`` under the interpreter and holds these numbers. (The previous design split D
-  over a second grid axis and recomputed the logit tile once per D chunk: 12-20 fp32 and
-  8-12 bf16 GEMM-equivalents for the symmetric loss at D = 512-1024.)
+  recompute and G @ y; 1 + E / D with values of width E). Softmax InfoNCE: 2 (row and
+  column LSE) + 2 x 2 = 6; SigLIP: 1 + 2 x 2 = 5. ``tests/ops/test_contrastive_triton_work.py``
+  counts every executed ``tl.dot`` under the interpreter and holds these numbers, values
+  included. (The previous design split D over a second grid axis and recomputed the logit
+  tile once per D chunk: 12-20 fp32 and 8-12 bf16 GEMM-equivalents for the symmetric loss
+  at D = 512-1024.)
 * Precision. 16-bit inputs multiply on tensor cores (mma.sync on sm_80, wgmma on sm_90)
   with fp32 accumulation, and G is rounded to the input dtype for its GEMM. fp32 inputs take
   ``input_precision`` from the caller, which follows PyTorch's float32 matmul precision
@@ -58,7 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
-from clipfast.triton_kernels import INPUT_PRECISIONS, check_launch_device, is_interpreted, resolve_input_precision
+from clipfast.triton_kernels import (INPUT_PRECISIONS, check_launch_device, describe, is_interpreted,
+                                     resolve_input_precision)
 
 __all__ = [
     "contrastive_grad_triton",
@@ -199,6 +204,7 @@ def _contrastive_row_reduce_kernel(
 def _contrastive_grad_kernel(
     x_ptr,
     y_ptr,
+    v_ptr,
     scale_ptr,
     bias_ptr,
     row_lse_ptr,
@@ -208,12 +214,15 @@ def _contrastive_grad_kernel(
     N,
     M,
     D,
+    E,
     stride_xn,
     stride_xd,
     stride_yn,
     stride_yd,
+    stride_vn,
+    stride_ve,
     stride_gn,
-    stride_gd,
+    stride_ge,
     row_weight,
     col_weight,
     SIGMOID: tl.constexpr,
@@ -226,31 +235,37 @@ def _contrastive_grad_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """grad[i, :] += sum_j G_ij y[j, :] over all j; optionally row_sum[i] = sum_j G_ij.
+    """grad[i, :] += sum_j G_ij v[j, :] over all j; optionally row_sum[i] = sum_j G_ij.
 
-    x: (N, D), y: (M, D), grad: (N, D) fp32, zero-filled by the launcher; row_sum: (N,) fp32.
+    x: (N, D), y: (M, D) build the logits S = scale * x @ y.T; v: (M, E), the values G is
+    contracted with (y itself, E = D, for the gradient of the loss in x; another width for
+    distillation), same dtype as x and y. grad: (N, E) fp32, zero-filled by the launcher;
+    row_sum: (N,) fp32.
     SIGMOID=False: G_ij = row_weight * exp(S_ij - row_lse[i]) [ROW_TERM]
                         + col_weight * exp(S_ij - col_lse[j]) [COL_TERM].
     SIGMOID=True:  G_ij = sigmoid(S_ij + bias).
-    Grid: (cdiv(N, BLOCK_M),); program r owns the gradient rows of its row block, all of D.
+    Grid: (cdiv(N, BLOCK_M),); program r owns the gradient rows of its row block, all of E.
+    ``BLOCK_K`` tiles D (the logit GEMM), ``BLOCK_D`` tiles E (the contraction G @ v).
 
     Work: each logit tile is computed exactly once (one N x M x D GEMM over the grid) and
-    contracted at once with y in D-chunks of BLOCK_D (a second GEMM), so one launch is two
-    GEMM-equivalents for every D. The (BLOCK_M, D) fp32 gradient block cannot live in
-    registers for D up to 1280, so it accumulates in global memory: each column tile adds
-    its contribution chunk by chunk (load, tl.dot, store). Only this program touches those
-    rows, and it visits the column tiles in a fixed order, so the result is deterministic.
-    The block (BLOCK_M * D * 4 bytes, 256 KiB at D = 1024) is re-read while it is hot, from
-    L2; per column tile the read-modify-write moves 8 * BLOCK_M * D bytes against
-    4 * BLOCK_M * BLOCK_N * D flops, i.e. BLOCK_N / 2 flops per byte of L2 traffic.
+    contracted at once with v in E-chunks of BLOCK_D (one N x M x E GEMM), so one launch is
+    1 + E / D N x M x D GEMM-equivalents (two when v = y) for every D. The (BLOCK_M, E) fp32
+    gradient block cannot live in registers for E up to 1280, so it accumulates in global
+    memory: each column tile adds its contribution chunk by chunk (load, tl.dot, store). Only
+    this program touches those rows, and it visits the column tiles in a fixed order, so the
+    result is deterministic. The block (BLOCK_M * E * 4 bytes, 256 KiB at E = 1024) is
+    re-read while it is hot, from L2; per column tile the read-modify-write moves
+    8 * BLOCK_M * E bytes against 2 * BLOCK_M * BLOCK_N * (D + E) flops (logit tile and
+    G @ v), i.e. BLOCK_N * (D + E) / (4 * E) flops per byte of L2 traffic (BLOCK_N / 2 when
+    v = y).
     """
     tl.static_assert(BLOCK_K >= 16)  # tl.dot needs K >= 16
-    tl.static_assert(BLOCK_N >= 16)  # ... and the column tile is the K of G @ y
+    tl.static_assert(BLOCK_N >= 16)  # ... and the column tile is the K of G @ v
     pid_m = tl.program_id(0).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < N
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_D).to(tl.int64)
     scale = tl.load(scale_ptr).to(tl.float32)
     grad_rows = grad_ptr + rows[:, None] * stride_gn
 
@@ -279,19 +294,19 @@ def _contrastive_grad_kernel(
         g = tl.where(col_mask[None, :], g, 0.0)
         if SIGMOID and WRITE_ROW_SUM:
             g_sum += tl.sum(g, axis=1)
-        # Rounding G to the input dtype lets the second GEMM run on 16-bit tensor cores, as
+        # Rounding G to the values' dtype lets the second GEMM run on 16-bit tensor cores, as
         # FlashAttention does with P. The launcher keeps G within [0, 2] (weights normalised,
         # undone afterwards) so fp16 does not flush it to zero. No-op for fp32 inputs.
-        g = g.to(y_ptr.dtype.element_ty)
-        y_rows = y_ptr + cols[:, None] * stride_yn
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            d_mask = dd < D
-            y_chunk = tl.load(y_rows + dd[None, :] * stride_yd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            out_mask = row_mask[:, None] & d_mask[None, :]
-            grad_chunk = grad_rows + dd[None, :] * stride_gd
+        g = g.to(v_ptr.dtype.element_ty)
+        v_rows = v_ptr + cols[:, None] * stride_vn
+        for e0 in range(0, E, BLOCK_D):
+            ee = e0 + offs_e
+            e_mask = ee < E
+            v_chunk = tl.load(v_rows + ee[None, :] * stride_ve, mask=col_mask[:, None] & e_mask[None, :], other=0.0)
+            out_mask = row_mask[:, None] & e_mask[None, :]
+            grad_chunk = grad_rows + ee[None, :] * stride_ge
             acc = tl.load(grad_chunk, mask=out_mask, other=0.0)
-            acc = tl.dot(g, y_chunk, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(g, v_chunk, acc, input_precision=INPUT_PRECISION)
             tl.store(grad_chunk, acc, mask=out_mask)
 
     if SIGMOID and WRITE_ROW_SUM:
@@ -306,8 +321,10 @@ _INTERPRETED = is_interpreted(_contrastive_row_reduce_kernel)
 # --------------------------------------------------------------------------------------------
 
 
-def kernel_configs(D: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
-    """Launch configuration used for feature dimension ``D``, input ``dtype`` and fp32 ``precision``.
+def kernel_configs(D: int, dtype: torch.dtype, precision: str = "ieee", *, E=None) -> dict:
+    """Launch configuration used for feature dimension ``D``, input ``dtype``, fp32 ``precision`` and
+    value width ``E`` (the width of the values the gradient contracts G with; None: ``E = D``, the
+    plain gradient).
 
     Returns ``{"row_reduce": {...}, "grad": {...}}``; each inner dict holds the kernel's
     block-size constexprs plus ``num_warps``/``num_stages``, exactly as the launchers pass
@@ -320,32 +337,47 @@ def kernel_configs(D: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
     * 16-bit inputs (tensor cores: mma.sync on sm_80, wgmma on sm_90): ``BLOCK_K`` = 64
       elements = one 128 B line per row. The row reduction uses 128 x 64 logit tiles on 8
       warps with 3 pipeline stages (~125 registers, two programs per SM). The gradient uses
-      64 x 128 logit tiles, contracted with y in 128-wide D chunks (~195 registers): the wide
-      column tile halves the gradient block's L2 read-modify-write per flop (see
+      64 x 128 logit tiles, contracted with the values in 128-wide E chunks (~195 registers):
+      the wide column tile halves the gradient block's L2 read-modify-write per flop (see
       ``_contrastive_grad_kernel``).
     * fp32 with ``precision="tf32"`` (tensor cores on fp32 operands): the same shapes with
       ``BLOCK_K`` = 32 (the same 128 B per row) and 64 x 64 gradient tiles.
     * fp32 with ``precision="ieee"`` (exact fp32, no tensor cores): ``tl.dot`` lowers to FMA
       loops that hold a thread's whole operand slices in registers, so K stays small:
       ``BLOCK_K`` = 16 for the logit GEMM and ``BLOCK_N`` = 32 for the gradient, whose
-      ``G @ y`` contracts over the column tile.
-    * Small D: ``BLOCK_K``/``BLOCK_D`` shrink to the next power of two of D (at least 16,
-      the ``tl.dot`` minimum) so no lanes are wasted on padding.
-    The block sizes never change the work: every launch is one (row reduction) or two
-    (gradient) N x M x D GEMM-equivalents, for every D.
+      ``G @ v`` contracts over the column tile.
+    * Each width picks its own tile: ``BLOCK_K`` tiles only D (the logit K-loop) and
+      ``BLOCK_D`` only E (the output chunk of ``G @ v``), so ``BLOCK_K`` comes from D and
+      ``BLOCK_D`` from E. Small widths shrink them to the next power of two of the width (at
+      least 16, the ``tl.dot`` minimum) so no lanes are wasted on padding.
+    * Narrow values under a full logit tile (a distillation student narrower than 128 against
+      a wide teacher): on sm_80 ptxas caps some of these 8-warp kernels at 128 registers and
+      spills 8-24 bytes. Compiled with a full ``BLOCK_K``, the 16-bit kernels spill with
+      16-wide value chunks and the tf32 ones with 64-wide chunks (32 and 128 are clean in
+      both), so the 16-bit ``BLOCK_D`` is at least 32 (E <= 16 is padded to 32) and tf32
+      covers E in (32, 64] with two 32-wide chunks (the same work, no padding).
+      With these the softmax gradient compiles without spills for every (D, E) in fp32 (exact
+      and tf32), and in 16-bit wherever ``BLOCK_K`` is full (D > 32). Tiny teachers (D <= 32)
+      keep a few 8-byte spills on sm_80, as small D did before values existed (16-bit softmax,
+      exact-fp32 sigmoid at D = 32).
+    Apart from the padding of ragged tiles the block sizes never change the work: every launch
+    is one (row reduction) or 1 + E / D (gradient; two when E = D) N x M x D GEMM-equivalents.
     """
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {dtype}; expected one of {_SUPPORTED_DTYPES}")
     if precision not in INPUT_PRECISIONS:
         raise ValueError(f"precision must be one of {INPUT_PRECISIONS}, got {precision!r}")
     d_pow2 = max(triton.next_power_of_2(max(int(D), 1)), 16)
-    block_d = min(d_pow2, 128)
+    e_pow2 = d_pow2 if E is None else max(triton.next_power_of_2(max(int(E), 1)), 16)
+    block_d = min(e_pow2, 128)
     if dtype != torch.float32:
         block_k = min(d_pow2, 64)
+        block_d = max(block_d, 32)  # 16-wide value chunks spill on sm_80 (docstring)
         row = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
         grad = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8, num_stages=2)
     elif precision == "tf32":
         block_k = min(d_pow2, 32)
+        block_d = 32 if block_d == 64 else block_d  # 64-wide value chunks spill on sm_80 (docstring)
         row = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
         grad = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8, num_stages=2)
     else:
@@ -376,6 +408,31 @@ def _check_launch(x, y, *scalars):
                              f"{tuple(t.shape)} on {t.device}")
 
 
+def _check_values(x, y, x_values, y_values):
+    """The values the gradients contract G with, ``(x_values, y_values)``: x and y themselves when both are None.
+
+    The launch's invariants, in the style of :func:`_check_launch` (RuntimeError): both given or both None;
+    ``(N, E)`` and ``(M, E)`` with the rows of x and y and one E; the dtype of x, on its device."""
+    torch._check((x_values is None) == (y_values is None),
+                 lambda: f"x_values and y_values must be given together, got {describe(x_values)} and "
+                         f"{describe(y_values)}")
+    if x_values is None:
+        return x, y
+
+    def check_rows(name, values, rows):
+        torch._check(isinstance(values, torch.Tensor) and values.ndim == 2 and values.shape[0] == rows,
+                     lambda: f"{name} must be ({rows}, E), got {describe(values)}")
+        torch._check(values.dtype == x.dtype, lambda: f"{name} must be {x.dtype} like x, got {values.dtype}")
+
+    check_rows("x_values", x_values, x.shape[0])
+    check_rows("y_values", y_values, y.shape[0])
+    torch._check(x_values.shape[1] == y_values.shape[1],
+                 lambda: f"x_values and y_values must be (rows, E) with one E, got {tuple(x_values.shape)} and "
+                         f"{tuple(y_values.shape)}")
+    check_launch_device(_INTERPRETED, x=x, x_values=x_values, y_values=y_values)
+    return x_values, y_values
+
+
 def _row_reduce(x, y, scale, bias, sigmoid, precision):
     """Launch the row kernel: (N,) fp32. Requires N >= 1 and M >= 1."""
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
@@ -390,28 +447,33 @@ def _row_reduce(x, y, scale, bias, sigmoid, precision):
     return out
 
 
-def _grad(x, y, scale, bias, row_lse, col_lse, row_weight, col_weight, sigmoid, write_row_sum, precision):
-    """Launch the grad kernel for grad w.r.t. ``x``: ((N, D) fp32, (N,) fp32 row sum or None).
+def _grad(x, y, scale, bias, row_lse, col_lse, row_weight, col_weight, sigmoid, write_row_sum, precision,
+          values=None):
+    """Launch the grad kernel for ``G @ values``, G built from ``x`` (N, D) and ``y`` (M, D): ((N, E) fp32,
+    (N,) fp32 row sum or None). ``values`` is (M, E), the dtype of x; None: ``y`` (the gradient w.r.t. x).
 
     Requires N >= 1 and M >= 1. ``row_lse``/``col_lse`` are None when their term is absent.
     """
+    values = y if values is None else values
     n, d = x.shape
+    e = values.shape[1]
     # G = weight * probability would underflow in fp16 for the usual weights ~1/N (fp16's
     # smallest subnormal is 6e-8), so the kernel contracts G / w_max, in [0, 2], and scales
     # the fp32 accumulator back by w_max.
     out_scale = max((abs(float(w)) for w, lse in ((row_weight, row_lse), (col_weight, col_lse)) if lse is not None),
                     default=1.0)
-    grad = torch.zeros((n, d), dtype=torch.float32, device=x.device)  # the kernel accumulates into it
+    grad = torch.zeros((n, e), dtype=torch.float32, device=x.device)  # the kernel accumulates into it
     row_sum = torch.empty(n, dtype=torch.float32, device=x.device) if write_row_sum else grad
-    cfg = kernel_configs(d, x.dtype, precision)["grad"]
+    cfg = kernel_configs(d, x.dtype, precision, E=e)["grad"]
     # Unused pointer slots get any valid tensor; constexpr flags keep the kernel from reading them.
     _contrastive_grad_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
-        x, y, scale, bias,
+        x, y, values, scale, bias,
         row_lse if row_lse is not None else scale,
         col_lse if col_lse is not None else scale,
         grad, row_sum,
-        n, y.shape[0], d,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0), grad.stride(1),
+        n, y.shape[0], d, e,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), values.stride(0), values.stride(1),
+        grad.stride(0), grad.stride(1),
         float(row_weight) / out_scale, float(col_weight) / out_scale,
         SIGMOID=sigmoid, ROW_TERM=row_lse is not None, COL_TERM=col_lse is not None,
         WRITE_ROW_SUM=write_row_sum, INPUT_PRECISION=precision, **cfg,
@@ -460,14 +522,16 @@ def _lse_term(lse, length, weight, device):
     return lse.contiguous()
 
 
-def contrastive_grad_triton(x, y, scale, row_lse, col_lse, row_weight: float, col_weight: float, *,
-                            input_precision=None):
-    """Gradients of the softmax-CE logits contracted with the features.
+def contrastive_grad_triton(x, y, scale, row_lse, col_lse, row_weight: float, col_weight: float,
+                            x_values=None, y_values=None, *, input_precision=None):
+    """The softmax-CE logits' G contracted with the features, or with other values.
 
     With S = scale * x @ y.T (N, M),
         G_ij = row_weight * exp(S_ij - row_lse[i]) + col_weight * exp(S_ij - col_lse[j]),
-    returns ``grad_x = G @ y`` (N, D) fp32 and ``grad_y = G.T @ x`` (M, D) fp32. A term is
-    absent when its weight is 0 or its LSE tensor is empty.
+    returns ``grad_x = G @ y_values`` (N, E) fp32 and ``grad_y = G.T @ x_values`` (M, E) fp32;
+    without values, ``G @ y`` (N, D) and ``G.T @ x`` (M, D). A term is absent when its weight
+    is 0 or its LSE tensor is empty. The values only enter the products: for distillation G is
+    a teacher's softmax (x, y its features, width D) and the values a student's (width E).
 
     Args:
         x: (N, D), y: (M, D) float32/float16/bfloat16 (same dtype/device), any strides.
@@ -475,19 +539,24 @@ def contrastive_grad_triton(x, y, scale, row_lse, col_lse, row_weight: float, co
         row_lse: (N,) fp32 (or empty), col_lse: (M,) fp32 (or empty), as from
             :func:`contrastive_lse_triton`.
         row_weight, col_weight: Python floats (host values, no sync).
+        x_values: (N, E), y_values: (M, E), the dtype and device of x, any strides, E may differ
+            from D; both given or both None (then x and y, E = D).
         input_precision: "ieee", "tf32" or None (PyTorch's float32 matmul precision); fp32 inputs only.
     """
     _check_launch(x, y, scale)
+    x_values, y_values = _check_values(x, y, x_values, y_values)
     precision = resolve_input_precision(input_precision, x.dtype)
-    n, m = x.shape[0], y.shape[0]
+    n, m, e = x.shape[0], y.shape[0], x_values.shape[1]
     row_lse = _lse_term(row_lse, n, row_weight, x.device)
     col_lse = _lse_term(col_lse, m, col_weight, x.device)
     if n == 0 or m == 0 or (row_lse is None and col_lse is None):
-        return (torch.zeros(x.shape, dtype=torch.float32, device=x.device),
-                torch.zeros(y.shape, dtype=torch.float32, device=x.device))
-    grad_x, _ = _grad(x, y, scale, scale, row_lse, col_lse, row_weight, col_weight, False, False, precision)
-    # G.T has the roles of rows and columns (and of their LSEs and weights) exchanged.
-    grad_y, _ = _grad(y, x, scale, scale, col_lse, row_lse, col_weight, row_weight, False, False, precision)
+        return (torch.zeros((n, e), dtype=torch.float32, device=x.device),
+                torch.zeros((m, e), dtype=torch.float32, device=x.device))
+    grad_x, _ = _grad(x, y, scale, scale, row_lse, col_lse, row_weight, col_weight, False, False, precision,
+                      values=y_values)
+    # G.T has the roles of rows and columns (and of their LSEs, weights and values) exchanged.
+    grad_y, _ = _grad(y, x, scale, scale, col_lse, row_lse, col_weight, row_weight, False, False, precision,
+                      values=x_values)
     return grad_x, grad_y
 
 

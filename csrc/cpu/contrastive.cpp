@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -168,27 +169,42 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& x_in, c
   return {row_lse, col_lse};
 }
 
-// grad_x = G y and grad_y = G^T x for the InfoNCE G (see softmax_grad_tile); col_lse may be empty.
+// grad_x = G y_values and grad_y = G^T x_values for the InfoNCE G (see softmax_grad_tile); col_lse may be
+// empty. The values default to y and x (the loss's own gradient); distillation passes the student's
+// features (any width E) to contract the teacher's softmax, whose tiles come from x and y.
 std::tuple<at::Tensor, at::Tensor> contrastive_grad_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
                                                         const at::Tensor& scale_in, const at::Tensor& row_lse_in,
                                                         const at::Tensor& col_lse_in, double row_weight,
-                                                        double col_weight) {
+                                                        double col_weight,
+                                                        const std::optional<at::Tensor>& x_values_in,
+                                                        const std::optional<at::Tensor>& y_values_in) {
   check_feature_pair(x_in, y_in, "contrastive_grad");
   assert_one_value(scale_in, "contrastive_grad", "scale");
   const at::Tensor x = to_compute_dtype(x_in), y = to_compute_dtype(y_in);
+  TORCH_INTERNAL_ASSERT(x_values_in.has_value() == y_values_in.has_value(),
+                        "contrastive_grad: x_values and y_values are given together");
+  at::Tensor x_values = x, y_values = y;
+  if (x_values_in.has_value()) {
+    check_feature_pair(*x_values_in, *y_values_in, "contrastive_grad");
+    TORCH_INTERNAL_ASSERT(x_values_in->size(0) == x.size(0) && y_values_in->size(0) == y.size(0),
+                          "contrastive_grad: the values need the rows of x and y");
+    x_values = to_compute_dtype(*x_values_in);
+    y_values = to_compute_dtype(*y_values_in);
+    TORCH_INTERNAL_ASSERT(x_values.scalar_type() == x.scalar_type(), "contrastive_grad: values and features differ in dtype");
+  }
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t n_rows = x.size(0), n_cols = y.size(0), dim = x.size(1);
+  const int64_t n_rows = x.size(0), n_cols = y.size(0), width = y_values.size(1);
   const bool use_cols = col_lse_in.numel() > 0 && col_weight != 0.0;
   assert_vector(row_lse_in, n_rows, "contrastive_grad", "row_lse");
   if (use_cols) assert_vector(col_lse_in, n_cols, "contrastive_grad", "col_lse");
   const at::Tensor row_lse = row_lse_in.to(x.scalar_type()).contiguous();
   const at::Tensor col_lse = use_cols ? col_lse_in.to(x.scalar_type()).contiguous() : at::Tensor();
-  at::Tensor grad_x = at::zeros({n_rows, dim}, x.options());
-  // One (cols, dim) partial of grad_y per thread; partial 0 is the result, the others are added to it
+  at::Tensor grad_x = at::zeros({n_rows, width}, x.options());
+  // One (cols, width) partial of grad_y per thread; partial 0 is the result, the others are added to it
   // in thread order.
   const int n_threads = at::get_num_threads();
   std::vector<at::Tensor> grad_y_parts;
-  for (int t = 0; t < n_threads; ++t) grad_y_parts.push_back(at::zeros({n_cols, dim}, x.options()));
+  for (int t = 0; t < n_threads; ++t) grad_y_parts.push_back(at::zeros({n_cols, width}, x.options()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_grad_cpu", [&] {
     using T = scalar_t;
     const TileShape shape = tile_shape<T>(n_rows, at::get_num_threads());
@@ -197,16 +213,15 @@ std::tuple<at::Tensor, at::Tensor> contrastive_grad_cpu(const at::Tensor& x_in, 
     const T* col_lse_ptr = use_cols ? col_lse.data_ptr<T>() : nullptr;
     parallel_row_blocks(n_rows, shape, [&](int thread, int64_t r0, int64_t rows) {
       TileBuffer<T> tile(shape, x.options());
-      const at::Tensor x_block = x.narrow(0, r0, rows);
+      const at::Tensor x_block = x.narrow(0, r0, rows), x_values_block = x_values.narrow(0, r0, rows);
       at::Tensor grad_x_block = grad_x.narrow(0, r0, rows);
       for (int64_t c0 = 0; c0 < n_cols; c0 += shape.cols) {
         const int64_t cols = std::min(shape.cols, n_cols - c0);
-        const at::Tensor y_block = y.narrow(0, c0, cols);
-        at::Tensor g = tile.product(x_block, y_block);
+        at::Tensor g = tile.product(x_block, y.narrow(0, c0, cols));
         tiles<T>().softmax_grad(tile.data(), rows, cols, scale, row_lse_ptr + r0,
                                    use_cols ? col_lse_ptr + c0 : nullptr, T(row_weight), T(col_weight));
-        grad_x_block.addmm_(g, y_block);
-        grad_y_parts[thread].narrow(0, c0, cols).addmm_(g.t(), x_block);
+        grad_x_block.addmm_(g, y_values.narrow(0, c0, cols));
+        grad_y_parts[thread].narrow(0, c0, cols).addmm_(g.t(), x_values_block);
       }
     });
   });

@@ -13,11 +13,15 @@
 //       sigmoid: running sum_j softplus(S_ij + bias).
 //     The 16 threads that share a row merge their statistics with warp shuffles at the end.
 //   - Gradient (backward): a second pass recomputes each S tile, turns it into G = dL/dS (softmax:
-//     weighted exp(S - lse), sigmoid: sigmoid(S + bias)) and contracts it right away: grad_x = G @ y.
-//     The column direction (col_lse, grad_y = G^T @ x) is the same launch with x and y swapped, because
+//     weighted exp(S - lse), sigmoid: sigmoid(S + bias)) and contracts it right away with a value matrix
+//     V (cols, value_dim): grad_x = G @ V (rows, value_dim). V is y for the loss's own gradient; for
+//     distillation, G is a teacher's softmax (S from teacher features x, y of width dim) and V holds the
+//     student's features of the same columns (any width value_dim). The column direction (col_lse,
+//     grad_y = G^T @ x_values) is the same launch with x and y (and the value matrices) swapped, because
 //     S^T = scale * y @ x^T.
 // Memory: outputs aside, O(rows + cols) (the lse vectors); each block holds only O(tile) shared memory.
-// Cost: rows * cols * dim fp32 FMAs per row reduction, twice that per gradient launch (recompute + G @ y).
+// Cost: rows * cols * dim fp32 FMAs per row reduction, rows * cols * (dim + value_dim) per gradient launch
+// (recompute S, then G @ V).
 // Launch grids cover rows only (one block per kBlockRows rows), so few rows (e.g. a local batch against
 // gathered columns) leave most SMs idle.
 // Determinism: every output element is owned by one thread and accumulated in a fixed order (no atomics).
@@ -86,8 +90,8 @@ constexpr int kDimChunk = 32;    // dimensions staged in shared memory per step 
 // Row padding of the staged arrays: keeps rows 16-byte aligned (float4 reads) and shifts consecutive
 // rows by 4 banks.
 constexpr int kPad = 4;
-// Gradient: G is kept in shared memory for a panel of kPanelTiles column tiles, then contracted with y
-// kGradDimChunk dimensions at a time (see gradient_kernel).
+// Gradient: G is kept in shared memory for a panel of kPanelTiles column tiles, then contracted with the
+// value matrix kGradDimChunk value columns at a time (see gradient_kernel).
 constexpr int kPanelTiles = 2;
 constexpr int kPanelCols = kPanelTiles * kBlockCols;
 constexpr int kGradDimChunk = kColThreads * kThreadCols;  // 64: thread_col * 4 + [0, 4) covers it once
@@ -116,6 +120,17 @@ struct PairwiseProblem {
   const float* bias;   // device scalar, sigmoid only
 };
 
+// The matrix G is contracted with in the gradient: grad_x = G @ values, values (cols, width) with row j at
+// data + j * row_stride (unit column stride, so a row-strided view such as a column slice needs no copy).
+// Apart from PairwiseProblem because S never reads it: it is y for the loss's own gradient, other
+// features of the same columns (any width) for distillation.
+template <typename T>
+struct ValueMatrix {
+  const T* __restrict__ data;
+  int64_t width;
+  int64_t row_stride;  // in elements
+};
+
 // Softmax G_ij = own_weight * exp(S_ij - own_lse[i]) + other_weight * exp(S_ij - other_lse[j]); a term
 // whose lse pointer is nullptr is skipped (the launcher nulls the pointer of a zero-weight term).
 struct SoftmaxGradientTerms {
@@ -132,8 +147,6 @@ struct __align__(16) DotTileStaging {
   float y_chunk[kDimChunk][kBlockCols + kPad];
 };
 
-// staged[k][i] = matrix[first + i][k0 + k], zero outside the matrix (so ragged edges add nothing to the
-// dot products). Consecutive threads read consecutive k of one row: coalesced global loads.
 // One rank-1 update of a thread's 4 x 4 register tile: acc[r][c] += a[r] * b[c] (both operands come
 // from shared memory as float4, see the static_assert above).
 __device__ __forceinline__ void accumulate_outer_product(float4 a4, float4 b4, float (&acc)[kThreadRows][kThreadCols]) {
@@ -145,6 +158,8 @@ __device__ __forceinline__ void accumulate_outer_product(float4 a4, float4 b4, f
     for (int c = 0; c < kThreadCols; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
 }
 
+// staged[k][i] = matrix[first + i][k0 + k], zero outside the matrix (so ragged edges add nothing to the
+// dot products). Consecutive threads read consecutive k of one row: coalesced global loads.
 template <int kExtent, typename T>
 __device__ __forceinline__ void stage_transposed_chunk(const T* __restrict__ matrix, int64_t n, int64_t dim,
                                                        int64_t first, int64_t k0, float (*staged)[kExtent + kPad]) {
@@ -273,37 +288,42 @@ struct __align__(16) GradientSmem {
   // thread's 4 rows at one column are one float4.
   float g_panel[kPanelCols][kBlockRows + kPad];
   union {
-    DotTileStaging dot;                                // while recomputing S
-    float y_chunk[kBlockCols][kGradDimChunk + kPad];   // y[first_col + j][d0 + d], while contracting G @ y
+    DotTileStaging dot;  // while recomputing S
+    // values[first_col + j][d0 + d], while contracting G @ values
+    float value_chunk[kBlockCols][kGradDimChunk + kPad];
   } staging;
 };
 
-// y_chunk[j][d] = y[first_col + j][d0 + d], zero outside y. Consecutive threads read consecutive d.
+// value_chunk[j][d] = values[first_col + j][d0 + d], zero outside the matrix (so ragged edges add nothing).
+// Consecutive threads read consecutive d: coalesced global loads.
 template <typename T>
-__device__ __forceinline__ void stage_y_chunk(const PairwiseProblem<T>& p, int64_t first_col, int64_t d0,
-                                              float (*y_chunk)[kGradDimChunk + kPad]) {
+__device__ __forceinline__ void stage_value_chunk(const ValueMatrix<T>& values, int64_t cols, int64_t first_col,
+                                                  int64_t d0, float (*value_chunk)[kGradDimChunk + kPad]) {
   const int d = threadIdx.x % kGradDimChunk;
   const int64_t column = d0 + d;
 #pragma unroll
   for (int j = threadIdx.x / kGradDimChunk; j < kBlockCols; j += kThreads / kGradDimChunk) {
-    const int64_t y_row = first_col + j;
-    y_chunk[j][d] = (y_row < p.cols && column < p.dim) ? to_float(p.y[y_row * p.dim + column]) : 0.f;
+    const int64_t value_row = first_col + j;
+    value_chunk[j][d] = (value_row < cols && column < values.width)
+                            ? to_float(values.data[value_row * values.row_stride + column])
+                            : 0.f;
   }
 }
 
-// grad_x[i] = sum_j G_ij y_j for the block's kBlockRows rows (and grad_row_sum[i] = sum_j G_ij when
-// non-null). dim is too large (up to ~1152) for a whole grad_x row block to live in registers, so:
+// grad_x[i] = sum_j G_ij values_j (grad_x: (rows, values.width), row-major) for the block's kBlockRows rows,
+// and grad_row_sum[i] = sum_j G_ij when non-null. The value width (up to ~1152) is too large for a whole
+// grad_x row block to live in registers, so:
 //   for each panel of kPanelCols columns:
 //     recompute its S tiles, store G for the panel in shared memory (the expensive part, done once);
-//     for each chunk of kGradDimChunk dimensions:
-//       acc (4 x 4 per thread, registers) = G_panel @ y[panel, chunk];
+//     for each chunk of kGradDimChunk value columns:
+//       acc (4 x 4 per thread, registers) = G_panel @ values[panel, chunk];
 //       grad_x[rows, chunk] (= on the first panel, += afterwards) acc   -- read-modify-write in global.
 // Each grad_x element is touched by one fixed thread, so the global read-modify-write needs no atomics
 // or barriers and is deterministic; the panel amortises that traffic over kPanelCols columns. cols > 0.
 template <typename T, LossKind kKind>
 __global__ void __launch_bounds__(kThreads, kGradientBlocksPerSm)
-    gradient_kernel(const PairwiseProblem<T> p, const SoftmaxGradientTerms terms, float* __restrict__ grad_x,
-                    float* __restrict__ grad_row_sum) {
+    gradient_kernel(const PairwiseProblem<T> p, const ValueMatrix<T> values, const SoftmaxGradientTerms terms,
+                    float* __restrict__ grad_x, float* __restrict__ grad_row_sum) {
   extern __shared__ float4 gradient_smem_storage[];  // float4: 16-byte aligned
   GradientSmem& smem = *reinterpret_cast<GradientSmem*>(gradient_smem_storage);
   const int thread_row = threadIdx.x / kColThreads;
@@ -365,8 +385,8 @@ __global__ void __launch_bounds__(kThreads, kGradientBlocksPerSm)
     __syncthreads();  // g_panel complete; the last compute_dot_tile already released the staging area
 
     const bool first_panel = panel_col == 0;
-    for (int64_t d0 = 0; d0 < p.dim; d0 += kGradDimChunk) {
-      // acc[r][e] = sum over the panel's columns j of G[thread_row*4 + r][j] * y[j][d0 + thread_col*4 + e]
+    for (int64_t d0 = 0; d0 < values.width; d0 += kGradDimChunk) {
+      // acc[r][e] = sum over the panel's columns j of G[thread_row*4 + r][j] * values[j][d0 + thread_col*4 + e]
       float acc[kThreadRows][kThreadCols];
 #pragma unroll
       for (int r = 0; r < kThreadRows; ++r)
@@ -374,25 +394,25 @@ __global__ void __launch_bounds__(kThreads, kGradientBlocksPerSm)
         for (int e = 0; e < kThreadCols; ++e) acc[r][e] = 0.f;
 
       for (int tile = 0; tile < panel_tiles; ++tile) {
-        stage_y_chunk(p, panel_col + tile * kBlockCols, d0, smem.staging.y_chunk);
+        stage_value_chunk(values, p.cols, panel_col + tile * kBlockCols, d0, smem.staging.value_chunk);
         __syncthreads();
 #pragma unroll 8
         for (int j = 0; j < kBlockCols; ++j) {
           accumulate_outer_product(
               *reinterpret_cast<const float4*>(&smem.g_panel[tile * kBlockCols + j][thread_row * kThreadRows]),
-              *reinterpret_cast<const float4*>(&smem.staging.y_chunk[j][thread_col * kThreadCols]), acc);
+              *reinterpret_cast<const float4*>(&smem.staging.value_chunk[j][thread_col * kThreadCols]), acc);
         }
-        __syncthreads();  // y_chunk (and, after the last chunk, g_panel) may be overwritten
+        __syncthreads();  // value_chunk (and, after the last chunk, g_panel) may be overwritten
       }
 
 #pragma unroll
       for (int r = 0; r < kThreadRows; ++r) {
         if (!row_valid[r]) continue;
-        float* grad_row = grad_x + (first_row + thread_row * kThreadRows + r) * p.dim;
+        float* grad_row = grad_x + (first_row + thread_row * kThreadRows + r) * values.width;
 #pragma unroll
         for (int e = 0; e < kThreadCols; ++e) {
           const int64_t d = d0 + thread_col * kThreadCols + e;
-          if (d < p.dim) grad_row[d] = first_panel ? acc[r][e] : grad_row[d] + acc[r][e];
+          if (d < values.width) grad_row[d] = first_panel ? acc[r][e] : grad_row[d] + acc[r][e];
         }
       }
     }
@@ -453,10 +473,13 @@ cudaError_t zero_floats(float* ptr, int64_t n, cudaStream_t stream) {
 
 template <LossKind kKind>
 cudaError_t launch_gradient(const void* x, const void* y, int dtype, int64_t rows, int64_t cols, int64_t dim,
-                            const float* scale, const float* bias, SoftmaxGradientTerms terms, float* grad_x,
-                            float* grad_row_sum, void* stream_handle) {
+                            const void* values, int64_t value_dim, int64_t value_stride, const float* scale,
+                            const float* bias, SoftmaxGradientTerms terms, float* grad_x, float* grad_row_sum,
+                            void* stream_handle) {
   if (const cudaError_t error = check_problem(x, y, rows, cols, dim, scale)) return error;
-  if (rows > 0 && dim > 0 && grad_x == nullptr) return cudaErrorInvalidValue;
+  if (value_dim < 0 || value_stride < 0) return cudaErrorInvalidValue;
+  if (rows > 0 && cols > 0 && value_dim > 0 && values == nullptr) return cudaErrorInvalidValue;
+  if (rows > 0 && value_dim > 0 && grad_x == nullptr) return cudaErrorInvalidValue;
   if (rows > 0 && kKind == LossKind::kSigmoid && bias == nullptr) return cudaErrorInvalidValue;
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   return dispatch_dtype(dtype, [&](auto tag) {
@@ -464,16 +487,17 @@ cudaError_t launch_gradient(const void* x, const void* y, int dtype, int64_t row
     if (rows == 0) return cudaSuccess;
     const bool g_is_zero = kKind == LossKind::kSoftmax && terms.own_lse == nullptr && terms.other_lse == nullptr;
     if (cols == 0 || g_is_zero) {
-      // G has no (non-zero) entry: grad_x = 0 and grad_row_sum = 0, without reading x or y.
-      if (const cudaError_t error = zero_floats(grad_x, rows * dim, stream)) return error;
+      // G has no (non-zero) entry: grad_x = 0 and grad_row_sum = 0, without reading x, y or the values.
+      if (const cudaError_t error = zero_floats(grad_x, rows * value_dim, stream)) return error;
       return grad_row_sum != nullptr ? zero_floats(grad_row_sum, rows, stream) : cudaSuccess;
     }
     const auto kernel = gradient_kernel<T, kKind>;
     constexpr int kSmemBytes = sizeof(GradientSmem);
     if (const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes))
       return error;
+    const ValueMatrix<T> value_matrix{static_cast<const T*>(values), value_dim, value_stride};
     kernel<<<row_blocks(rows), kThreads, kSmemBytes, stream>>>(make_problem<T>(x, y, rows, cols, dim, scale, bias),
-                                                               terms, grad_x, grad_row_sum);
+                                                               value_matrix, terms, grad_x, grad_row_sum);
     return cudaGetLastError();
   });
 }
@@ -488,14 +512,15 @@ int clipfast_contrastive_lse_cuda(const void* x, const void* y, int dtype, int64
 }
 
 int clipfast_contrastive_grad_cuda(const void* x, const void* y, int dtype, int64_t rows, int64_t cols, int64_t dim,
-                                   const float* scale, const float* own_lse, const float* other_lse,
-                                   float own_weight, float other_weight, float* grad_x, void* stream) {
+                                   const void* values, int64_t value_dim, int64_t value_stride, const float* scale,
+                                   const float* own_lse, const float* other_lse, float own_weight,
+                                   float other_weight, float* grad_x, void* stream) {
   // A zero-weight term is dropped here, not multiplied by 0 in the kernel: 0 * exp(S - lse) would be NaN
   // for an lse that does not belong to S (or is absent).
   const SoftmaxGradientTerms terms{own_weight != 0.f ? own_lse : nullptr, other_weight != 0.f ? other_lse : nullptr,
                                    own_weight, other_weight};
-  return launch_gradient<LossKind::kSoftmax>(x, y, dtype, rows, cols, dim, scale, nullptr, terms, grad_x, nullptr,
-                                             stream);
+  return launch_gradient<LossKind::kSoftmax>(x, y, dtype, rows, cols, dim, values, value_dim, value_stride, scale,
+                                             nullptr, terms, grad_x, nullptr, stream);
 }
 
 int clipfast_siglip_softplus_cuda(const void* x, const void* y, int dtype, int64_t rows, int64_t cols, int64_t dim,
@@ -505,8 +530,9 @@ int clipfast_siglip_softplus_cuda(const void* x, const void* y, int dtype, int64
 
 int clipfast_siglip_grad_cuda(const void* x, const void* y, int dtype, int64_t rows, int64_t cols, int64_t dim,
                               const float* scale, const float* bias, float* grad_x, float* grad_row_sum, void* stream) {
-  return launch_gradient<LossKind::kSigmoid>(x, y, dtype, rows, cols, dim, scale, bias, SoftmaxGradientTerms{}, grad_x,
-                                             grad_row_sum, stream);
+  // SigLIP's gradient is contracted with y itself: values = y (cols, dim), rows dim apart.
+  return launch_gradient<LossKind::kSigmoid>(x, y, dtype, rows, cols, dim, y, dim, dim, scale, bias,
+                                             SoftmaxGradientTerms{}, grad_x, grad_row_sum, stream);
 }
 
 }  // extern "C"

@@ -1,14 +1,15 @@
 // CUDA implementations of the clipfast_C contrastive ops (schemas in csrc/clipfast.cpp), on top of the
 // C ABI of csrc/cuda/contrastive.cu (csrc/include/clipfast/contrastive_cuda.h).
 //
-// The kernels reduce over columns only: row statistics and grad_x = G @ y. The column direction is the
-// same launch with x and y swapped, since S^T = scale * y @ x^T:
-//   col_lse = lse over rows of S = row lse of S^T;      grad_y = G^T @ x with G^T built from S^T.
+// The kernels reduce over columns only: row statistics and grad_x = G @ y_values. The column direction is
+// the same launch with x and y swapped, since S^T = scale * y @ x^T:
+//   col_lse = lse over rows of S = row lse of S^T;      grad_y = G^T @ x_values with G^T built from S^T.
 // Nothing here synchronises with the host: scale and bias stay on the device and are read by the kernels.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "clipfast/checks.h"
@@ -42,6 +43,28 @@ at::Tensor device_vector(const at::Tensor& t, int64_t length, const at::Tensor& 
 
 at::TensorOptions fp32_like(const at::Tensor& x) { return x.options().dtype(at::kFloat); }
 
+// contrastive_grad's value matrices: x_values (rows, E) and y_values (cols, E), x's dtype and device. The
+// Python layer guarantees it; asserted anyway, because a wrong shape, dtype or device would make the kernels
+// read memory they do not own.
+void assert_value_pair(const at::Tensor& x_values, const at::Tensor& y_values, const at::Tensor& x,
+                       const at::Tensor& y, const char* op) {
+  TORCH_INTERNAL_ASSERT(x_values.dim() == 2 && y_values.dim() == 2 && x_values.size(0) == x.size(0) &&
+                            y_values.size(0) == y.size(0) && x_values.size(1) == y_values.size(1),
+                        op, ": x_values and y_values must be (", x.size(0), ", E) and (", y.size(0),
+                        ", E), got ", x_values.sizes(), " and ", y_values.sizes());
+  TORCH_INTERNAL_ASSERT(x_values.scalar_type() == x.scalar_type() && y_values.scalar_type() == x.scalar_type(), op,
+                        ": x_values and y_values must have x's dtype ", x.scalar_type(), ", got ",
+                        x_values.scalar_type(), " and ", y_values.scalar_type());
+  assert_same_device(x_values, x, op, "x_values");
+  assert_same_device(y_values, x, op, "y_values");
+}
+
+// A value matrix as the launcher reads it: column stride 1, rows stride(0) apart. A view that already has
+// unit column stride (such as a column slice of wider features) is read in place instead of copied.
+at::Tensor with_unit_column_stride(const at::Tensor& values) {
+  return values.size(1) <= 1 || values.stride(1) == 1 ? values : values.contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> contrastive_lse_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
                                                         const at::Tensor& scale_in, bool with_cols) {
   constexpr const char* op = "contrastive_lse";
@@ -72,36 +95,49 @@ std::tuple<at::Tensor, at::Tensor> contrastive_lse_cuda(const at::Tensor& x_in, 
 }
 
 // G_ij = row_weight * exp(S_ij - row_lse_i) + col_weight * exp(S_ij - col_lse_j), the column term only when
-// col_lse is non-empty and col_weight != 0. grad_x = G @ y is the launch with own = rows; grad_y = G^T @ x
-// is the swapped launch, where the column term is "own" and the row term "other".
+// col_lse is non-empty and col_weight != 0. grad_x = G @ y_values (rows, E) is the launch with own = rows;
+// grad_y = G^T @ x_values (cols, E) is the swapped launch, where the column term is "own" and the row term
+// "other". The values default to y and x (E = dim, the loss's own gradient); distillation passes a
+// student's features so that the teacher's G (from x, y) is contracted with them.
 std::tuple<at::Tensor, at::Tensor> contrastive_grad_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
                                                          const at::Tensor& scale_in, const at::Tensor& row_lse_in,
                                                          const at::Tensor& col_lse_in, double row_weight,
-                                                         double col_weight) {
+                                                         double col_weight,
+                                                         const std::optional<at::Tensor>& x_values_in,
+                                                         const std::optional<at::Tensor>& y_values_in) {
   constexpr const char* op = "contrastive_grad";
   const int dtype = check_cuda_features(x_in, y_in, op);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor scale = device_scalar(scale_in, x_in, op, "scale");
   const int64_t rows = x_in.size(0), cols = y_in.size(0), dim = x_in.size(1);
+  TORCH_INTERNAL_ASSERT(x_values_in.has_value() == y_values_in.has_value(), op,
+                        ": x_values and y_values must be given together");
+  const bool values_given = x_values_in.has_value();
+  if (values_given) assert_value_pair(*x_values_in, *y_values_in, x_in, y_in, op);
+  const int64_t width = values_given ? x_values_in->size(1) : dim;
   const at::Tensor row_lse = device_vector(row_lse_in, rows, x_in, op, "row_lse");
   const bool use_col_term = col_lse_in.numel() > 0 && col_weight != 0.0;
   const at::Tensor col_lse = use_col_term ? device_vector(col_lse_in, cols, x_in, op, "col_lse") : at::Tensor();
-  if (rows == 0 || cols == 0) {  // G has no entry
-    return {at::zeros({rows, dim}, fp32_like(x_in)), at::zeros({cols, dim}, fp32_like(x_in))};
+  if (rows == 0 || cols == 0 || width == 0) {  // G has no entry, or the gradients no element
+    return {at::zeros({rows, width}, fp32_like(x_in)), at::zeros({cols, width}, fp32_like(x_in))};
   }
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
-  at::Tensor grad_x = at::empty({rows, dim}, fp32_like(x));
-  at::Tensor grad_y = at::empty({cols, dim}, fp32_like(x));
+  const at::Tensor x_values = values_given ? with_unit_column_stride(*x_values_in) : x;
+  const at::Tensor y_values = values_given ? with_unit_column_stride(*y_values_in) : y;
+  at::Tensor grad_x = at::empty({rows, width}, fp32_like(x));
+  at::Tensor grad_y = at::empty({cols, width}, fp32_like(x));
   const float* row_lse_ptr = row_lse.const_data_ptr<float>();
   const float* col_lse_ptr = use_col_term ? col_lse.const_data_ptr<float>() : nullptr;
   const float row_term_weight = static_cast<float>(row_weight);
   const float col_term_weight = use_col_term ? static_cast<float>(col_weight) : 0.f;
   void* stream = current_stream();
   check_launch(clipfast_contrastive_grad_cuda(x.const_data_ptr(), y.const_data_ptr(), dtype, rows, cols, dim,
+                                              y_values.const_data_ptr(), width, y_values.stride(0),
                                               scale.const_data_ptr<float>(), row_lse_ptr, col_lse_ptr, row_term_weight,
                                               col_term_weight, grad_x.mutable_data_ptr<float>(), stream),
                op);
   check_launch(clipfast_contrastive_grad_cuda(y.const_data_ptr(), x.const_data_ptr(), dtype, cols, rows, dim,
+                                              x_values.const_data_ptr(), width, x_values.stride(0),
                                               scale.const_data_ptr<float>(), col_lse_ptr, row_lse_ptr, col_term_weight,
                                               row_term_weight, grad_y.mutable_data_ptr<float>(), stream),
                op);

@@ -22,7 +22,7 @@ passes them), which fp16 would flush to zero if the weights were folded into G.
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 when CUDA is unavailable). Shapes are small (N, M <= 130, D <= 96) because
 the interpreter is ~1000x slower than a GPU; the exceptions, D = 300 and D = 1280 with few
-rows, exercise several D chunks with the real block sizes.
+rows (and values of width E = 300), exercise several D (E) chunks with the real block sizes.
 
 fp32 with input_precision="tf32" is checked against bounds derived from the operands'
 truncation to tf32 (see ``_tf32_bounds``), with the GPU's truncation emulated in the
@@ -231,6 +231,129 @@ def test_low_precision(dtype, scale, shape):
     _within_bound(sgy, p.T @ xc.double(), p_low.T @ xc, dtype, "siglip grad_y")
     _within_bound(g_sum, p.sum(1), p_low.sum(1), dtype, "siglip row sum")
     _close(g_sum, p.sum(1), rtol=1e-5, atol_rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Values of another width (distillation): G from x, y (width D), products with the values
+# x_values (N, E) and y_values (M, E)
+# ----------------------------------------------------------------------------------------
+
+VALUE_WEIGHTS = {"both": (0.5, 0.5), "row": (1.0, 0.0), "col": (0.0, 1.0)}
+
+
+def _values(n, m, e, dtype=torch.float32, seed=10):
+    """(x_values, y_values): (n, e) and (m, e) unit rows, independent of the features."""
+    return _features(n, e, dtype, seed), _features(m, e, dtype, seed + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("e", [48, 8])  # D = 32: wider values, and narrower than the tl.dot minimum of 16
+@pytest.mark.parametrize("terms", list(VALUE_WEIGHTS))
+def test_contrastive_grad_values(dtype, e, terms):
+    n, m, d, scale = 67, 45, 32, 14.3
+    weights = VALUE_WEIGHTS[terms]
+    x, y = _pair(n, m, d, dtype)
+    xv, yv = _values(n, m, e, dtype)
+    sc = _scalar(scale)
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, sc, True)
+    gx, gy = K.contrastive_grad_triton(x, y, sc, row_lse, col_lse, *weights, xv, yv)
+    assert gx.dtype == gy.dtype == torch.float32 and gx.shape == (n, e) and gy.shape == (m, e)
+    # float64 reference: G from the features, the products with the values.
+    g = _softmax_grad64(_logits64(x, y, scale), *weights)
+    xv64, yv64 = xv.cpu().double(), yv.cpu().double()
+    if dtype == torch.float32:
+        _close(gx, g @ yv64, rtol=1e-4, atol_rel=1e-4)
+        _close(gy, g.T @ xv64, rtol=1e-4, atol_rel=1e-4)
+    else:  # plain torch in bf16: logits, softmax and products rounded to bf16
+        s_low = (x.cpu() @ y.cpu().T) * torch.tensor(scale, dtype=dtype)
+        g_low = weights[0] * torch.softmax(s_low, 1) + weights[1] * torch.softmax(s_low, 0)
+        _within_bound(gx, g @ yv64, g_low @ yv.cpu(), dtype, "grad_x")
+        _within_bound(gy, g.T @ xv64, g_low.T @ xv.cpu(), dtype, "grad_y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_contrastive_grad_values_several_chunks(dtype):
+    # E = 300 > BLOCK_D (128) with a ragged last chunk, while the logit tile runs over D = 32.
+    n, m, d, e = 20, 30, 32, 300
+    assert K.kernel_configs(d, dtype, E=e)["grad"]["BLOCK_D"] < e
+    x, y = _pair(n, m, d, dtype)
+    xv, yv = _values(n, m, e, dtype)
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, _scalar(14.3), True)
+    gx, gy = K.contrastive_grad_triton(x, y, _scalar(14.3), row_lse, col_lse, 0.5, 0.5, xv, yv)
+    g = _softmax_grad64(_logits64(x, y, 14.3), 0.5, 0.5)
+    rtol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps  # G rounded to bf16 (docstring)
+    _close(gx, g @ yv.cpu().double(), rtol=rtol, atol_rel=rtol)
+    _close(gy, g.T @ xv.cpu().double(), rtol=rtol, atol_rel=rtol)
+
+
+@pytest.mark.parametrize("dtype,precision,narrow_block_d",
+                         [(torch.float32, "ieee", 64), (torch.float32, "tf32", 32), (torch.bfloat16, "ieee", 64)])
+def test_kernel_configs_tile_each_width(dtype, precision, narrow_block_d):
+    # BLOCK_K tiles the logit GEMM over D, BLOCK_D the products over E; E defaults to D.
+    plain = K.kernel_configs(1024, dtype, precision)
+    assert K.kernel_configs(1024, dtype, precision, E=1024) == K.kernel_configs(1024, dtype, precision, E=384) == plain
+    narrow = K.kernel_configs(1024, dtype, precision, E=48)
+    assert narrow["row_reduce"] == plain["row_reduce"]
+    # tf32 takes E in (32, 64] in two 32-wide chunks: 64 spills on sm_80 (kernel_configs' docstring).
+    assert narrow["grad"] == dict(plain["grad"], BLOCK_D=narrow_block_d)
+    # 16-bit values never get 16-wide chunks (they spill on sm_80); fp32 shrinks to the tl.dot minimum.
+    assert K.kernel_configs(1024, dtype, precision, E=8)["grad"]["BLOCK_D"] == (16 if dtype == torch.float32 else 32)
+    small_teacher = K.kernel_configs(20, dtype, precision, E=768)["grad"]
+    assert small_teacher["BLOCK_K"] == K.kernel_configs(20, dtype, precision)["grad"]["BLOCK_K"] <= 32
+    assert small_teacher["BLOCK_D"] == 128
+
+
+def test_values_equal_to_features_give_the_default():
+    x, y = _pair(67, 45, 37)
+    sc = _scalar(14.3)
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, sc, True)
+    default = K.contrastive_grad_triton(x, y, sc, row_lse, col_lse, 0.5, 0.25)
+    explicit = K.contrastive_grad_triton(x, y, sc, row_lse, col_lse, 0.5, 0.25, x, y)
+    for a, b in zip(default, explicit):
+        assert torch.equal(a, b)
+
+
+def test_non_contiguous_values():
+    x, y = _pair(67, 45, 32)
+    xv, yv = _values(67, 45, 48)
+    sc = _scalar(14.3)
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, sc, True)
+    expected = K.contrastive_grad_triton(x, y, sc, row_lse, col_lse, 0.5, 0.5, xv, yv)
+    xv_t, xv_s = _strided_copies(xv)
+    yv_t, yv_s = _strided_copies(yv)
+    for xvv, yvv in ((xv_t, yv_s), (xv_s, yv_t)):
+        # Same values, same tile order: only the addressing differs.
+        for out, exp in zip(K.contrastive_grad_triton(x, y, sc, row_lse, col_lse, 0.5, 0.5, xvv, yvv), expected):
+            torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,m", [(0, 5), (5, 0)])
+def test_values_empty_batches(n, m):
+    x, y = _pair(n, m, 32)
+    xv, yv = _values(n, m, 48)
+    sc = _scalar(14.3)
+    row, col = K.contrastive_lse_triton(x, y, sc, True)
+    gx, gy = K.contrastive_grad_triton(x, y, sc, row, col, 0.5, 0.5, xv, yv)
+    assert gx.shape == (n, 48) and gy.shape == (m, 48) and not gx.any() and not gy.any()
+    assert gx.dtype == gy.dtype == torch.float32
+
+
+def test_values_launch_invariants():
+    """Values that break the launch's invariants raise RuntimeError, never an out-of-bounds launch."""
+    x, y = _pair(4, 5, 8)
+    xv, yv = _values(4, 5, 16)
+    sc = _scalar(1.0)
+    row, col = K.contrastive_lse_triton(x, y, sc, True)
+    for bad_xv, bad_yv, match in ((xv[:3], yv, r"x_values must be \(4, E\)"),
+                                  (xv, yv[:4], r"y_values must be \(5, E\)"),
+                                  (yv, xv, r"x_values must be \(4, E\)"),  # swapped: rows of the wrong side
+                                  (xv[0], yv, r"x_values must be \(4, E\)"),
+                                  (xv, yv[:, :12], "one E"),
+                                  (xv, None, "given together"), (None, yv, "given together"),
+                                  (xv.double(), yv.double(), "like x"), (xv, yv.bfloat16(), "like x"),
+                                  (xv, yv.to("meta"), "one CUDA device")):
+        with pytest.raises(RuntimeError, match=match):
+            K.contrastive_grad_triton(x, y, sc, row, col, 0.5, 0.5, bad_xv, bad_yv)
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ every BLOCK_M / BLOCK_N and D of every BLOCK_K / BLOCK_D the tiles are full and 
 GEMM-equivalents does not depend on N then, so the grid over D and precision runs at the
 smallest N = M whose tiles are full in the path's configuration (the interpreter costs ~N^2:
 64 for exact fp32, 128 for tf32 and bf16), and one case per loss confirms it at N = M = 256.
+
+The gradient launcher with values of another width E (distillation: G from width-D features,
+contracted with width-E values) executes 1 + E / D GEMM-equivalents per launch: the logit
+recompute over D and G @ values over E.
 """
 
 import pytest
@@ -88,3 +92,22 @@ def test_rectangular_block_gemm_equivalents(path, matmul_precision):
     with count_dot_flops() as work:
         _forward_backward("block", n, 2 * n, 1280, dtype)
     assert work.gemm_equivalents(n, 1280, 2 * n) == LIMITS["block"]
+
+
+@pytest.mark.parametrize("e", [384, 64])  # several 128-wide E chunks; a narrower BLOCK_D
+@pytest.mark.parametrize("path", ["fp32", "bf16"])
+def test_gradient_with_values_gemm_equivalents(path, e, matmul_precision):
+    """Both gradient launches with values of width E != D: 2 x (1 + E / D) N x M x D GEMM-equivalents."""
+    from clipfast.triton_kernels import contrastive as K
+
+    dtype, precision, n = PATHS[path]
+    matmul_precision(precision)
+    d = 512
+    x, y = unit_features(n, d, dtype=dtype, seed=1), unit_features(n, d, dtype=dtype, seed=2)
+    x_values, y_values = unit_features(n, e, dtype=dtype, seed=3), unit_features(n, e, dtype=dtype, seed=4)
+    scale = torch.tensor(14.3)
+    row_lse, col_lse = K.contrastive_lse_triton(x, y, scale, True)
+    with count_dot_flops() as work:
+        grad_x, grad_y = K.contrastive_grad_triton(x, y, scale, row_lse, col_lse, 0.5, 0.5, x_values, y_values)
+    assert grad_x.shape == grad_y.shape == (n, e)
+    assert work.gemm_equivalents(n, d, n) == 2 * (1 + e / d), work.by_shape
