@@ -15,8 +15,9 @@ from clipfast import backends, ops  # noqa: F401  (ops registers torch.ops.clipf
 from clipfast import distributed, nn
 from clipfast.attention_scores import attention_scores, cls_attention_scores
 from clipfast.backends import BackendUnavailableError, use_backend
-from clipfast.functional import (attentive_token_keep, clip_loss, contrastive_cross_entropy, num_keep_for_ratio,
-                                 segment_medoids, siglip_loss, token_medoids)
+from clipfast.functional import (attentive_token_keep, clip_distill_loss, clip_loss, contrastive_cross_entropy,
+                                 distill_cross_entropy, num_keep_for_ratio, segment_medoids, siglip_loss,
+                                 token_medoids)
 from clipfast.integrations import (PatchHandle, TokenMedoids, TokenRemoval, patch_hf_clip, patch_open_clip,
                                   patch_timm_vit)
 from clipfast.spectral_medoids import spectral_embedding, spectral_token_medoids
@@ -36,10 +37,12 @@ __all__ = [
     "backends",
     "distributed",
     "exact_gaussian_schur",
+    "clip_distill_loss",
     "clip_loss",
     "cls_attention_scores",
     "contrastive_cross_entropy",
     "defocus",
+    "distill_cross_entropy",
     "nn",
     "num_keep_for_ratio",
     "patch_hf_clip",

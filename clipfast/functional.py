@@ -18,6 +18,7 @@ from clipfast.inputs import NON_FINITE_RULE, as_int, check_no_nan, int_in_range,
 from clipfast.ops import contrastive as _ops
 
 Scalar = Union[torch.Tensor, float]
+GroupIds = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # (N,) ids, or (row_ids (N,), col_ids (M,))
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -78,7 +79,8 @@ def as_scalar_tensor(value: Optional[Scalar], name: str, like: torch.Tensor) -> 
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Scalar,
-              logit_bias: Optional[Scalar] = None, *, label_smoothing: float = 0.0) -> torch.Tensor:
+              logit_bias: Optional[Scalar] = None, *, label_smoothing: float = 0.0,
+              labels: Optional[torch.Tensor] = None, group_ids: Optional[GroupIds] = None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE loss, exactly as open_clip's ``ClipLoss`` (world size 1), fused.
 
     With ``X = logit_scale * image_features @ text_features.T (+ logit_bias)``, shape (N, N), never
@@ -87,6 +89,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         loss = (cross_entropy(X, arange(N)) + cross_entropy(X.T, arange(N))) / 2
 
     where ``cross_entropy`` is ``torch.nn.functional.cross_entropy`` with ``label_smoothing``.
+
+    Other positives (both O(N) extra memory, the same kernels; see :data:`MULTI_POSITIVE`):
+    ``labels`` (N,) integer: image i's positive text is ``labels[i]`` (Inf-CL's convention); every text
+    needs a positive image (a permutation gives one each; a text with several gets their average).
+    ``group_ids``: image i and text j are a positive pair when their ids are equal (COCO's five captions
+    of one image, repeated web pairs): one (N,) integer tensor for the pairs of the batch, or
+    ``(image_ids (N,), text_ids (N,))``; every image and every text needs a positive.
 
     Args:
         image_features: (N, D) float16/bfloat16/float32/float64; need not be normalised.
@@ -117,12 +126,14 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         raise ValueError(f"the symmetric CLIP loss needs as many images as texts, got "
                          f"{image_features.shape[0]} and {text_features.shape[0]}; "
                          "use contrastive_cross_entropy for a rectangular block")
-    return _infonce(image_features, text_features, logit_scale, logit_bias, 0, label_smoothing, True)
+    ids = positive_ids(image_features, text_features, labels, group_ids)
+    return _infonce(image_features, text_features, logit_scale, logit_bias, 0, label_smoothing, True, ids)
 
 
 def contrastive_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, logit_scale: Scalar,
                               logit_bias: Optional[Scalar] = None, *, label_offset: int = 0,
-                              label_smoothing: float = 0.0) -> torch.Tensor:
+                              label_smoothing: float = 0.0, labels: Optional[torch.Tensor] = None,
+                              group_ids: Optional[GroupIds] = None) -> torch.Tensor:
     """One direction of InfoNCE over a rectangular block (the building block of distributed losses).
 
     ``loss = mean_i cross_entropy(logit_scale * queries[i] @ keys.T, label_offset + i)``.
@@ -132,6 +143,10 @@ def contrastive_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, logit_s
             (open_clip's local loss: queries = this rank's features, keys = all ranks' features,
             ``label_offset = rank * n``).
         logit_scale, logit_bias, label_smoothing: as in :func:`clip_loss`.
+        labels: instead of ``label_offset``, (n,) integer target columns in [0, M), any order or
+            repetition (Inf-CL's ``labels``).
+        group_ids: instead, ``(query_ids (n,), key_ids (M,))``: row i's targets are uniform over the keys
+            with its id (:data:`MULTI_POSITIVE`); every query needs one.
 
     Returns:
         0-d float32 (float64 for float64 inputs).
@@ -141,22 +156,171 @@ def contrastive_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, logit_s
     if label_offset < 0 or label_offset + queries.shape[0] > keys.shape[0]:
         raise ValueError(f"label_offset={label_offset!r} with {queries.shape[0]} queries needs "
                          f"0 <= label_offset <= {keys.shape[0] - queries.shape[0]} for {keys.shape[0]} keys")
-    return _infonce(queries, keys, logit_scale, logit_bias, label_offset, label_smoothing, False)
+    ids = positive_ids(queries, keys, labels, group_ids)
+    if ids is not None and label_offset:
+        raise ValueError("give label_offset, labels or group_ids, not several")
+    return _infonce(queries, keys, logit_scale, logit_bias, label_offset, label_smoothing, False, ids)
 
 
-def _infonce(queries, keys, logit_scale, logit_bias, label_offset, label_smoothing, symmetric):
+def _infonce(queries, keys, logit_scale, logit_bias, label_offset, label_smoothing, symmetric, ids):
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     scale = as_scalar_tensor(logit_scale, "logit_scale", queries)
     bias = as_scalar_tensor(logit_bias, "logit_bias", queries)
     queries, keys = _autocast_features(queries, keys)
+    row_ids, col_ids = ids if ids is not None else (None, None)
     loss, _, _ = _ops.contrastive_loss(queries, keys, scale, bias, label_offset, symmetric,
-                                       float(label_smoothing))
+                                       float(label_smoothing), row_ids, col_ids)
     return loss
 
 
+MULTI_POSITIVE = """Multi-positive InfoNCE (``group_ids``), the formula.
+
+Pair (i, j) is positive when ``row_ids[i] == col_ids[j]``; ``P(i)`` are row i's positive columns,
+``Q(j)`` column j's positive rows. Each direction's target distribution is uniform over the positives::
+
+    L_row = mean_i [ logsumexp_j X_ij - mean_{j in P(i)} X_ij ]
+    L_col = mean_j [ logsumexp_i X_ij - mean_{i in Q(j)} X_ij ]
+    clip_loss = (L_row + L_col) / 2,    contrastive_cross_entropy = L_row
+
+This is UniCL's bidirectional image-label-text loss (Yang et al., CVPR 2022, "Unified Contrastive
+Learning in Image-Text-Label Space", eqs. 2-4: the target of each row is ``1/|P(i)|`` on its positives),
+with each direction averaged over its rows as CLIP does; with distinct ids it is CLIP's loss exactly.
+``label_smoothing`` mixes in the uniform distribution over all columns, as ``F.cross_entropy`` does.
+Fused: the kernels are those of the one-positive loss (the log-sum-exps do not depend on the labels);
+the label terms need per-id feature sums, ``O((N + M) D)`` (one sort of the ids). SigLIP's form
+(:func:`siglip_loss`) takes ``z_ij = +1`` on every positive pair.
+"""
+
+
+def positive_ids(queries: torch.Tensor, keys: torch.Tensor, labels: Optional[torch.Tensor],
+                 group_ids: Optional[GroupIds]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(row_ids (N,), col_ids (M,))`` int64 describing the positive pairs, or None for the default
+    diagonal. ``labels`` (N,) become ``(labels, arange(M))``; ``group_ids`` is one (N,) tensor for a
+    square batch (rows and columns are the same pairs) or a pair of tensors. TypeError / ValueError on
+    a wrong dtype, shape or device, labels outside [0, M) (checked on the CPU; a device assert elsewhere)."""
+    if labels is None and group_ids is None:
+        return None
+    if labels is not None and group_ids is not None:
+        raise ValueError("give labels or group_ids, not both")
+    n, m = queries.shape[0], keys.shape[0]
+
+    def as_ids(t, name, length):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if t.shape != (length,):
+            raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+        if t.device != queries.device:
+            raise ValueError(f"{name} is on {t.device} but the features are on {queries.device}")
+        return t.detach().to(torch.int64)
+
+    if labels is not None:
+        labels = as_ids(labels, "labels", n)
+        in_range = ((labels >= 0) & (labels < m)).all()
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(in_range):
+                raise ValueError(f"labels must lie in [0, {m}) (the columns), got values in "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
+        else:
+            torch._assert_async(in_range, f"clipfast: labels must lie in [0, {m})")
+        return labels, torch.arange(m, device=labels.device)
+    if isinstance(group_ids, torch.Tensor):
+        if n != m:
+            raise ValueError(f"one group_ids tensor describes a square batch; with {n} rows and {m} columns "
+                             "give (row_ids, col_ids)")
+        ids = as_ids(group_ids, "group_ids", n)
+        return ids, ids
+    if not (isinstance(group_ids, (tuple, list)) and len(group_ids) == 2):
+        raise TypeError("group_ids must be a tensor or a pair (row_ids, col_ids) of tensors")
+    return as_ids(group_ids[0], "group_ids[0] (rows)", n), as_ids(group_ids[1], "group_ids[1] (columns)", m)
+
+
+def _check_teacher(features: torch.Tensor, teacher: torch.Tensor, name: str) -> torch.Tensor:
+    check_float_tensor(teacher, name, ("batch", "dim"))
+    if teacher.shape[0] != features.shape[0]:
+        raise ValueError(f"{name} must have one row per student row: {teacher.shape[0]} vs {features.shape[0]}")
+    if teacher.shape[1] == 0:
+        raise ValueError(f"{name} has feature dimension 0")
+    if teacher.device != features.device:
+        raise ValueError(f"{name} is on {teacher.device} but the student's features on {features.device}")
+    if teacher.requires_grad:
+        raise ValueError(f"{name} requires grad: the distillation teacher is frozen (compute it under "
+                         "torch.no_grad() or .detach() it, as open_clip's training loop does)")
+    return teacher.to(features.dtype)
+
+
+def _distill(queries, keys, logit_scale, teacher_queries, teacher_keys, teacher_logit_scale, label_offset,
+             symmetric):
+    scale = as_scalar_tensor(logit_scale, "logit_scale", queries)
+    teacher_scale = as_scalar_tensor(teacher_logit_scale, "teacher_logit_scale", queries)
+    if teacher_scale.requires_grad:
+        raise ValueError("teacher_logit_scale requires grad: the distillation teacher is frozen")
+    queries, keys = _autocast_features(queries, keys)
+    teacher_queries = _check_teacher(queries, teacher_queries, "teacher queries")
+    teacher_keys = _check_teacher(keys, teacher_keys, "teacher keys")
+    check_feature_pair(teacher_queries, teacher_keys, "teacher queries", "teacher keys")
+    contrastive, distill, *_ = _ops.distill_loss(queries, keys, scale, teacher_queries, teacher_keys, teacher_scale,
+                                                 label_offset, symmetric)
+    return contrastive, distill
+
+
+def clip_distill_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Scalar,
+                      teacher_image_features: torch.Tensor, teacher_text_features: torch.Tensor,
+                      teacher_logit_scale: Scalar) -> Tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``DistillClipLoss`` (world size 1), fused: ``(contrastive_loss, distill_loss)``.
+
+    With the student's logits ``X = s A B^T`` and the teacher's ``T = t A_t B_t^T`` (N x N, neither
+    materialised)::
+
+        contrastive_loss = clip_loss(A, B, s)
+        distill_loss = (CE(softmax_rows(T), X) + CE(softmax_rows(T^T), X^T)) / 2,
+        CE(P, X) = -mean_i sum_j P_ij log_softmax(X_i)_j = mean_i [logsumexp_j X_ij - sum_j P_ij X_ij]
+
+    ``sum_j P_ij X_ij = s <a_i, (P B)_i>``: one teacher sweep contracts the teacher's softmaxes with the
+    student's features, O((N + M) D) memory. Cost in N x N x D GEMMs: 1 (student log-sum-exps, shared by
+    both losses) + 1 (teacher's) + 3 (teacher softmaxes times student features) forward, 3 backward (one
+    gradient sweep serves both losses); open_clip: 4 + 4, with eight N x N matrices.
+
+    Args:
+        image_features, text_features: (N, D) student features (float, need not be normalised).
+        logit_scale: the student's, exponentiated (0-d, [1] or float).
+        teacher_image_features, teacher_text_features: (N, D_t) the teacher's (any width D_t); they must
+            not require grad (the teacher is frozen) and are cast to the student's dtype.
+        teacher_logit_scale: the teacher's, exponentiated; must not require grad.
+
+    Returns:
+        ``(contrastive_loss, distill_loss)``, 0-d float32 (float64 for float64); gradients reach the
+        student's features and ``logit_scale``.
+    """
+    check_feature_pair(image_features, text_features)
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(f"the symmetric distillation loss needs as many images as texts, got "
+                         f"{image_features.shape[0]} and {text_features.shape[0]}")
+    return _distill(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+                    teacher_logit_scale, 0, True)
+
+
+def distill_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, logit_scale: Scalar,
+                          teacher_queries: torch.Tensor, teacher_keys: torch.Tensor, teacher_logit_scale: Scalar,
+                          *, label_offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One direction of :func:`clip_distill_loss` over a rectangular block (open_clip's local loss):
+    ``(contrastive_cross_entropy(queries, keys, s, label_offset=...), CE(softmax_rows(T), X))``.
+
+    Args: queries (n, D), keys (M, D) with ``label_offset + n <= M``; the teacher's (n, D_t) and (M, D_t).
+    """
+    check_feature_pair(queries, keys, "queries", "keys")
+    label_offset = as_int(label_offset, "label_offset")
+    if label_offset < 0 or label_offset + queries.shape[0] > keys.shape[0]:
+        raise ValueError(f"label_offset={label_offset!r} with {queries.shape[0]} queries needs "
+                         f"0 <= label_offset <= {keys.shape[0] - queries.shape[0]} for {keys.shape[0]} keys")
+    return _distill(queries, keys, logit_scale, teacher_queries, teacher_keys, teacher_logit_scale, label_offset, False)
+
+
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Scalar,
-                logit_bias: Scalar, *, label_offset: int = 0, negative_only: bool = False) -> torch.Tensor:
+                logit_bias: Scalar, *, label_offset: int = 0, negative_only: bool = False,
+                labels: Optional[torch.Tensor] = None, group_ids: Optional[GroupIds] = None) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss, exactly as open_clip's ``SigLipLoss`` (world size 1), fused.
 
     With ``X = logit_scale * image_features @ text_features.T + logit_bias``, shape (N, M), never
@@ -171,6 +335,9 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
             ``label_offset``/``negative_only`` describe a block of a larger batch.
         logit_scale: 0-d or [1] tensor (or float), already exponentiated, finite, >= 0.
         logit_bias: 0-d or [1] tensor (or float), required, finite.
+        labels, group_ids: other positive pairs, as in :func:`contrastive_cross_entropy` (``z_ij = +1`` on
+            each; rows may have none): ``labels`` (N,) a positive column per row, ``group_ids`` one (N,)
+            tensor (N == M) or ``(image_ids (N,), text_ids (M,))``.
 
     Returns:
         0-d float32 (float64 for float64 inputs); gradients for both features, ``logit_scale``
@@ -181,13 +348,18 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if logit_bias is None:
         raise ValueError("siglip_loss needs logit_bias (SigLIP learns one; open_clip passes model.logit_bias)")
     label_offset = as_int(label_offset, "label_offset")
-    if not negative_only and (label_offset < 0 or label_offset + n > m):
+    ids = positive_ids(image_features, text_features, labels, group_ids)
+    if ids is not None and (label_offset or negative_only):
+        raise ValueError("labels / group_ids describe the positives: not with label_offset or negative_only")
+    if ids is None and not negative_only and (label_offset < 0 or label_offset + n > m):
         raise ValueError(f"label_offset={label_offset!r} with {n} images needs 0 <= label_offset <= {m - n} "
                          f"for {m} texts (N != M needs negative_only=True or a label_offset)")
     scale = as_scalar_tensor(logit_scale, "logit_scale", image_features)
     bias = as_scalar_tensor(logit_bias, "logit_bias", image_features)
     image_features, text_features = _autocast_features(image_features, text_features)
-    return _ops.siglip_loss(image_features, text_features, scale, bias, int(label_offset), bool(negative_only))
+    row_ids, col_ids = ids if ids is not None else (None, None)
+    return _ops.siglip_loss(image_features, text_features, scale, bias, int(label_offset), bool(negative_only),
+                            row_ids, col_ids)
 
 
 def check_medoid_iterations(max_iters, split_size) -> Tuple[int, Optional[int]]:

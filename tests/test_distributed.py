@@ -1,8 +1,8 @@
 """The distributed losses on 2 and 4 gloo processes (127.0.0.1, free port, bounded time):
 
 - per rank, loss and every gradient equal open_clip 3.3.0's module in the same configuration
-  (ClipLoss: the four local_loss x gather_with_grad combinations and the ring; CoCaLoss: the global and
-  the local loss; SigLipLoss: every dist_impl);
+  (ClipLoss: the four local_loss x gather_with_grad combinations and the ring; DistillClipLoss: the four
+  combinations; CoCaLoss: the global and the local loss; SigLipLoss: every dist_impl);
 - the production setting (local loss, gather with grad; the ring) summed over ranks equals a
   single-process computation over the full batch;
 - mismatched per-rank batch sizes and feature dimensions raise the same ValueError on every rank.
@@ -52,6 +52,13 @@ def _run_coca(module, image, text, log_scale, logits, labels):
     return [contrastive.item(), caption.item()] + [g.flatten().tolist() for g in grads]
 
 
+def _run_distill(module, image, text, log_scale, teacher_image, teacher_text, teacher_scale):
+    image, text, log_scale = image.clone().requires_grad_(), text.clone().requires_grad_(), log_scale.clone().requires_grad_()
+    contrastive, distill = module(image, text, log_scale.exp(), teacher_image, teacher_text, teacher_scale)
+    grads = torch.autograd.grad(contrastive + 0.7 * distill, (image, text, log_scale))
+    return [contrastive.item(), distill.item()] + [g.flatten().tolist() for g in grads]
+
+
 def _max_diff(a, b):
     if isinstance(a, float):
         return abs(a - b)
@@ -71,6 +78,18 @@ def _parity_worker(rank, world_size, out_dir):
         ours = _run_module(clipfast.nn.ClipLoss(**kwargs, dist_impl=dist_impl), image, text, log_scale, bias, False)
         theirs = _run_module(oc.ClipLoss(**kwargs), image, text, log_scale, bias, False)
         report[f"clip-{local_loss}-{gather_with_grad}-{dist_impl}"] = {
+            "ours": ours, "diff": [_max_diff(a, b) for a, b in zip(ours, theirs)]}
+    teacher_g = torch.Generator().manual_seed(200 + rank)  # this rank's teacher features, another width
+    teacher_image = torch.randn(N_PER_RANK, DIM + 3, generator=teacher_g, dtype=torch.float64)
+    teacher_text = torch.randn(N_PER_RANK, DIM + 3, generator=teacher_g, dtype=torch.float64)
+    teacher_scale = torch.tensor(30.0, dtype=torch.float64)
+    for local_loss, gather_with_grad, _ in CLIP_CONFIGS[:4]:
+        kwargs = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
+        ours = _run_distill(clipfast.nn.DistillClipLoss(**kwargs), image, text, log_scale, teacher_image, teacher_text,
+                            teacher_scale)
+        theirs = _run_distill(oc.DistillClipLoss(**kwargs), image, text, log_scale, teacher_image, teacher_text,
+                              teacher_scale)
+        report[f"distill-{local_loss}-{gather_with_grad}"] = {
             "ours": ours, "diff": [_max_diff(a, b) for a, b in zip(ours, theirs)]}
     g = torch.Generator().manual_seed(100 + rank)  # this rank's captions
     logits = torch.randn(N_PER_RANK, 5, 7, generator=g, dtype=torch.float64)

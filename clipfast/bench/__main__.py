@@ -1,8 +1,9 @@
 """`python -m clipfast.bench [--op OP] [--quick] [--device DEVICE] [--losses LOSS ...] [--sizes N ...] [--out DIR] [--fail-on-miss]`
 
-contrastive: every case of the op (providers x N, fp32, D = 512, forward + backward), the table and
-the targets, bench-results/contrastive.csv and PNG plots; about 5 minutes on 2 cores (open_clip at
-N = 16384 and clipfast at N = 65536 dominate); --quick stops at N = 4096 (about a minute).
+contrastive: every case of the op (losses x providers x N, fp32, D = 512, forward + backward: CLIP and
+SigLIP up to N = 65536, distillation and multi-positive InfoNCE up to 16384), the table and the targets,
+bench-results/contrastive.csv and PNG plots; about 8 minutes on 2 cores (open_clip at N = 16384 and
+clipfast at N = 65536 dominate); --quick stops at N = 4096 (about a minute).
 distributed: open_clip's production distributed ClipLoss against clipfast's gather and ring variants
 on 2 gloo processes (see clipfast.bench.distributed), with its table, targets, distributed.csv and PNG
 plots; about a minute.
@@ -51,7 +52,7 @@ def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tupl
         rows.append(report.Row("contrastive", case.loss, case.provider, case.mode, "N", case.n,
                                {"loss": case.loss, "N": case.n, "D": case.d}, str(case.dtype)[6:],
                                timing.p50, timing.p20, timing.p80, timing.peak_extra_bytes,
-                               report.CONTRASTIVE_BASELINE, throughputs, ceiling, ceiling_n))
+                               bench_cases.baseline(case.loss), throughputs, ceiling, ceiling_n))
         ceiling_text = f", torch.mm at N={ceiling_n} alongside: {ceiling:.0f} GFLOP/s" if mm else ""
         log(f"  {case.id}: {timing.p50:.3f} s, {timing.peak_extra_bytes / report.MIB:.0f} MiB extra{ceiling_text}")
     rows.sort(key=lambda r: (r.group, r.x_value))

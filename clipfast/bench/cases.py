@@ -23,12 +23,19 @@ import clipfast
 from clipfast import backends
 from clipfast.bench import measure as bench_measure
 from clipfast.bench import report
-from clipfast.reference import clip_loss_reference, siglip_loss_reference
+from clipfast.reference.contrastive import (clip_loss_reference, distill_loss_reference, multi_positive_loss_reference,
+                                            siglip_loss_reference)
 
-LOSSES = ("clip", "siglip")
+# clip, siglip: open_clip's ClipLoss and SigLipLoss. distill: open_clip's DistillClipLoss (a teacher of the
+# same width). multipos: multi-positive InfoNCE with five captions per image id (COCO's layout), against the
+# materialised formulation (open_clip has none: cross_entropy with probability targets over an N x N mask).
+LOSSES = ("clip", "siglip", "distill", "multipos")
 SIZES = (1024, 4096, 16384, 65536)
 QUICK_SIZES = (1024, 4096)
 DIM = 512
+# Largest N of a loss (every size of SIZES otherwise): the new losses' targets stop at N = 16384.
+LOSS_MAX_N = {"distill": 16384, "multipos": 16384}
+CAPTIONS_PER_ID = 5
 
 # Largest N each baseline runs at: open_clip needs ~4 N^2 floats (16 GiB and minutes on 2 CPU cores at
 # N = 32768), the references as much; on the CPU the reference curves stop earlier to keep `make bench`
@@ -37,6 +44,12 @@ BASELINE_MAX_N = {
     "cpu": {"open_clip": 16384, "reference": 4096, "reference_compiled": 4096},
     "cuda": {"open_clip": 32768, "reference": 32768, "reference_compiled": 32768},
 }
+
+
+def baseline(loss: str) -> str:
+    """The provider a loss's ratios and targets are taken against: open_clip's module where open_clip has the
+    loss, the materialised reference (plain PyTorch) for multi-positive InfoNCE."""
+    return "reference" if loss == "multipos" else "open_clip"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +72,10 @@ class Case:
     @property
     def useful_flops(self) -> float:
         """The fused cost model, the same for every provider: 4 GEMMs of N x N x D (1 forward, 3 backward:
-        recompute, G @ B, G.T @ A). Throughput on it compares providers by the result they deliver."""
-        units = 4 if self.mode == "fwd_bwd" else 1
+        recompute, G @ B, G.T @ A); distillation 8 (the student's 4, the teacher's log-sum-exps and its
+        softmaxes contracted with the student's features). Throughput on it compares providers by the
+        result they deliver."""
+        units = (8 if self.loss == "distill" else 4) if self.mode == "fwd_bwd" else 1
         return units * 2.0 * self.n * self.n * self.d
 
     @property
@@ -79,12 +94,23 @@ class Case:
 #   tests/ops/test_contrastive_triton_work.py counts the Triton ones).
 # - inf_cl (GPU benchmark only, CLIP as two one-directional calls): per direction one LSE sweep and two
 #   gradient kernels (dq, dk) that each recompute the logits: 1 + 2 x 2 = 5, 10 in all.
+# - distill: open_clip builds the student's and the teacher's logits twice each (4) and backpropagates
+#   the student's two products (4); the reference builds each once (2) plus the student's backward (2);
+#   clipfast-cpu: student and teacher LSE (2), the teacher's softmaxes times the student's features
+#   (recompute + 2 products: 3), one gradient sweep for both losses (3); Triton/CUDA: the LSE sweeps
+#   are two launches each (4), then 3 + 3.
+# - multipos: the kernels of clip (the labels are an O(N D) epilogue).
 GEMM_EQUIVALENTS = {
     "inf_cl": {("clip", "fwd"): 2, ("clip", "fwd_bwd"): 10},
-    "open_clip": {("clip", "fwd"): 2, ("clip", "fwd_bwd"): 6, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 3},
-    "reference": {("clip", "fwd"): 1, ("clip", "fwd_bwd"): 3, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 3},
-    "clipfast-cpu": {("clip", "fwd"): 1, ("clip", "fwd_bwd"): 4, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 4},
-    "clipfast-triton": {("clip", "fwd"): 2, ("clip", "fwd_bwd"): 6, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 5},
+    "open_clip": {("clip", "fwd"): 2, ("clip", "fwd_bwd"): 6, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 3,
+                  ("distill", "fwd"): 4, ("distill", "fwd_bwd"): 8},
+    "reference": {("clip", "fwd"): 1, ("clip", "fwd_bwd"): 3, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 3,
+                  ("distill", "fwd"): 2, ("distill", "fwd_bwd"): 4, ("multipos", "fwd"): 1, ("multipos", "fwd_bwd"): 3},
+    "clipfast-cpu": {("clip", "fwd"): 1, ("clip", "fwd_bwd"): 4, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 4,
+                     ("distill", "fwd"): 5, ("distill", "fwd_bwd"): 8, ("multipos", "fwd"): 1, ("multipos", "fwd_bwd"): 4},
+    "clipfast-triton": {("clip", "fwd"): 2, ("clip", "fwd_bwd"): 6, ("siglip", "fwd"): 1, ("siglip", "fwd_bwd"): 5,
+                        ("distill", "fwd"): 7, ("distill", "fwd_bwd"): 10, ("multipos", "fwd"): 2,
+                        ("multipos", "fwd_bwd"): 6},
 }
 GEMM_EQUIVALENTS["reference_compiled"] = GEMM_EQUIVALENTS["reference"]
 GEMM_EQUIVALENTS["clipfast-reference"] = GEMM_EQUIVALENTS["reference"]
@@ -100,45 +126,61 @@ def gemm_equivalents(provider: str, loss: str, mode: str) -> int:
 
 
 def _open_clip_loss(loss: str):
-    from open_clip.loss import ClipLoss, SigLipLoss
+    from open_clip.loss import ClipLoss, DistillClipLoss, SigLipLoss
 
-    return ClipLoss() if loss == "clip" else SigLipLoss()
+    return {"clip": ClipLoss, "siglip": SigLipLoss, "distill": DistillClipLoss}[loss]()
 
+
+# Every provider is fn(loss, image, text, scale, bias, extra) -> the loss to backpropagate; ``extra`` is the
+# teacher (features, features, scale) for distill and the (N,) group ids for multipos (see make_step).
 
 def _clipfast(backend: str) -> Callable:
-    def fn(loss, image, text, scale, bias):
+    def fn(loss, image, text, scale, bias, extra):
         with clipfast.use_backend(backend):
             if loss == "clip":
                 return clipfast.clip_loss(image, text, scale)
+            if loss == "distill":
+                return sum(clipfast.clip_distill_loss(image, text, scale, *extra))
+            if loss == "multipos":
+                return clipfast.clip_loss(image, text, scale, group_ids=extra)
             return clipfast.siglip_loss(image, text, scale, bias)
     return fn
 
 
-def _reference(loss, image, text, scale, bias):
-    return clip_loss_reference(image, text, scale) if loss == "clip" else siglip_loss_reference(image, text, scale, bias)
+def _reference(loss, image, text, scale, bias, extra):
+    if loss == "clip":
+        return clip_loss_reference(image, text, scale)
+    if loss == "distill":
+        return sum(distill_loss_reference(image, text, scale, *extra))
+    if loss == "multipos":
+        return multi_positive_loss_reference(image, text, scale, extra, extra)
+    return siglip_loss_reference(image, text, scale, bias)
 
 
 _compiled_reference = None
 
 
-def _reference_compiled(loss, image, text, scale, bias):
+def _reference_compiled(loss, image, text, scale, bias, extra):
     global _compiled_reference
     if _compiled_reference is None:
         _compiled_reference = torch.compile(_reference, fullgraph=True, dynamic=False)
-    return _compiled_reference(loss, image, text, scale, bias)
+    return _compiled_reference(loss, image, text, scale, bias, extra)
 
 
-def _open_clip(loss, image, text, scale, bias):
+def _open_clip(loss, image, text, scale, bias, extra):
     module = _open_clip_loss(loss)
+    if loss == "distill":
+        return sum(module(image, text, scale, *extra))
     return module(image, text, scale) if loss == "clip" else module(image, text, scale, bias)
 
 
-def providers(device: str) -> list[str]:
-    """Providers that can run on ``device`` here, baselines first."""
+def providers(device: str, loss: str = "clip") -> list[str]:
+    """Providers of ``loss`` that can run on ``device`` here, baselines first."""
     names = []
     try:
         import open_clip.loss  # noqa: F401
-        names.append("open_clip")
+        if loss != "multipos":  # open_clip has no multi-positive loss
+            names.append("open_clip")
     except ImportError:
         pass
     names += ["reference", "reference_compiled"]
@@ -163,31 +205,39 @@ def _loss_fn(provider: str) -> Callable:
 def contrastive_cases(device: str = "cpu", sizes=SIZES, losses=LOSSES, mode: str = "fwd_bwd") -> list[Case]:
     cases = []
     for loss in losses:
-        for provider in providers(device):
+        for provider in providers(device, loss):
+            max_n = BASELINE_MAX_N["cuda" if device.startswith("cuda") else "cpu"].get(provider, math.inf)
+            if provider == baseline(loss):  # the baseline runs wherever its loss's targets are judged
+                max_n = max(max_n, BASELINE_MAX_N["cpu"]["open_clip"])
             for n in sizes:
-                if n > BASELINE_MAX_N["cuda" if device.startswith("cuda") else "cpu"].get(provider, math.inf):
-                    continue
-                cases.append(Case("contrastive", loss, provider, n, device=device, mode=mode))
+                if n <= min(max_n, LOSS_MAX_N.get(loss, math.inf)):
+                    cases.append(Case("contrastive", loss, provider, n, device=device, mode=mode))
     return cases
 
 
 def make_step(case: Case, seed: int = 0) -> Callable[[], Optional[torch.Tensor]]:
-    """Inputs for ``case`` (unit-norm features, CLIP's initial scale 1/0.07, SigLIP's bias -10) and the
-    step that runs the loss (and its backward in ``fwd_bwd`` mode)."""
+    """Inputs for ``case`` (unit-norm features, CLIP's initial scale 1/0.07, SigLIP's bias -10; distill: a
+    frozen teacher of the same width at scale 100; multipos: ids shared by ``CAPTIONS_PER_ID`` pairs, in
+    random order) and the step that runs the loss (and its backward in ``fwd_bwd`` mode)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
-    def features():
+    def features(requires_grad=case.mode == "fwd_bwd"):
         x = torch.nn.functional.normalize(torch.randn(case.n, case.d, generator=g), dim=-1)
-        return x.to(device=case.device, dtype=case.dtype).requires_grad_(case.mode == "fwd_bwd")
+        return x.to(device=case.device, dtype=case.dtype).requires_grad_(requires_grad)
 
     image, text = features(), features()
-    init_scale = math.log(1 / 0.07) if case.loss == "clip" else math.log(10.0)
+    init_scale = math.log(10.0) if case.loss == "siglip" else math.log(1 / 0.07)
     log_scale = torch.tensor(init_scale, device=case.device, requires_grad=case.mode == "fwd_bwd")
     bias = torch.tensor(-10.0, device=case.device, requires_grad=case.mode == "fwd_bwd")
+    extra = None
+    if case.loss == "distill":
+        extra = (features(False), features(False), torch.tensor(100.0, device=case.device))
+    elif case.loss == "multipos":
+        extra = (torch.randperm(case.n, generator=g) // CAPTIONS_PER_ID).to(case.device)
     fn = _loss_fn(case.provider)
 
     def step():
-        loss = fn(case.loss, image, text, log_scale.exp(), bias)
+        loss = fn(case.loss, image, text, log_scale.exp(), bias, extra)
         if case.mode == "fwd_bwd":
             loss.backward()
             for t in (image, text, log_scale, bias):

@@ -58,8 +58,9 @@ def _reset_peak_rss() -> None:
 
 
 def reps_for(n: int) -> int:
-    """Repetitions by size: enough for a stable median at small N, one run when a step takes minutes."""
-    return 7 if n <= 1024 else 3 if n <= 4096 else 1
+    """Repetitions by size: enough for a stable median at small N, two runs when a step takes seconds (a
+    single run's share of a drifting machine's GEMM ceiling varied by 10%), one when it takes minutes."""
+    return 7 if n <= 1024 else 3 if n <= 4096 else 2 if n <= 16384 else 1
 
 
 def measure(step: Callable, device: str = "cpu", reps: int = 3, warmup: int = 1) -> Timing:

@@ -20,7 +20,7 @@ import torch
 import clipfast
 
 MIB = 2.0 ** 20
-CONTRASTIVE_BASELINE = "open_clip"
+CONTRASTIVE_BASELINE = "open_clip"  # of the losses open_clip has (clipfast.bench.cases.baseline)
 
 
 @dataclasses.dataclass
@@ -183,16 +183,17 @@ def _of_ceiling_cell(row: Row, base: Optional[Row]) -> str:
     return f"{100 * row.throughputs['throughput'][1] / row.ceiling:.0f}%" if row.ceiling else "-"
 
 
-# Contrastive: ratios against open_clip ("oc"), throughput on the provider's own work and its share of
-# torch.mm's, and throughput on the fused cost model ("useful").
+# Contrastive: ratios against the loss's baseline (open_clip's module; the materialised reference for
+# multi-positive), throughput on the provider's own work and its share of torch.mm's, and throughput on
+# the fused cost model ("useful").
 CONTRASTIVE_COLUMNS = (
     Column("loss", 7, lambda r, b: r.group, left=True),
     Column("N", 7, lambda r, b: str(r.x_value)),
     Column("provider", 19, lambda r, b: r.provider, left=True, gap=2),
     Column("time p50 [p20, p80]", 28, lambda r, b: format_time(r)),
     Column("peak extra", 13, _peak_cell),
-    Column("time/oc", 9, _time_ratio_cell),
-    Column("mem/oc", 9, _memory_ratio_cell),
+    Column("time/base", 10, _time_ratio_cell),
+    Column("mem/base", 10, _memory_ratio_cell),
     Column("GFLOP/s", 9, lambda r, b: f"{r.throughputs['throughput'][1]:.1f}"),
     Column("of mm", 7, _of_ceiling_cell),
     Column("useful", 9, lambda r, b: f"{r.throughputs['useful_throughput'][1]:.1f}"),
@@ -255,13 +256,14 @@ class Targets:
 
 
 def contrastive_targets(rows: list[Row], provider: str) -> Targets:
-    """The contrastive-loss targets, each evaluated from this run's rows."""
+    """The contrastive-loss targets, each evaluated from this run's rows (against each row's baseline)."""
     targets = Targets()
     for loss in sorted({r.group for r in rows}):
         ours = {r.x_value: r for r in rows if r.group == loss and r.provider == provider}
-        base = {r.x_value: r for r in rows if r.group == loss and r.provider == CONTRASTIVE_BASELINE}
+        baseline = next((r.baseline for r in ours.values()), CONTRASTIVE_BASELINE)
+        base = {r.x_value: r for r in rows if r.group == loss and r.provider == baseline}
         dim = next(iter(ours.values())).shape["D"] if ours else "-"
-        targets.heading(f"{loss} ({provider} vs {CONTRASTIVE_BASELINE}, fp32, D={dim}):")
+        targets.heading(f"{loss} ({provider} vs {baseline}, fp32, D={dim}):")
         if 16384 in ours and 16384 in base:
             ratio = ours[16384].peak_extra_bytes / base[16384].peak_extra_bytes
             targets.check(ratio <= 1 / 20, f"peak extra memory at N=16384: {ours[16384].peak_extra_bytes / MIB:.0f} MiB "
@@ -281,13 +283,16 @@ def contrastive_targets(rows: list[Row], provider: str) -> Targets:
                 ceiling_note = "" if row.ceiling_x == n else f" (mm measured at N={row.ceiling_x})"
                 measured = f"{useful:.0f} useful GFLOP/s = {100 * share:.0f}% of torch.mm's {row.ceiling:.0f}{ceiling_note}"
                 targets.check(share >= 0.7, f"throughput at N={n}: {measured} (target >= 70%)")
-                if n >= 4096:  # large tiles leave no excuse: close to the GEMM the loss is built on
+                # Large tiles leave no excuse: close to the GEMM the loss is built on. For CLIP and SigLIP,
+                # whose kernels every other loss reuses; distillation's and multi-positive's targets are
+                # their memory and time against the baseline (their throughput is in the table).
+                if n >= 4096 and loss in ("clip", "siglip"):
                     targets.check(share >= 0.85, f"throughput at N={n}: {measured} (target >= 85% at N >= 4096)")
         if 65536 in ours:
             extra = ours[65536].peak_extra_bytes
             targets.check(extra < 2 ** 30, f"N=65536 fwd+bwd completes with {extra / MIB:.0f} MiB extra (target < "
                                            f"1024 MiB; open_clip would need ~64 GiB)")
-        else:
+        elif loss in ("clip", "siglip"):  # the other losses stop at N = 16384 (clipfast.bench.cases.LOSS_MAX_N)
             targets.not_run("N=65536", "use the full benchmark")
     return targets
 

@@ -18,7 +18,8 @@ def create_loss(args):
     Reads the fields of open_clip_train's argument namespace, with open_clip's precedence
     (distillation, then CoCa, then SigLIP, then CLIP):
 
-    - ``args.distill`` (default False): not supported by clipfast yet, raises.
+    - ``args.distill`` (default False): ``DistillClipLoss(local_loss=args.local_loss, gather_with_grad=...,
+      cache_labels=True, rank=..., world_size=..., use_horovod=args.horovod)``.
     - a CoCa model (``"coca" in args.model.lower()``): ``CoCaLoss(caption_loss_weight=
       args.coca_caption_loss_weight, clip_loss_weight=args.coca_contrastive_loss_weight, local_loss=...,
       gather_with_grad=..., cache_labels=True, rank=..., world_size=..., use_horovod=args.horovod)``.
@@ -36,18 +37,16 @@ def create_loss(args):
         args: an ``argparse.Namespace`` (or any object) with the fields above.
 
     Returns:
-        A ``clipfast.nn.ClipLoss``, ``clipfast.nn.CoCaLoss`` or ``clipfast.nn.SigLipLoss`` module.
+        A ``clipfast.nn.DistillClipLoss``, ``ClipLoss``, ``CoCaLoss`` or ``SigLipLoss`` module.
 
     Raises:
-        NotImplementedError: distillation (use ``open_clip.create_loss(args)`` for it), or
-            ``args.horovod`` with SigLIP (open_clip rejects that combination too). ``ClipLoss`` and
-            ``SigLipLoss`` raise their own errors for settings they do not support.
+        NotImplementedError: ``args.horovod`` with SigLIP (open_clip rejects that combination too). The
+            modules raise their own errors for settings they do not support.
     """
-    if getattr(args, "distill", False):
-        raise NotImplementedError(
-            "clipfast has no distillation loss (open_clip's DistillClipLoss) yet; "
-            "use open_clip.create_loss(args) for --distill-model/--distill-pretrained runs")
     horovod = getattr(args, "horovod", False)
+    if getattr(args, "distill", False):
+        return nn.DistillClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
+                                  rank=args.rank, world_size=args.world_size, use_horovod=horovod)
     if "coca" in args.model.lower():
         return nn.CoCaLoss(caption_loss_weight=args.coca_caption_loss_weight,
                            clip_loss_weight=args.coca_contrastive_loss_weight, local_loss=args.local_loss,

@@ -1,4 +1,5 @@
-"""Drop-in replacements for open_clip's ``ClipLoss``, ``CoCaLoss`` and ``SigLipLoss`` (open-clip-torch 3.3.0).
+"""Drop-in replacements for open_clip's ``ClipLoss``, ``CoCaLoss``, ``DistillClipLoss`` and ``SigLipLoss``
+(open-clip-torch 3.3.0).
 
 Same constructor arguments, same ``forward`` signatures and return conventions (a 0-d tensor, or
 ``{"contrastive_loss": loss}`` with ``output_dict=True``), same numbers and gradients per rank,
@@ -172,6 +173,64 @@ class CoCaLoss(ClipLoss):
         if output_dict:
             return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
         return clip_loss, caption_loss
+
+class DistillClipLoss(ClipLoss):
+    """open_clip's ``DistillClipLoss``: :class:`ClipLoss`'s contrastive loss plus the cross-entropy between the
+    teacher's and the student's softmax over the same batch, both directions (see
+    :func:`clipfast.clip_distill_loss`), fused: neither the student's nor the teacher's logits are built.
+
+    Args: as :class:`ClipLoss` (all-gather modes; ``dist_impl="ring"`` is not offered for distillation).
+    With ``world_size > 1`` the teacher's features are gathered like the student's (without gradient) and
+    each rank's losses are open_clip's: ``local_loss`` gives this rank's rows against every column.
+    The teacher's features and scale must not require grad (open_clip computes them under no_grad).
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, dist_impl: Optional[str] = None):
+        if dist_impl is not None:
+            raise ValueError("clipfast.nn.DistillClipLoss supports dist_impl=None (open_clip's all-gather) only")
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                         rank=rank, world_size=world_size, use_horovod=use_horovod)
+
+    def dist_loss(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        """open_clip's ``DistillClipLoss.dist_loss`` on MATERIALISED logits:
+        ``-(softmax(teacher) * log_softmax(student)).sum(1).mean(0)``; :meth:`forward` never calls it."""
+        return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                dist_image_features: torch.Tensor, dist_text_features: torch.Tensor, dist_logit_scale: torch.Tensor,
+                output_dict: bool = False):
+        """The student's (n, D) features and exponentiated scale, then the teacher's (n, D_t) and scale.
+        Returns ``(contrastive_loss, distill_loss)``, or ``{"contrastive_loss", "distill_loss"}`` with
+        ``output_dict``."""
+        if self.world_size == 1:
+            contrastive, distill = functional.clip_distill_loss(image_features, text_features, logit_scale,
+                                                                dist_image_features, dist_text_features,
+                                                                dist_logit_scale)
+        else:
+            contrastive, distill = self._distributed_distill(image_features, text_features, logit_scale,
+                                                             dist_image_features, dist_text_features, dist_logit_scale)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+    def _distributed_distill(self, image, text, logit_scale, teacher_image, teacher_text, teacher_scale):
+        _require_process_group("DistillClipLoss", self.rank, self.world_size)
+        distributed.check_consistent_features(image, text)
+        all_image, all_text = distributed.gather_features(
+            image, text, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad)
+        all_teacher_image, all_teacher_text = distributed.gather_features(
+            teacher_image, teacher_text, local_loss=self.local_loss, gather_with_grad=False)
+        if not self.local_loss:  # every rank computes the global N x N losses (fused)
+            return functional.clip_distill_loss(all_image, all_text, logit_scale, all_teacher_image, all_teacher_text,
+                                                teacher_scale)
+        offset = self.rank * image.shape[0]
+        image_contrastive, image_distill = functional.distill_cross_entropy(
+            image, all_text, logit_scale, teacher_image, all_teacher_text, teacher_scale, label_offset=offset)
+        text_contrastive, text_distill = functional.distill_cross_entropy(
+            text, all_image, logit_scale, teacher_text, all_teacher_image, teacher_scale, label_offset=offset)
+        return (image_contrastive + text_contrastive) / 2, (image_distill + text_distill) / 2
+
 
 class SigLipLoss(nn.Module):
     """open_clip's ``SigLipLoss`` (pairwise sigmoid loss), fused; see :func:`clipfast.siglip_loss`.

@@ -155,3 +155,32 @@ def test_bitwise_deterministic(backend):
     assert torch.equal(first[0], second[0])
     for a, b in zip(first[1], second[1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(257, 129, 200), (2048, 512, 768)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_distillation_and_multi_positive_match_float64_reference(backend, shape):
+    """The gradient kernel's value operands (a teacher of width D_t, the student's features of width D) and
+    the group-label epilogue, on the GPU kernels."""
+    from clipfast.reference.contrastive import distill_loss_reference, multi_positive_loss_reference
+
+    n, d, d_teacher = shape
+    image, text, s, _ = _inputs(n, d, torch.float32)
+    teacher = (unit_features(n, d_teacher, seed=5, device="cuda"), unit_features(n, d_teacher, seed=6, device="cuda"),
+               torch.tensor(40.0, device="cuda"))
+    ids = torch.randint(0, max(1, n // 4), (n,), generator=torch.Generator().manual_seed(0)).cuda()
+    student64 = [t.detach().double().requires_grad_() for t in (image, text, s)]
+    teacher64 = [t.double() for t in teacher]
+    with clipfast.use_backend(backend):
+        contrastive, distill = clipfast.clip_distill_loss(image, text, s, *teacher)
+        grads = torch.autograd.grad(contrastive + 0.5 * distill, (image, text, s))
+        multi = clipfast.clip_loss(image, text, s, group_ids=ids)
+        multi_grads = torch.autograd.grad(multi, (image, text, s))
+    ref_contrastive, ref_distill = distill_loss_reference(*student64, *teacher64)
+    ref_grads = torch.autograd.grad(ref_contrastive + 0.5 * ref_distill, student64)
+    ref_multi = multi_positive_loss_reference(*student64, ids, ids)
+    ref_multi_grads = torch.autograd.grad(ref_multi, student64)
+    for got, want in ((contrastive, ref_contrastive), (distill, ref_distill), (multi, ref_multi)):
+        assert_close_to_reference(got, want, torch.float32, "output", "loss")
+    for got, want in zip((*grads, *multi_grads), (*ref_grads, *ref_multi_grads)):
+        assert_close_to_reference(got, want, torch.float32, "grad", "grad")

@@ -34,7 +34,12 @@ def _args(**overrides):
      dict(caption_loss_weight=2.0, clip_loss_weight=1.0, local_loss=True, cache_labels=True, rank=0, world_size=1)),
     (dict(model="CoCa-ViT-L-14", siglip=True), clipfast.nn.CoCaLoss,  # open_clip's order: CoCa before SigLIP
      dict(caption_loss_weight=2.0, clip_loss_weight=1.0)),
-], ids=["clip", "clip_local_gather", "siglip", "siglip_gather", "coca", "coca_before_siglip"])
+    (dict(distill=True, local_loss=True), clipfast.nn.DistillClipLoss,
+     dict(local_loss=True, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)),
+    (dict(distill=True, siglip=True, model="coca_ViT-B-32"), clipfast.nn.DistillClipLoss,  # distill first
+     dict(local_loss=False)),
+], ids=["clip", "clip_local_gather", "siglip", "siglip_gather", "coca", "coca_before_siglip", "distill",
+        "distill_before_coca_and_siglip"])
 def test_builds_the_module_with_the_fields(overrides, cls, attributes):
     loss = create_loss(_args(**overrides))
     assert type(loss) is cls
@@ -70,10 +75,8 @@ def test_older_namespaces_use_open_clip_defaults():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(distill=True), r"no distillation loss .*open_clip\.create_loss\(args\)"),
-    (dict(distill=True, siglip=True), r"no distillation loss"),  # open_clip's order: distill first
     (dict(siglip=True, horovod=True), r"Horovod is not supported for SigLIP"),
-], ids=["distill", "distill_before_siglip", "siglip_horovod"])
+], ids=["siglip_horovod"])
 def test_unsupported_configurations_raise(overrides, match):
     with pytest.raises(NotImplementedError, match=match):
         create_loss(_args(**overrides))
@@ -102,4 +105,24 @@ def test_matches_open_clip_create_loss(overrides):
     (ours_loss, ours_grads), (theirs_loss, theirs_grads) = results
     torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-5)
     for g, h in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5)
+
+
+def test_distillation_matches_open_clip_create_loss():
+    args = _args(distill=True)
+    ours, theirs = create_loss(args), open_clip.create_loss(args)
+    assert type(theirs).__name__ == type(ours).__name__ == "DistillClipLoss"
+    image = unit_features(40, 24, seed=1).requires_grad_()
+    text = unit_features(40, 24, seed=2).requires_grad_()
+    teacher_image, teacher_text = unit_features(40, 32, seed=3), unit_features(40, 32, seed=4)
+    log_scale = torch.tensor(2.659, requires_grad=True)
+    teacher_scale = torch.tensor(50.0)
+    results = []
+    for loss_fn in (ours, theirs):
+        contrastive, distill = loss_fn(image, text, log_scale.exp(), teacher_image, teacher_text, teacher_scale)
+        grads = torch.autograd.grad(contrastive + 0.5 * distill, (image, text, log_scale))
+        results.append((contrastive, distill, grads))
+    for a, b in zip(results[0][:2], results[1][:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for g, h in zip(results[0][2], results[1][2]):
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5)

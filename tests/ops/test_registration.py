@@ -24,22 +24,40 @@ def _public_cases(requires_grad):
     q, k = _features(5, 12, 8, requires_grad)
     s, beta = _scalar(7.0, requires_grad), _scalar(-2.0, requires_grad, (1,))
     lse = torch.ops.clipfast.contrastive_loss(a, b, s, None, 0, True, 0.0)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8])  # multi-positive groups of the 12 pairs
+    query_ids, key_ids = torch.tensor([7, 0, 9, 9, 2]), torch.arange(12)  # labels as ids
+    teacher_a, teacher_b = _features(12, 12, 10, False)
+    teacher_q, teacher_k = _features(5, 12, 10, False)
+    t = _scalar(20.0, False)
+    distill = torch.ops.clipfast.distill_loss(a.detach(), b.detach(), s.detach(), teacher_a, teacher_b, t, 0, True)
     return {
         "contrastive_loss": [
             (a, b, s, None, 0, True, 0.0),
             (a, b, s, beta, 0, True, 0.1),
             (q, k, s, None, 3, False, 0.0),
+            (a, b, s, None, 0, True, 0.1, ids, ids),
+            (q, k, s, None, 0, False, 0.0, query_ids, key_ids),
         ],
         "contrastive_loss_backward": [
             (torch.tensor(1.5), a.detach(), b.detach(), s.detach(), lse[1], lse[2], 0, True, 0.1),
+            (torch.tensor(1.5), a.detach(), b.detach(), s.detach(), lse[1], lse[2], 0, True, 0.0, ids, ids),
         ],
         "siglip_loss": [
             (a, b, s, beta, 0, False),
             (q, k, s, beta, 3, False),
             (q, k, s, beta, 0, True),
+            (a, b, s, beta, 0, False, ids, ids),
         ],
         "siglip_loss_backward": [
             (torch.tensor(0.5), a.detach(), b.detach(), s.detach(), beta.detach(), 0, False),
+            (torch.tensor(0.5), a.detach(), b.detach(), s.detach(), beta.detach(), 0, False, ids, ids),
+        ],
+        "distill_loss": [
+            (a, b, s, teacher_a, teacher_b, t, 0, True),
+            (q, k, s, teacher_q, teacher_k, t, 3, False),
+        ],
+        "distill_loss_backward": [
+            (torch.tensor(1.5), torch.tensor(0.5), a.detach(), b.detach(), s.detach(), *distill[2:], 0, True),
         ],
         **_schur_cases(requires_grad),
         **_keep_cases(requires_grad),
@@ -80,7 +98,8 @@ def _native_cases():
     row, col = torch.ops.clipfast_C.contrastive_lse(a, b, s, True)
     return {
         "contrastive_lse": [(a, b, s, True), (a, b, s, False)],
-        "contrastive_grad": [(a, b, s, row, col, 0.5, 0.25), (a, b, s, row, torch.empty(0), 1.0, 0.0)],
+        "contrastive_grad": [(a, b, s, row, col, 0.5, 0.25), (a, b, s, row, torch.empty(0), 1.0, 0.0),
+                             (a, b, s, row, col, 0.5, 0.25, torch.randn(9, 5), torch.randn(13, 5))],
         "siglip_softplus": [(a, b, s, beta)],
         "siglip_grad": [(a, b, s, beta)],
         "schur_covariance_gram": [(a, a, "rff", torch.randn(8, 3)), (a, a, "column_cosine", None)],
