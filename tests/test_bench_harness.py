@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -82,6 +83,27 @@ def test_memory_of_the_alongside_step_is_not_counted_in_the_step_peak():
     buffer = torch.empty(64 * 2 ** 20 // 4)  # 64 MiB, untouched until the alongside step fills it
     timing, _ = bench_measure.measure_alongside(lambda: None, lambda: buffer.fill_(1.0), reps=2)
     assert timing.peak_extra_bytes < 16 * 2 ** 20
+
+
+def test_a_paired_case_times_its_baseline_in_alternation_and_its_ratio_uses_those_timings():
+    calls = []
+
+    def step(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return bench_cases.plain_step(run)
+
+    common = dict(op="demo", group="g", mode="fwd", x_name="n", x_value=1, shape=(("n", 1),), inputs=(dict,),
+                  reps=3, warmup=0, baseline="copy")
+    cases = [bench_cases.OpCase(provider="copy", step=lambda _: step("copy", 0.002), **common),
+             bench_cases.OpCase(provider="ours", step=lambda _: step("ours", 0.004), paired=True, **common)]
+    rows = bench_cases.measure_cases(cases, log=lambda message: None)
+    assert calls[3:] == ["copy", "copy", "ours", "copy", "ours", "copy", "ours", "copy"]  # after copy's own 3
+    ours = rows[1]
+    assert rows[0].paired_baseline_p50 is None and ours.paired_baseline_p50 is not None
+    assert report.time_ratio(ours, rows[0]) == pytest.approx(ours.p50 / ours.paired_baseline_p50)
+    assert report.table(rows, report.op_columns()).splitlines()[-1].split()[-2].endswith("x*")
 
 
 def test_csv_is_long_format_with_one_line_per_case_provider_and_metric(tmp_path):

@@ -277,6 +277,10 @@ class OpCase:
     inputs: tuple  # (function, *args)
     step: Callable[[Any], ContextManager[Callable[[], Any]]]
     baseline: Optional[str] = None  # provider of the same group, size and mode to compare with
+    # Time the baseline's step in alternation with this one (measure.measure_alongside) and take the time
+    # ratio against those timings: for memory-bound steps, whose speed on a shared machine drifts by more
+    # than a target's margin between two cases measured apart. The baseline keeps its own row too.
+    paired: bool = False
     reps: int = 3
     warmup: int = 1
     time_scale: float = 1.0  # a step timed on a 1/time_scale slice of the work (an O(n) loop), scaled up
@@ -297,14 +301,27 @@ def plain_step(step: Callable[[], Any]) -> ContextManager[Callable[[], Any]]:
     return contextlib.nullcontext(step)
 
 
-def measure_case(case: OpCase, inputs: Any) -> report.Row:
-    """``case`` on ``inputs`` (from ``case.build_inputs()``): ``reps`` timed steps after ``warmup`` ones."""
-    with case.step(inputs) as step:
-        timing = bench_measure.measure(step, case.device, reps=case.reps, warmup=case.warmup)
+def measure_case(case: OpCase, inputs: Any, baseline_case: Optional[OpCase] = None) -> report.Row:
+    """``case`` on ``inputs`` (from ``case.build_inputs()``): ``reps`` timed steps after ``warmup`` ones; with
+    ``baseline_case`` (same inputs) its step is timed in alternation (:attr:`OpCase.paired`)."""
+    with case.step(inputs) as step, (baseline_case.step(inputs) if baseline_case
+                                     else contextlib.nullcontext(None)) as baseline_step:
+        timing, paired = bench_measure.measure_alongside(step, baseline_step, case.device, reps=case.reps,
+                                                         warmup=case.warmup)
     scaled = case.time_scale != 1.0  # the peak of the sliced run says nothing about the whole one
     return report.Row(case.op, case.group, case.provider, case.mode, case.x_name, case.x_value, dict(case.shape),
                       case.dtype, timing.p50 * case.time_scale, timing.p20 * case.time_scale,
-                      timing.p80 * case.time_scale, None if scaled else timing.peak_extra_bytes, case.baseline)
+                      timing.p80 * case.time_scale, None if scaled else timing.peak_extra_bytes, case.baseline,
+                      paired_baseline_p50=paired.p50 * case.time_scale if paired else None)
+
+
+def _paired_baseline(case: OpCase, cases: list[OpCase]) -> Optional[OpCase]:
+    if not case.paired:
+        return None
+    baseline = next(c for c in cases if c.group == case.group and c.mode == case.mode and c.x_value == case.x_value
+                    and c.provider == case.baseline)
+    assert baseline.inputs == case.inputs, f"{case.id}: a paired baseline must share the case's inputs"
+    return baseline
 
 
 def measure_cases(cases: list[OpCase], log=print) -> list[report.Row]:
@@ -315,8 +332,9 @@ def measure_cases(cases: list[OpCase], log=print) -> list[report.Row]:
         if case.inputs != held_key:
             held = None  # free the previous inputs first: two ViTs need not coexist
             held_key, held = case.inputs, case.build_inputs()
-        rows.append(measure_case(case, held))
-        log(f"  {case.id}: {rows[-1].p50:.4f} s")
+        rows.append(measure_case(case, held, _paired_baseline(case, cases)))
+        paired = rows[-1].paired_baseline_p50
+        log(f"  {case.id}: {rows[-1].p50:.4f} s" + (f" ({case.baseline} alongside: {paired:.4f} s)" if paired else ""))
     return rows
 
 

@@ -47,6 +47,16 @@ class Row:
     throughputs: dict = dataclasses.field(default_factory=dict)  # CSV metric -> (unit, value); the first is the real work
     ceiling: Optional[float] = None  # the machine's own throughput on the same problem (a plain GEMM), same unit
     ceiling_x: Optional[int] = None  # the size the ceiling was measured at
+    # The baseline's median time when it was timed in alternation with this row's step (OpCase.paired): the
+    # time ratio is then taken against it, under the same machine conditions, rather than the baseline row.
+    paired_baseline_p50: Optional[float] = None
+
+
+def time_ratio(row: Row, base: Optional[Row]) -> Optional[float]:
+    """``row``'s time over its baseline's: against the paired timing when there is one, else the baseline row."""
+    if row.paired_baseline_p50:
+        return row.p50 / row.paired_baseline_p50
+    return row.p50 / base.p50 if base else None
 
 
 def _cpu_model() -> str:
@@ -167,7 +177,10 @@ def _fraction(ratio: float) -> str:
 
 
 def _op_time_ratio_cell(row: Row, base: Optional[Row]) -> str:
-    return _fraction(row.p50 / base.p50) if base else "-"
+    ratio = time_ratio(row, base)
+    if ratio is None:
+        return "-"
+    return _fraction(ratio) + ("*" if row.paired_baseline_p50 else "")
 
 
 def _op_memory_ratio_cell(row: Row, base: Optional[Row]) -> str:
@@ -315,7 +328,8 @@ def write_csv(rows: list[Row], path: str, device_name: str, threads: Optional[st
         writer.writeheader()
         for row in rows:
             base = baseline_of(rows, row)
-            values = {"time": ("s", row.p50, row.p20, row.p80, base.p50 if base else None)}
+            base_time = row.paired_baseline_p50 or (base.p50 if base else None)
+            values = {"time": ("s", row.p50, row.p20, row.p80, base_time)}
             if row.peak_extra_bytes is not None:
                 base_peak = base.peak_extra_bytes if base and base.peak_extra_bytes is not None else None
                 values["peak_memory"] = ("MiB", row.peak_extra_bytes / MIB, None, None,

@@ -82,6 +82,7 @@ def keep_cases(quick: bool = False, device: str = "cpu") -> list[bench_cases.OpC
              ("clipfast", "fwd_bwd", clipfast_keep), ("topk_gather", "fwd_bwd", topk_gather))
     return [bench_cases.OpCase(provider=provider, mode=mode, **common,
                                baseline="plain_copy" if mode == "fwd" else "topk_gather",
+                               paired=(provider, mode) == ("clipfast", "fwd"),
                                step=lambda inputs, keep=keep, mode=mode: keep_step(inputs, keep, mode == "fwd_bwd"))
             for provider, mode, keep in steps]
 
@@ -136,11 +137,13 @@ def judge(rows: list[report.Row]) -> report.Targets:
     targets = report.Targets()
     ours, base = (bench_cases.find_row(rows, KEEP_KERNEL, p, "fwd_bwd") for p in ("clipfast", "topk_gather"))
     ours_fwd, copy = (bench_cases.find_row(rows, KEEP_KERNEL, p, "fwd") for p in ("clipfast", "plain_copy"))
-    fwd_bwd_speedup, copy_ratio = base.p50 / ours.p50, ours_fwd.p50 / copy.p50
+    fwd_bwd_speedup, copy_ratio = base.p50 / ours.p50, report.time_ratio(ours_fwd, copy)
     targets.check(fwd_bwd_speedup >= 5, f"keep kernel forward+backward {fwd_bwd_speedup:.1f}x faster than topk+gather "
                                         f"(target >= 5x)")
-    targets.check(copy_ratio <= 2, f"keep kernel forward {copy_ratio:.2f}x the time of a plain copy of the kept "
-                                   f"bytes (target <= 2x)")
+    copy_time = ours_fwd.paired_baseline_p50 or copy.p50
+    targets.check(copy_ratio <= 2, f"keep kernel forward {ours_fwd.p50 * 1e3:.2f} ms = {copy_ratio:.2f}x a plain copy "
+                                   f"of the kept bytes timed in alternation with it ({copy_time * 1e3:.2f} ms) "
+                                   f"(target <= 2x)")
 
     plain, ours, base = (bench_cases.find_row(rows, attention_scores.GROUP, p)
                          for p in (attention_scores.PLAIN, attention_scores.OURS, attention_scores.BASELINE))
@@ -168,7 +171,9 @@ def run(quick: bool = False, out_dir: str = "bench-results", log=print) -> tuple
     rows = bench_cases.measure_cases(cases(quick), log)
     targets = judge(rows)
     notes = [f"{KEEP_KERNEL}: clipfast.attentive_token_keep against topk (sorted) + autograd gather, and its "
-             "forward against a plain copy of the kept bytes.",
+             "forward against a plain copy of the kept bytes (*: the copy timed in alternation with the forward, "
+             "under the same conditions: both are memory-bound, and a copy measured apart drifted by 2x between "
+             "runs on a shared machine).",
              f"{attention_scores.GROUP}: A-CLIP's [CLS]-attention scores during a no-grad open_clip ViT-B/16 forward: "
              f"{attention_scores.OURS} (fused attention + hooks) vs {attention_scores.BASELINE} (every layer's "
              f"maps kept), {attention_scores.PLAIN} the floor.",
