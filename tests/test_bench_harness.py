@@ -73,9 +73,9 @@ def test_a_step_measured_alongside_another_alternates_with_it_so_their_ratio_sha
     calls = []
     timing, other = bench_measure.measure_alongside(lambda: calls.append("step"), lambda: calls.append("mm"),
                                                     reps=3, warmup=1)
-    # warm-up (the alongside step once, untimed), then mm before every timed step and once after the last
-    assert calls == ["step", "mm", "mm", "step", "mm", "step", "mm", "step", "mm"]
-    assert (timing.reps, other.reps) == (3, 4)
+    # warm-up (the alongside step once, untimed), then mm after every timed step
+    assert calls == ["step", "mm", "step", "mm", "step", "mm", "step", "mm"]
+    assert (timing.reps, other.reps) == (3, 3)
     assert bench_measure.measure_alongside(lambda: None, None, reps=2)[1] is None
 
 
@@ -99,11 +99,12 @@ def test_a_paired_case_times_its_baseline_in_alternation_and_its_ratio_uses_thos
     cases = [bench_cases.OpCase(provider="copy", step=lambda _: step("copy", 0.002), **common),
              bench_cases.OpCase(provider="ours", step=lambda _: step("ours", 0.004), paired=True, **common)]
     rows = bench_cases.measure_cases(cases, log=lambda message: None)
-    assert calls[3:] == ["copy", "copy", "ours", "copy", "ours", "copy", "ours", "copy"]  # after copy's own 3
+    assert calls[3:] == ["copy", "ours", "copy", "ours", "copy", "ours", "copy"]  # after copy's own 3
     ours = rows[1]
     assert rows[0].paired_baseline_p50 is None and ours.paired_baseline_p50 is not None
     assert report.time_ratio(ours, rows[0]) == pytest.approx(ours.p50 / ours.paired_baseline_p50)
     assert report.table(rows, report.op_columns()).splitlines()[-1].split()[-2].endswith("x*")
+    assert ours.peak_extra_bytes is not None  # measured on ours' first run, before any paired copy
 
 
 def test_csv_is_long_format_with_one_line_per_case_provider_and_metric(tmp_path):

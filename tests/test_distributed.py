@@ -5,6 +5,8 @@
   combinations; CoCaLoss: the global and the local loss; SigLipLoss: every dist_impl);
 - the production setting (local loss, gather with grad; the ring) summed over ranks equals a
   single-process computation over the full batch;
+- multi-positive group ids and labels through the local loss (this rank's rows against the gathered
+  columns, with their ids) average over ranks to the one-process loss, gradients included;
 - mismatched per-rank batch sizes and feature dimensions raise the same ValueError on every rank.
 
 Workers write their findings to JSON files; the assertions run in the test process.
@@ -179,3 +181,54 @@ def test_mismatched_shapes_raise_on_every_rank(tmp_path):
         for case, message in messages.items():
             expected = "batch size differs" if case.startswith("batch") else "feature dimension differs"
             assert expected in message, f"rank {rank} {case}: {message}"
+
+
+def _positives_worker(rank, world_size, out_dir):
+    """Multi-positive and labelled InfoNCE over ranks the way open_clip's local loss runs: this rank's rows
+    against the gathered (with grad) columns, with their ids / labels."""
+    image, text = _global_batch(world_size)
+    ids, labels = _global_positives(world_size)
+    rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    image, text = image[rows].clone().requires_grad_(), text[rows].clone().requires_grad_()
+    log_scale = torch.tensor(2.659, dtype=torch.float64, requires_grad=True)
+    all_image, all_text = clipfast.distributed.gather_features(image, text, local_loss=True, gather_with_grad=True)
+    report = {}
+    inverse = torch.argsort(labels)  # text j's positive image
+    for name, row_kwargs, col_kwargs in (
+        ("group_ids", dict(group_ids=(ids[rows], ids)), dict(group_ids=(ids[rows], ids))),
+        ("labels", dict(labels=labels[rows]), dict(labels=inverse[rows])),
+    ):
+        loss = (clipfast.contrastive_cross_entropy(image, all_text, log_scale.exp(), **row_kwargs)
+                + clipfast.contrastive_cross_entropy(text, all_image, log_scale.exp(), **col_kwargs)) / 2
+        grads = torch.autograd.grad(loss, (image, text, log_scale))
+        report[name] = [loss.item()] + [g.flatten().tolist() for g in grads]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def _global_positives(world_size):
+    g = torch.Generator().manual_seed(99)
+    n = world_size * N_PER_RANK
+    return torch.randint(0, n // 3, (n,), generator=g), torch.randperm(n, generator=g)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_multi_positive_and_labels_over_ranks_equal_one_process(world_size, tmp_path):
+    run_gloo(_positives_worker, world_size, (str(tmp_path),), timeout=240)
+    reports = _read(tmp_path, world_size)
+    image, text = _global_batch(world_size)
+    image.requires_grad_()
+    text.requires_grad_()
+    log_scale = torch.tensor(2.659, dtype=torch.float64, requires_grad=True)
+    ids, labels = _global_positives(world_size)
+    for name, kwargs in (("group_ids", dict(group_ids=ids)), ("labels", dict(labels=labels))):
+        full = clipfast.clip_loss(image, text, log_scale.exp(), **kwargs)
+        g_image, g_text, g_scale = torch.autograd.grad(full, (image, text, log_scale))
+        per_rank = [r[name] for r in reports]
+        assert abs(sum(p[0] for p in per_rank) / world_size - full.item()) < 1e-10, name
+        dist_image = torch.tensor([v for p in per_rank for v in p[1]], dtype=torch.float64).reshape(-1, DIM) / world_size
+        dist_text = torch.tensor([v for p in per_rank for v in p[2]], dtype=torch.float64).reshape(-1, DIM) / world_size
+        torch.testing.assert_close(dist_image, g_image, rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(dist_text, g_text, rtol=1e-9, atol=1e-12, msg=name)
+        assert abs(sum(p[3][0] for p in per_rank) / world_size - g_scale.item()) < 1e-10, name

@@ -71,13 +71,13 @@ def measure(step: Callable, device: str = "cpu", reps: int = 3, warmup: int = 1)
 
 def measure_alongside(step: Callable, alongside: Optional[Callable], device: str = "cpu", reps: int = 3,
                       warmup: int = 1) -> tuple[Timing, Optional[Timing]]:
-    """:func:`measure` of ``step``, with a second step ``alongside`` timed in alternation with it: once
-    before every timed ``step`` and once after the last (after one untimed run with the warm-up).
+    """:func:`measure` of ``step``, with a second step ``alongside`` timed in alternation with it: after
+    every timed ``step`` (``reps`` times; one untimed run with the warm-up).
 
     A ratio of the two Timings compares them under the same machine conditions: on a shared 2-core VM
-    the same GEMM's throughput drifts by 10% or more over minutes, more than a target's margin. The
-    ``alongside`` step's memory is made resident during the warm-up, so it adds nothing to ``step``'s
-    peak (its own Timing reports no peak).
+    the same GEMM's throughput drifts by 10% or more over minutes, more than a target's margin.
+    ``step``'s peak is that of its first timed run, before any timed ``alongside`` run, so the other
+    step's allocations are not counted (its own Timing reports no peak).
     """
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -103,7 +103,7 @@ def measure_alongside(step: Callable, alongside: Optional[Callable], device: str
         before = _rss_status("VmRSS")
     times, alongside_times, peak = [], [], 0.0
     for i in range(reps):
-        if alongside is not None:
+        if alongside is not None and i > 0:  # not before the first step, whose peak is measured alone
             alongside_times.append(timed(alongside))
         times.append(timed(step))
         if i == 0:
