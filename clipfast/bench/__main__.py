@@ -2,7 +2,7 @@
 
 contrastive: every case of the op (losses x providers x N, fp32, D = 512, forward + backward: CLIP and
 SigLIP up to N = 65536, distillation and multi-positive InfoNCE up to 16384), the table and the targets,
-bench-results/contrastive.csv and PNG plots; about 8 minutes on 2 cores (open_clip at N = 16384 and
+bench-results/contrastive.csv and PNG plots; about 12 minutes on 2 cores (open_clip at N = 16384 and
 clipfast at N = 65536 dominate); --quick stops at N = 4096 (about a minute).
 distributed: open_clip's production distributed ClipLoss against clipfast's gather and ring variants
 on 2 gloo processes (see clipfast.bench.distributed), with its table, targets, distributed.csv and PNG

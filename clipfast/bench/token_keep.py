@@ -25,6 +25,7 @@ from clipfast.bench import report
 
 BATCH, PATCHES, DIM, KEEP = 64, 196, 768, 98
 KEEP_KERNEL, TOWER = "keep_kernel", "vit_b16_tower"  # case groups (the A-CLIP scores: attention_scores.GROUP)
+TOWER_BATCH = 8  # the tower target's batch (the quick run measures batch 2 and does not judge it)
 # The legacy keys of keep_kernel_rows (the GPU benchmark's rows) by (provider, mode).
 KEEP_ROW_NAMES = {("plain_copy", "fwd"): "copy", ("clipfast", "fwd"): "ours_fwd", ("topk_gather", "fwd"): "base_fwd",
                   ("clipfast", "fwd_bwd"): "ours", ("topk_gather", "fwd_bwd"): "base"}
@@ -123,7 +124,7 @@ def tower_step(inputs, keep_half: bool):
 
 def cases(quick: bool = False, device: str = "cpu") -> list[bench_cases.OpCase]:
     """The keep kernel, A-CLIP's scores (:mod:`clipfast.bench.attention_scores`) and the ViT-B-16 tower."""
-    batch = 2 if quick else 8
+    batch = 2 if quick else TOWER_BATCH
     tower = dict(op="token_keep", group=TOWER, mode="fwd_bwd", x_name="batch", x_value=batch,
                  shape=(("batch", batch), ("image", 224)), inputs=(tower_inputs, batch), baseline="all_tokens",
                  reps=1 if quick else 3)
@@ -161,8 +162,12 @@ def judge(rows: list[report.Row]) -> report.Targets:
 
     full, kept = (bench_cases.find_row(rows, TOWER, p) for p in ("all_tokens", "clipfast_keep_50"))
     tower_speedup = full.p50 / kept.p50
-    targets.check(tower_speedup >= 1.8, f"ViT-B-16 tower forward+backward at keep 50%: {tower_speedup:.2f}x faster "
-                                        f"than with all tokens (target >= 1.8x)")
+    tower_target = f"ViT-B-16 tower forward+backward at keep 50%, batch {TOWER_BATCH} (target >= 1.8x)"
+    if full.x_value != TOWER_BATCH:  # quick mode: batch 2, one timed run, fixed costs weigh more
+        targets.not_run(tower_target, f"measured {tower_speedup:.2f}x at batch {full.x_value} in quick mode")
+    else:
+        targets.check(tower_speedup >= 1.8, f"ViT-B-16 tower forward+backward at keep 50%, batch {TOWER_BATCH}: "
+                                            f"{tower_speedup:.2f}x faster than with all tokens (target >= 1.8x)")
     return targets
 
 
