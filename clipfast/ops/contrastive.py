@@ -199,9 +199,9 @@ def _reciprocal_or_zero(count: torch.Tensor) -> torch.Tensor:
 def _check_every_row_has_a_positive(groups: GroupSums, symmetric: bool) -> None:
     """InfoNCE needs a positive for every row (and every column when symmetric): a row whose id no
     column has would have an empty target distribution."""
-    lonely_rows = (groups.col_count[groups.row_group] == 0).any()
-    lonely_cols = (groups.row_count[groups.col_group] == 0).any() if symmetric else torch.zeros((), dtype=torch.bool)
-    bad = lonely_rows | lonely_cols.to(lonely_rows.device)
+    bad = (groups.col_count[groups.row_group] == 0).any()
+    if symmetric:
+        bad = bad | (groups.row_count[groups.col_group] == 0).any()
     message = "every row (and, for the symmetric loss, every column) needs a positive: an id no column (row) has"
     if groups.row_group.device.type == "cpu":
         if bool(bad):
@@ -268,18 +268,24 @@ def _(image, text, logit_scale, logit_bias, label_offset, symmetric, label_smoot
             image.new_empty(text.shape[0] if symmetric else 0, dtype=dtype))
 
 
+def _softmax_contractions(image, text, logit_scale, row_lse, col_lse, symmetric):
+    """The softmax part of an InfoNCE backward: ``(a_c, b_c, Abar, Bbar, w_r, w_c)`` with the features in the
+    computation dtype and the kernels' ``Abar = (w_r P + w_c Q) @ B``, ``Bbar = (w_r P + w_c Q).T @ A``."""
+    a, b = image.contiguous(), text.contiguous()
+    dtype = compute_dtype(a.dtype)
+    w_row, w_col = _infonce_weights(a.shape[0], b.shape[0], symmetric)
+    a_bar, b_bar = KERNELS.for_inputs(a).grad(a, b, logit_scale, row_lse, col_lse, w_row, w_col)
+    return a.to(dtype), b.to(dtype), a_bar, b_bar, w_row, w_col
+
+
 @torch.library.custom_op("clipfast::contrastive_loss_backward", mutates_args=())
 def contrastive_loss_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
                               logit_scale: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
                               label_offset: int, symmetric: bool, label_smoothing: float,
                               row_ids: Optional[torch.Tensor] = None,
                               col_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, b = image.contiguous(), text.contiguous()
-    n, m = a.shape[0], b.shape[0]
-    dtype = compute_dtype(a.dtype)
-    w_row, w_col = _infonce_weights(n, m, symmetric)
-    a_bar, b_bar = KERNELS.for_inputs(a).grad(a, b, logit_scale, row_lse, col_lse, w_row, w_col)
-    a_c, b_c = a.to(dtype), b.to(dtype)
+    a_c, b_c, a_bar, b_bar, w_row, w_col = _softmax_contractions(image, text, logit_scale, row_lse, col_lse, symmetric)
+    n, m = a_c.shape[0], b_c.shape[0]
     # Labels: the target part of G (one-hot: weight (1 - eps)(w_r + w_c) on the positive pairs). In place
     # throughout: the distributed losses run this on (N, D) blocks, where every copy counts.
     if row_ids is None:
@@ -366,19 +372,13 @@ def distill_loss_backward(grad_contrastive: torch.Tensor, grad_distill: torch.Te
                           text: torch.Tensor, logit_scale: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
                           row_target: torch.Tensor, col_target: torch.Tensor, label_offset: int,
                           symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, b = image.contiguous(), text.contiguous()
-    n, m = a.shape[0], b.shape[0]
-    dtype = compute_dtype(a.dtype)
-    w_row, w_col = _infonce_weights(n, m, symmetric)
     # Both losses share the student's softmax term, so ONE gradient kernel serves both:
     #   G = (g_c + g_d)(w_r P + w_c Q) - g_c (w_r + w_c) I_o - g_d G_T.
-    a_bar, b_bar = KERNELS.for_inputs(a).grad(a, b, logit_scale, row_lse, col_lse, w_row, w_col)
-    a_c, b_c = a.to(dtype), b.to(dtype)
-    g_c, g_d = grad_contrastive.to(dtype), grad_distill.to(dtype)
-    labels_a, labels_b = torch.zeros_like(a_bar), torch.zeros_like(b_bar)
-    subtract_positive_pairs(labels_a, labels_b, a_c, b_c, w_row + w_col, label_offset)
-    for bar, labels, target in ((a_bar, labels_a, row_target), (b_bar, labels_b, col_target)):
-        bar.mul_(g_c + g_d).addcmul_(labels, g_c).addcmul_(target, g_d, value=-1)
+    a_c, b_c, a_bar, b_bar, w_row, w_col = _softmax_contractions(image, text, logit_scale, row_lse, col_lse, symmetric)
+    g_c, g_d = grad_contrastive.to(a_c.dtype), grad_distill.to(a_c.dtype)
+    for bar, target in ((a_bar, row_target), (b_bar, col_target)):
+        bar.mul_(g_c + g_d).addcmul_(target, g_d, value=-1)
+    subtract_positive_pairs(a_bar, b_bar, a_c * g_c, b_c * g_c, w_row + w_col, label_offset)
     one = a_bar.new_ones(())  # the upstream gradients are already in G
     grad_scale = logit_scale_gradient(one, logit_scale, (a_c, a_bar))  # before a_bar is scaled in place
     return (feature_gradient(one, logit_scale, a_bar, image.dtype), feature_gradient(one, logit_scale, b_bar, text.dtype),
