@@ -226,6 +226,14 @@ def _feature_tile(
 
 
 @triton.jit
+def _operand(take_x, x_ptr, inv_x_ptr, stride_xn, stride_xd, t_ptr, inv_t_ptr, stride_tn, stride_td):
+    """x's ``(pointer, row scales, row stride, column stride)`` when ``take_x``, else t's: one program picks
+    its operands at run time, so a single launch covers every block or side."""
+    return (tl.where(take_x, x_ptr, t_ptr), tl.where(take_x, inv_x_ptr, inv_t_ptr),
+            tl.where(take_x, stride_xn, stride_tn), tl.where(take_x, stride_xd, stride_td))
+
+
+@triton.jit
 def _schur_covariance_gram_kernel(
     x_ptr,
     t_ptr,
@@ -262,14 +270,10 @@ def _schur_covariance_gram_kernel(
     # Operand a is text for S_tt / S_tx and image for S_xx; operand b is text only for S_tt.
     a_is_x = blk == 2
     b_is_x = blk != 0
-    a_ptr = tl.where(a_is_x, x_ptr, t_ptr)
-    a_inv = tl.where(a_is_x, inv_x_ptr, inv_t_ptr)
-    stride_an = tl.where(a_is_x, stride_xn, stride_tn)
-    stride_ad = tl.where(a_is_x, stride_xd, stride_td)
-    b_ptr = tl.where(b_is_x, x_ptr, t_ptr)
-    b_inv = tl.where(b_is_x, inv_x_ptr, inv_t_ptr)
-    stride_bn = tl.where(b_is_x, stride_xn, stride_tn)
-    stride_bd = tl.where(b_is_x, stride_xd, stride_td)
+    a_ptr, a_inv, stride_an, stride_ad = _operand(a_is_x, x_ptr, inv_x_ptr, stride_xn, stride_xd,
+                                                  t_ptr, inv_t_ptr, stride_tn, stride_td)
+    b_ptr, b_inv, stride_bn, stride_bd = _operand(b_is_x, x_ptr, inv_x_ptr, stride_xn, stride_xd,
+                                                  t_ptr, inv_t_ptr, stride_tn, stride_td)
 
     feats_i = pid_i.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
     feats_j = pid_j.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
@@ -323,15 +327,10 @@ def _schur_covariance_grad_kernel(
     pid_r = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     side = tl.program_id(2)
-    self_is_t = side == 1
-    s_ptr = tl.where(self_is_t, t_ptr, x_ptr)
-    s_inv = tl.where(self_is_t, inv_t_ptr, inv_x_ptr)
-    stride_sn = tl.where(self_is_t, stride_tn, stride_xn)
-    stride_sd = tl.where(self_is_t, stride_td, stride_xd)
-    o_ptr = tl.where(self_is_t, x_ptr, t_ptr)
-    o_inv = tl.where(self_is_t, inv_x_ptr, inv_t_ptr)
-    stride_on = tl.where(self_is_t, stride_xn, stride_tn)
-    stride_od = tl.where(self_is_t, stride_xd, stride_td)
+    s_ptr, s_inv, stride_sn, stride_sd = _operand(side == 0, x_ptr, inv_x_ptr, stride_xn, stride_xd,
+                                                  t_ptr, inv_t_ptr, stride_tn, stride_td)
+    o_ptr, o_inv, stride_on, stride_od = _operand(side == 1, x_ptr, inv_x_ptr, stride_xn, stride_xd,
+                                                  t_ptr, inv_t_ptr, stride_tn, stride_td)
 
     rows = pid_r * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
