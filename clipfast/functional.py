@@ -415,13 +415,13 @@ def token_medoids(x: torch.Tensor, num_medoids: int, *, metric: str = "euclidean
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
     max_iters, split_size = check_medoid_iterations(max_iters, split_size)
+    from clipfast.ops import token_keep as _keep_ops
     from clipfast.ops import token_medoids as _medoid_ops
 
     index, assignment = _medoid_ops.token_medoids_index(x.detach(), num_medoids, metric, max_iters, split_size or 0)
-    # One flat row gather (index_select) is several times faster than an expanded-index torch.gather.
-    rows, n, d = x.shape
-    flat = (index + torch.arange(rows, device=x.device).unsqueeze(1) * n).reshape(-1)
-    medoids = x.reshape(rows * n, d).index_select(0, flat).reshape(rows, num_medoids, d)
+    # The medoid tokens are kept tokens: rows at ascending distinct indices, gathered (with the scatter-free
+    # backward) by the op attentive_token_keep uses.
+    medoids = _keep_ops.token_keep_gather(x, index, None, 0)
     return medoids, index, assignment
 
 

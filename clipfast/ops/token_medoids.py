@@ -46,11 +46,14 @@ KERNELS = backends.OpKernels("token_medoids",
 @torch.library.custom_op("clipfast::token_medoids_index", mutates_args=())
 def token_medoids_index(x: torch.Tensor, num_medoids: int, metric: str, max_iters: int,
                         split_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Indices cannot carry a NaN (clipfast.inputs.NON_FINITE_RULE): checked here, in the op body,
-    # so torch.compile graphs keep the check without a graph break. One pass over x against the kernel's
-    # O(N^2 D); on CUDA an async device assert (no host sync).
-    check_no_nan(x, "x (token_medoids)")
-    return KERNELS.for_inputs(x).index(x, num_medoids, metric, max_iters, split_size)
+    # Indices cannot carry a NaN (clipfast.inputs.NON_FINITE_RULE): checked here, in the op body, so
+    # torch.compile graphs keep the check without a graph break; on CUDA an async device assert (no host
+    # sync). The C++ CPU kernel raises the same ValueError itself from the pass that reads each row from
+    # memory (csrc/cpu/token_medoids.cpp): a separate pass over x would read it once more.
+    backend = backends.select(KERNELS.op, x.device, x.dtype)
+    if backend != "cpu":
+        check_no_nan(x, "x (token_medoids)")
+    return KERNELS.kernels(backend).index(x, num_medoids, metric, max_iters, split_size)
 
 
 token_medoids_index.register_fake(_index_fake)

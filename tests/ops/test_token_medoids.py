@@ -112,6 +112,19 @@ def test_non_finite_tokens_raise(backend, bad):
         clipfast.segment_medoids(x.reshape(2, 9, 4), 1, 1, 3)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the Triton interpreter's NumPy
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_finite_tokens_whose_squares_overflow_do_not_raise(backend):
+    """The C++ kernel flags a token by its squared norm: one that overflows fp32 has its elements checked,
+    and finite elements pass (as the op's separate check does for the other backends)."""
+    x = torch.randn(3, 9, 4, generator=torch.Generator().manual_seed(5))
+    x[2, 4] = 1e30
+    with clipfast.use_backend(backend):
+        _, index, assignment = clipfast.token_medoids(x, 5)
+    assert (index[:, 1:] > index[:, :-1]).all() and assignment.shape == (3, 9), index
+
+
 def test_non_finite_tokens_raise_under_compile():
     compiled = torch.compile(lambda t: clipfast.token_medoids(t, 2)[0], backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 6, 4)

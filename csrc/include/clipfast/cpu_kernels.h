@@ -13,6 +13,7 @@
 // This header is torch-free on purpose: the per-level files include only it and the at::vec headers.
 #pragma once
 #include <cstdint>
+#include <memory>
 
 namespace clipfast::cpu {
 
@@ -32,13 +33,36 @@ struct ContrastiveTiles {
   void (*sigmoid)(T* tile, int64_t rows, int64_t cols, T scale, T bias, T* row_acc);
 };
 
-// Token-medoid distances: dist (n x n, both triangles, zero diagonal) from the prepared tokens work
-// (n x ld, ld a multiple of kMedoidPad, zero-padded). sq: n + kMedoidPad elements of scratch (receives
-// the Gram diagonal).
+// Token medoids (CenterCLIP k-medoids), one row at a time (csrc/cpu/vec/token_medoids_rows.cpp holds the whole
+// row solve, so each of its loops is compiled for the level). One thread's buffers, reused row after row:
+// the row's working copy (n x ld, ld a multiple of kMedoidPad, zero-padded, so the Gram has no tail) and
+// its n x n distances stay in L2 from the Gram to the last iteration.
 constexpr int64_t kMedoidPad = 16;
 template <typename T>
-struct MedoidTiles {
-  void (*distances)(const T* work, int64_t n, int64_t ld, bool cosine, T* sq, T* dist);
+struct MedoidScratch {
+  int64_t ld;
+  std::unique_ptr<T[]> work, mean, norms, sq, dist, best, label;
+  std::unique_ptr<int32_t[]> members;
+  std::unique_ptr<int64_t[]> start, cursor;
+  MedoidScratch(int64_t n, int64_t dim, int64_t k_count)
+      : ld((dim + kMedoidPad - 1) / kMedoidPad * kMedoidPad),
+        work(new T[n * ld]),
+        mean(new T[ld]),
+        norms(new T[n]),
+        sq(new T[n + kMedoidPad]),
+        dist(new T[n * n]),
+        best(new T[n]),
+        label(new T[n]),
+        members(new int32_t[n]),
+        start(new int64_t[k_count + 1]),
+        cursor(new int64_t[k_count]) {}
+};
+template <typename T>
+struct MedoidRows {
+  // Row x (n x dim, contiguous) -> medoids (k_count indices, ascending) and assignment (n, into the
+  // sorted medoids). Returns false, the outputs unspecified, when the row holds a NaN or an Inf.
+  bool (*solve)(const T* x, int64_t n, int64_t dim, bool cosine, int64_t k_count, int64_t max_iters,
+                MedoidScratch<T>& scratch, int64_t* medoids, int64_t* assignment);
 };
 
 struct Kernels {
@@ -46,8 +70,8 @@ struct Kernels {
   int vector_bytes;   // sizeof(at::vec::Vectorized<float>) at that level
   ContrastiveTiles<float> contrastive_f32;
   ContrastiveTiles<double> contrastive_f64;
-  MedoidTiles<float> medoids_f32;
-  MedoidTiles<double> medoids_f64;
+  MedoidRows<float> medoids_f32;
+  MedoidRows<double> medoids_f64;
 };
 
 // The table for this process's CPU (chosen once, on first use).

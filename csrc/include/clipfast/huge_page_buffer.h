@@ -2,9 +2,12 @@
 // where the kernel allows it, so that first touching them costs one page fault per 2 MiB instead of one
 // per 4 KiB. Why it matters: glibc serves allocations above its mmap threshold (32 MiB at most) with fresh
 // mappings, so such a tensor is faulted in page by page on every call; a 38.7 MB token-gradient buffer
-// spends ~10 ms of a ~12 ms backward in the kernel's fault handler on a 2-core VM. Only the buffer returned
-// here is advised (MADV_HUGEPAGE); the process's allocator settings are untouched. Smaller buffers, and
-// platforms without madvise, get a plain at::empty.
+// spends ~10 ms of a ~12 ms backward in the kernel's fault handler on a 2-core VM. Not below glibc's
+// threshold: a smaller buffer that glibc serves from its heap is faulted in fresh only after other work
+// freed much memory, and there a huge-page fault can stall for direct compaction (a 14 MB buffer after
+// CenterCLIP's procedure: 1.3-1.6 s on the first call, measured on the 2-core VM, where its 4 KiB faults
+// cost 4-7 ms). Only the buffer returned here is advised (MADV_HUGEPAGE); the process's allocator
+// settings are untouched. Smaller buffers, and platforms without madvise, get a plain at::empty.
 #pragma once
 #include <ATen/ATen.h>
 
