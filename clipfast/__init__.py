@@ -17,9 +17,9 @@ from clipfast.attention_scores import attention_scores, cls_attention_scores
 from clipfast.backends import BackendUnavailableError, use_backend
 from clipfast.functional import (attentive_token_keep, clip_distill_loss, clip_loss, contrastive_cross_entropy,
                                  distill_cross_entropy, num_keep_for_ratio, segment_medoids, siglip_loss,
-                                 token_medoids)
-from clipfast.integrations import (PatchHandle, TokenMedoids, TokenRemoval, patch_hf_clip, patch_open_clip,
-                                  patch_timm_vit)
+                                 token_medoids, token_merge)
+from clipfast.integrations import (PatchHandle, TokenMedoids, TokenMerging, TokenRemoval, patch_hf_clip,
+                                  patch_open_clip, patch_timm_vit)
 from clipfast.spectral_medoids import spectral_embedding, spectral_token_medoids
 from clipfast.schur_covariance import (SchurComplement, defocus, exact_gaussian_schur, renyi_scores, rff_omegas,
                                        sce_score, schur_complement)
@@ -32,6 +32,7 @@ __all__ = [
     "BackendUnavailableError",
     "PatchHandle",
     "TokenMedoids",
+    "TokenMerging",
     "TokenRemoval",
     "SchurComplement",
     "backends",
@@ -57,5 +58,6 @@ __all__ = [
     "spectral_embedding",
     "spectral_token_medoids",
     "token_medoids",
+    "token_merge",
     "use_backend",
 ]

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-OPS = ("contrastive", "schur_covariance", "token_medoids", "token_keep")  # op stems; each declares OpKernels
+OPS = ("contrastive", "schur_covariance", "token_medoids", "token_keep", "token_merge")  # op stems; each declares OpKernels
 
 # Feature dtypes each backend computes (all accumulate in fp32; float64 runs in float64 where listed).
 DTYPES = {

@@ -460,6 +460,81 @@ def segment_medoids(tokens: torch.Tensor, num_frames: int, num_segments: int, nu
     return torch.cat([prefix, medoids], dim=1)
 
 
+def _check_sizes(size: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(size, torch.Tensor) or size.shape != x.shape[:2] or size.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"size must be a float tensor of shape {tuple(x.shape[:2])} (batch, tokens), got "
+                         f"{getattr(size, 'dtype', type(size).__name__)} {tuple(getattr(size, 'shape', ()))}")
+    if size.device != x.device:
+        raise ValueError(f"size is on {size.device} but x on {x.device}")
+    check_no_nan(size, "size")
+    if size.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool((size <= 0).any()):
+            raise ValueError("size must be positive (a token's size counts the patches it stands for)")
+    else:
+        torch._assert_async((size > 0).all(), "clipfast: size must be positive")
+
+
+def token_merge(x: torch.Tensor, metric: torch.Tensor, r: int, *, size: Optional[torch.Tensor] = None,
+                num_prefix_tokens: int = 1):
+    """Token merging (ToMe, Bolya et al., ICLR 2023): bipartite soft matching on ``metric``, then the
+    size-weighted merge of ``x``.
+
+    The tokens split alternately into A (positions 0, 2, ...) and B (1, 3, ...); every A token's partner is
+    its most similar B token by cosine of the metric; the ``r'`` A tokens with the most similar partners
+    are merged into them, with ``r' = max(0, min(r, (N - P) // 2))`` (ToMe's cap) and the P prefix tokens
+    never merged nor merged into. Each output token is the size-weighted mean of the tokens merged into it::
+
+        merged[o] = sum_{i -> o} size_i x_i / merged_size[o],      merged_size[o] = sum_{i -> o} size_i
+
+    in ToMe's output order (prefix tokens, kept A tokens, B tokens). Ties go to the lower index. Exact
+    semantics: :mod:`clipfast.reference.token_merge` (ToMe's ``bipartite_soft_matching`` + ``merge_wavg``
+    for P <= 2).
+
+    Args:
+        x: (B, N, D) float tokens; differentiable.
+        metric: (B, N, C) float matching features (ToMe: the attention keys averaged over heads); not
+            differentiated.
+        r: tokens to merge away (int >= 0).
+        size: None (every token one patch) or (B, N) positive float sizes from an earlier merge; not
+            differentiated.
+        num_prefix_tokens: P protected tokens at the front ([CLS], a distillation token, registers).
+
+    Returns:
+        ``(merged (B, N - r', D) in x's dtype, merged_size (B, N - r') float32 (float64 for float64 x),
+        dest (B, N) int64)``. ``dest[b, i]`` is token i's output row, so ToMe's unmerge is
+        ``merged.gather(1, dest[..., None].expand(-1, -1, D))`` and sources trace by composing the dests.
+        The backward is a gather: ``grad_x[i] = size_i / merged_size[dest_i] * grad_merged[dest_i]``.
+
+    Raises:
+        TypeError: non-tensor or non-float x / metric. ValueError: not 3-D, mismatched batch or token
+        counts or devices, r < 0, num_prefix_tokens outside [0, N], a size of the wrong shape, not positive;
+        NaN or Inf in the metric or the sizes (:data:`clipfast.inputs.NON_FINITE_RULE`). Integer arguments
+        accept any integer-like value.
+    """
+    from clipfast.ops import token_merge as _merge_ops
+    from clipfast.reference.token_merge import merge_count
+
+    check_float_tensor(x, "x", ("batch", "tokens", "dim"))
+    check_float_tensor(metric, "metric", ("batch", "tokens", "channels"))
+    if metric.shape[:2] != x.shape[:2]:
+        raise ValueError(f"metric {tuple(metric.shape)} and x {tuple(x.shape)} must have the same batch and tokens")
+    if metric.device != x.device:
+        raise ValueError(f"metric is on {metric.device} but x on {x.device}")
+    tokens = x.shape[1]
+    merge = int_in_range(r, 0)
+    if merge is None:
+        raise ValueError(f"r must be an int >= 0, got {r!r}")
+    num_prefix = int_in_range(num_prefix_tokens, 0, tokens)
+    if num_prefix is None:
+        raise ValueError(f"num_prefix_tokens must be an int in [0, {tokens}], got {num_prefix_tokens!r}")
+    if size is not None:
+        _check_sizes(size, x)
+        size = size.detach().to(compute_dtype(x.dtype))
+    dest = _merge_ops.token_merge_match(metric.detach(), merge, num_prefix)
+    merged, merged_size = _merge_ops.token_merge_reduce(x, dest, size, tokens - merge_count(tokens, merge, num_prefix))
+    return merged, merged_size, dest
+
+
 def num_keep_for_ratio(num_patches: int, keep_ratio: float, *, block: int = 1) -> int:
     """The number of patches :func:`attentive_token_keep` keeps for a keep ratio, by the anchors' rules.
 

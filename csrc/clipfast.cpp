@@ -26,7 +26,7 @@ TORCH_LIBRARY(clipfast_C, m) {
       "schur_covariance_gram_backward(Tensor grad_tt, Tensor grad_tx, Tensor grad_xx, Tensor image, Tensor text, "
       "str covariance, Tensor? omegas) -> (Tensor grad_image, Tensor grad_text)");
 
-  // token_medoids (clipfast/ops/token_medoids.py): indices only; the gather is differentiable in Python.
+  // token_medoids (clipfast/ops/token_medoids.py): indices only; the medoid tokens come from token_keep_gather.
   m.def(
       "token_medoids_index(Tensor x, int num_medoids, str metric, int max_iters, int split_size) -> "
       "(Tensor medoid_index, Tensor assignment)");
@@ -37,6 +37,14 @@ TORCH_LIBRARY(clipfast_C, m) {
   m.def(
       "token_keep_gather_backward(Tensor grad_kept, Tensor tokens, Tensor keep_index, Tensor? fuse_weights, "
       "int num_prefix) -> (Tensor grad_tokens, Tensor grad_weights)");
+
+  // token_merge (clipfast/ops/token_merge.py): ToMe's matching (indices), then a size-weighted row reduction
+  // whose backward is a row gather.
+  m.def("token_merge_match(Tensor metric, int r, int num_prefix) -> Tensor dest");
+  m.def("token_merge_reduce(Tensor x, Tensor dest, Tensor? size, int num_out) -> (Tensor merged, Tensor merged_size)");
+  m.def(
+      "token_merge_reduce_backward(Tensor grad_merged, Tensor dest, Tensor? size, Tensor merged_size) -> "
+      "Tensor grad_x");
 }
 
 // `from clipfast import _C` loads this library (and so runs the registrations above) without pybind11.

@@ -484,7 +484,7 @@ def test_scores_and_evit_accept_and_refuse_the_same_blocks(case):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     else:
         assert scores_error is not None and re.search(refused_at, scores_error), scores_error
-        assert scores_error.startswith("clipfast's [CLS]-attention scores and EViT token removal do not support ")
+        assert scores_error.startswith("clipfast's [CLS]-attention scores, EViT token removal and token merging do not support ")
     # Neither path leaves anything behind, whether it accepted the model or not.
     assert not any(MARKER_ATTR in vars(m) or "forward" in vars(m) for m in model.modules())
 

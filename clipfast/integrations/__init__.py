@@ -13,7 +13,7 @@ from clipfast.integrations._handle import PatchHandle
 from clipfast.integrations.hf_clip import patch_hf_clip
 from clipfast.integrations.open_clip import patch_open_clip
 from clipfast.integrations.timm_vit import patch_timm_vit
-from clipfast.integrations.token_reduction import TokenMedoids, TokenRemoval, VisionPatchHandle
+from clipfast.integrations.token_reduction import TokenMedoids, TokenMerging, TokenRemoval, VisionPatchHandle
 
-__all__ = ["PatchHandle", "TokenMedoids", "TokenRemoval", "VisionPatchHandle", "patch_hf_clip", "patch_open_clip",
+__all__ = ["PatchHandle", "TokenMedoids", "TokenMerging", "TokenRemoval", "VisionPatchHandle", "patch_hf_clip", "patch_open_clip",
            "patch_timm_vit"]

@@ -26,7 +26,7 @@ _RETURN_LOSS_INDEX = _LEADING_PARAMETERS.index("return_loss")
 _ORIGINAL_FORWARD_ATTR = "_clipfast_original_forward"
 
 
-def patch_hf_clip(model, *, token_removal=None) -> VisionPatchHandle:
+def patch_hf_clip(model, *, token_removal=None, token_merging=None) -> VisionPatchHandle:
     """Compute ``CLIPModel``'s ``return_loss=True`` loss with :func:`clipfast.clip_loss`, and optionally
     reduce the vision tower's tokens.
 
@@ -57,9 +57,14 @@ def patch_hf_clip(model, *, token_removal=None) -> VisionPatchHandle:
     reads too (:mod:`clipfast.integrations.vision_blocks`). Both transformers 5 (``vision_model`` is a
     ``CLIPVisionModel``) and 4 (``vision_model`` holds the transformer directly) layouts are found.
 
+    Token merging (``token_merging``, a :class:`~clipfast.integrations.token_reduction.TokenMerging`, ToMe):
+    from the first layer that merges on, ``encoder.layers[i].forward`` runs attention (proportional, as a key
+    bias), :func:`clipfast.token_merge` by the layer's keys, then the MLP.
+
     Args:
         model: a ``transformers.CLIPModel`` instance (subclasses accepted).
         token_removal: None (default) or a ``TokenRemoval``.
+        token_merging: None (default) or a ``TokenMerging``; not combined with ``token_removal``.
 
     Returns:
         A :class:`~clipfast.integrations.token_reduction.VisionPatchHandle`: ``handle.unpatch()`` deletes
@@ -97,12 +102,13 @@ def patch_hf_clip(model, *, token_removal=None) -> VisionPatchHandle:
             f"{type(model).__qualname__}.forward (transformers {transformers.__version__}) does not start with "
             f"the parameters patch_hf_clip was written for: expected {_LEADING_PARAMETERS}, found {found}")
 
-    tower = vision_blocks.hf_tower(model) if token_removal is not None else None
-    if token_removal is not None and tower is None:
+    reducing = token_removal is not None or token_merging is not None
+    tower = vision_blocks.hf_tower(model) if reducing else None
+    if reducing and tower is None:
         raise TypeError(f"patch_hf_clip: {type(model.vision_model).__qualname__} has no embeddings / encoder.layers")
     handle = VisionPatchHandle(model, "clipfast.integrations.patch_hf_clip")
     if tower is not None:
-        reduction.install(handle, tower, token_removal=token_removal, token_medoids=None)
+        reduction.install(handle, tower, token_removal=token_removal, token_medoids=None, token_merging=token_merging)
     # model.forward is CLIPModel.forward bound to model, or an instance forward already there
     # (e.g. accelerate's device-placement hooks); either way the patch wraps what was called before.
     handle.set(model, _ORIGINAL_FORWARD_ATTR, model.forward)

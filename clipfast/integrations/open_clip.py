@@ -62,7 +62,7 @@ def create_loss(args):
                        rank=args.rank, world_size=args.world_size, use_horovod=horovod)
 
 
-def patch_open_clip(model, *, token_removal=None, token_medoids=None):
+def patch_open_clip(model, *, token_removal=None, token_medoids=None, token_merging=None):
     """Token reduction in an open_clip vision tower, on this instance only; ``handle.unpatch()`` undoes it.
 
     Args:
@@ -80,6 +80,11 @@ def patch_open_clip(model, *, token_removal=None, token_medoids=None):
             ``transformer.resblocks[block]`` becomes :func:`clipfast.segment_medoids` of it; images are
             the frames of videos folded into the batch (``(B*T, 3, H, W)``) and the tower returns
             ``(B*S, dim)``, one embedding per segment.
+        token_merging: a :class:`~clipfast.integrations.token_reduction.TokenMerging` (ToMe): from the first
+            block that merges on, each resblock's ``forward`` runs attention (SDPA from the block's own
+            weights, proportional attention as a key bias), merges ``r`` tokens by its keys
+            (:func:`clipfast.token_merge`), then the MLP; the same blocks as EViT. Not combined with the
+            other two.
 
     Returns:
         A :class:`~clipfast.integrations.token_reduction.VisionPatchHandle` (``keep_scores(scores)`` for
@@ -102,4 +107,4 @@ def patch_open_clip(model, *, token_removal=None, token_medoids=None):
 
     return reduction.patch_vision_tower("patch_open_clip", model, vision_blocks.open_clip_tower(model),
                                         "an open_clip CLIP model or VisionTransformer", token_removal=token_removal,
-                                        token_medoids=token_medoids)
+                                        token_medoids=token_medoids, token_merging=token_merging)

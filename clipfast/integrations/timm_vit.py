@@ -6,7 +6,7 @@ from clipfast.integrations import token_reduction as reduction
 from clipfast.integrations import vision_blocks
 
 
-def patch_timm_vit(model, *, token_removal=None, token_medoids=None):
+def patch_timm_vit(model, *, token_removal=None, token_medoids=None, token_merging=None):
     """Token reduction in a timm ``VisionTransformer``, on this instance only; ``handle.unpatch()`` undoes it.
 
     Args:
@@ -19,10 +19,13 @@ def patch_timm_vit(model, *, token_removal=None, token_medoids=None):
             (:mod:`clipfast.integrations.vision_blocks`).
         token_medoids: ``TokenMedoids``: the input of ``blocks[block]`` becomes
             :func:`clipfast.segment_medoids` of it (frames folded into the batch).
+        token_merging: ``TokenMerging`` (ToMe): from the first block that merges on, each block's ``forward``
+            runs attention (proportional, as a key bias), :func:`clipfast.token_merge` by its keys, then the
+            MLP; timm's LayerScale, q/k norms, drop path and prefix tokens are respected.
 
     Returns:
         A :class:`~clipfast.integrations.token_reduction.VisionPatchHandle`.
     """
     return reduction.patch_vision_tower("patch_timm_vit", model, vision_blocks.timm_tower(model),
                                         "a timm VisionTransformer", token_removal=token_removal,
-                                        token_medoids=token_medoids)
+                                        token_medoids=token_medoids, token_merging=token_merging)

@@ -17,6 +17,11 @@ Three insertions, each on the given instance only and undone by ``handle.unpatch
 - **medoids** (CenterCLIP): a forward pre-hook on the chosen block replaces its input by
   :func:`clipfast.segment_medoids` of it (video frames folded into the batch: ``(B*T, 1+L, D)`` becomes
   ``(B*S, 1+K, D)``, so the tower returns one embedding per segment).
+- **merging** (ToMe): from the first block whose ``r`` is positive on, every block's ``forward`` is replaced
+  by attention (with ToMe's proportional attention, ``log(size)`` of the keys as SDPA's additive bias), then
+  :func:`clipfast.token_merge` of ``r`` tokens by the keys averaged over heads, then the MLP. The token
+  sizes pass from block to block through a small state object that the first merging block resets on every
+  forward (no list popped per block); blocks before it run unpatched.
 
 All shapes are fixed, and checked, when the patch is made (a count, grid or block size that does not fit the
 model, or EViT removal on a tower without a class token, raises then, not at the first forward), so
@@ -36,7 +41,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 
 from clipfast.attention_scores import cls_attention_scores
-from clipfast.functional import attentive_token_keep, resolve_num_keep, segment_medoids
+from clipfast.functional import attentive_token_keep, resolve_num_keep, segment_medoids, token_merge
 from clipfast.inputs import as_int, int_in_range, is_int_like
 from clipfast.integrations._handle import PatchHandle
 from clipfast.integrations.vision_blocks import VisionBlock, VisionTower
@@ -98,6 +103,54 @@ class TokenMedoids:
     metric: str = "euclidean"
     max_iters: int = 100
     split_size: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMerging:
+    """ToMe's token merging (Bolya et al., ICLR 2023) in a vision tower: between attention and MLP, block i
+    merges ``r_i`` tokens (:func:`clipfast.token_merge` on the block's keys averaged over heads, the prefix
+    tokens protected), and from the first merge on attention is proportional (``log(size)`` added to every
+    key's logits; ``prop_attn=False`` turns that off).
+
+    ``r`` is ToMe's schedule: an int (every block), ``(r, inflection)`` (a linear ramp from
+    ``int(r * (1 - inflection))`` in the first block to ``2 r`` minus that in the last), or a list with one
+    count per block (padded with zeros). ToMe's ViT-B/16 setting is ``r=16``.
+    """
+
+    r: Union[int, Tuple[int, float], List[int]]
+    prop_attn: bool = True
+
+    def schedule(self, depth: int) -> Tuple[int, ...]:
+        """The tokens each of ``depth`` blocks merges (ToMe's ``parse_r``); ValueError for a bad ``r``."""
+        return merge_schedule(self.r, depth)
+
+
+def merge_schedule(r, depth: int) -> Tuple[int, ...]:
+    """ToMe's schedule of ``r`` over ``depth`` blocks (see :class:`TokenMerging`)."""
+    what = "TokenMerging r"
+    if isinstance(r, list):
+        counts = [as_int(v, what) for v in r]
+        if len(counts) > depth:
+            raise ValueError(f"{what}: {len(counts)} counts for a {depth}-block tower")
+        counts += [0] * (depth - len(counts))
+    elif isinstance(r, tuple):
+        if len(r) != 2 or isinstance(r[1], bool) or not isinstance(r[1], numbers.Real):
+            raise ValueError(f"{what}: a tuple is (r, inflection), got {r!r}; pass a list for one count per block")
+        base, inflection = as_int(r[0], what), float(r[1])
+        low = int(base * (1.0 - inflection))
+        step = (2 * base - 2 * low) / (depth - 1) if depth > 1 else 0.0
+        counts = [int(low + step * i) for i in range(depth)]
+    else:
+        counts = [as_int(r, what)] * depth
+    if any(c < 0 for c in counts):
+        raise ValueError(f"{what}: the merge counts must be >= 0, got {counts}")
+    return tuple(counts)
+
+
+class _MergeState:
+    """The token sizes passed from one merging block to the next within a forward."""
+
+    size: Optional[torch.Tensor] = None
 
 
 class VisionPatchHandle(PatchHandle):
@@ -246,25 +299,69 @@ def install_medoids(handle: VisionPatchHandle, blocks, medoids: TokenMedoids, nu
     handle.add_hook(blocks[block].register_forward_pre_hook(medoid_hook, with_kwargs=True))
 
 
+def merging_forward(describe_block: Callable[[torch.nn.Module, str], VisionBlock], where: str, r: int,
+                    prop_attn: bool, num_prefix: int, state: _MergeState, first: bool):
+    """A block ``forward`` (bind with ``types.MethodType``) doing ToMe's attention / merge / MLP. ``first``:
+    this is the first merging block, which starts every forward with unit sizes. Like
+    :func:`self_attention_forward`, the block is described anew on every call (no module in the closure)."""
+    def forward(block, x, *args, **kwargs):
+        if any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):
+            raise NotImplementedError("clipfast's token merging supports unmasked vision blocks only "
+                                      "(an attention mask was passed)")
+        parts = describe_block(block, where)
+        size = None if first else state.size
+        key_bias = None if size is None or not prop_attn else size.log().to(x.dtype)[:, None, None, :]
+        x, _, k = parts.attention(x, key_bias)
+        if r > 0:
+            x, size, _ = token_merge(x, k.mean(dim=1), r, size=size, num_prefix_tokens=num_prefix)
+        state.size = size
+        return parts.mlp(x)
+
+    return forward
+
+
+def install_merging(handle: VisionPatchHandle, tower: VisionTower, merging: TokenMerging) -> None:
+    """The ToMe insertion: every block from the first one that merges on gets :func:`merging_forward`."""
+    if not isinstance(merging, TokenMerging):
+        raise TypeError(f"token_merging must be a clipfast.TokenMerging, got {type(merging).__name__}")
+    schedule = merging.schedule(len(tower.blocks))
+    first = next((index for index, r in enumerate(schedule) if r > 0), None)
+    if first is None:
+        return  # nothing merges: the tower stays exactly the unpatched model
+    state = _MergeState()
+    for index in range(first, len(tower.blocks)):
+        tower.block(index)  # fail at patch time on an unsupported block (attention_scores' error), not at forward
+        forward = merging_forward(tower.describe_block, tower.block_path(index), schedule[index],
+                                  bool(merging.prop_attn), tower.num_prefix_tokens, state, index == first)
+        handle.set(tower.blocks[index], "forward", types.MethodType(forward, tower.blocks[index]))
+
+
 def patch_vision_tower(patch_name: str, model, tower: Optional[VisionTower], expected: str, *,
-                       token_removal: Optional[TokenRemoval], token_medoids: Optional[TokenMedoids]) -> VisionPatchHandle:
+                       token_removal: Optional[TokenRemoval], token_medoids: Optional[TokenMedoids],
+                       token_merging: Optional[TokenMerging] = None) -> VisionPatchHandle:
     """The whole of ``patch_open_clip`` / ``patch_timm_vit`` once ``tower`` (None: ``model`` is not one,
     TypeError naming ``expected``) has been found: a handle on the tower with every insertion asked for."""
     if tower is None:
         raise TypeError(f"{patch_name} expects {expected}, got {type(model).__module__}.{type(model).__qualname__}")
-    if token_removal is None and token_medoids is None:
-        raise ValueError(f"{patch_name}: pass token_removal=... and/or token_medoids=...")
+    if token_removal is None and token_medoids is None and token_merging is None:
+        raise ValueError(f"{patch_name}: pass token_removal=..., token_medoids=... and/or token_merging=...")
     handle = VisionPatchHandle(tower.module, f"clipfast.{patch_name}")
-    install(handle, tower, token_removal=token_removal, token_medoids=token_medoids)
+    install(handle, tower, token_removal=token_removal, token_medoids=token_medoids, token_merging=token_merging)
     return handle
 
 
 def install(handle: VisionPatchHandle, tower: VisionTower, *, token_removal: Optional[TokenRemoval],
-            token_medoids: Optional[TokenMedoids]) -> None:
+            token_medoids: Optional[TokenMedoids], token_merging: Optional[TokenMerging] = None) -> None:
     """Every insertion asked for, on one tower; on any error the handle is unpatched before re-raising.
-    Every shape the patch fixes (kept count, block grid, class token, medoid count) is checked here."""
+    Every shape the patch fixes (kept count, block grid, class token, medoid count, merge schedule) is
+    checked here."""
     embedding_output, grid, num_prefix = tower.embedding_output, tower.grid, tower.num_prefix_tokens
     try:
+        if token_merging is not None:
+            if token_removal is not None or token_medoids is not None:
+                raise ValueError(f"{handle.name}: token merging does not combine with token removal or medoids "
+                                 "in one patch")
+            install_merging(handle, tower, token_merging)
         if token_removal is not None and token_removal.mode == "given_scores":
             if getattr(embedding_output, "prob", 0.0) > 0:
                 raise ValueError(f"{handle.name}: the model's random patch dropout is on "

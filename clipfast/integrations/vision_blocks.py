@@ -6,13 +6,15 @@ Two paths work inside the transformer blocks of an open_clip, timm or transforme
   row of its attention softmax (A-CLIP's patch scores);
 - EViT token removal (``TokenRemoval.self_attention`` in ``patch_open_clip``, ``patch_timm_vit`` and
   ``patch_hf_clip``) replaces chosen blocks' ``forward`` by the same computation split in two, attention
-  then MLP, and reduces the tokens in between by that same [CLS] row.
+  then MLP, and reduces the tokens in between by that same [CLS] row; ToMe's token merging
+  (``TokenMerging``) splits the blocks the same way, with proportional attention as a key bias, and merges
+  tokens in between by their keys.
 
-Both learn everything about a tower from this module. :func:`open_clip_tower`, :func:`timm_tower` and
+All learn everything about a tower from this module. :func:`open_clip_tower`, :func:`timm_tower` and
 :func:`hf_tower` (or :func:`find_tower`, which tries all three) give a :class:`VisionTower`: where the
 blocks are, the module whose output is the token sequence right after the positional embedding, the
 number of prefix tokens, the patch grid, how to run the tower. Its :meth:`VisionTower.block` gives a
-:class:`VisionBlock` for one block, or raises the one TypeError both paths show, so both accept and
+:class:`VisionBlock` for one block, or raises the one TypeError every path shows, so all accept and
 refuse exactly the same blocks and attention modules:
 
 ==============  =================================  ===================================================
@@ -35,7 +37,7 @@ transformers    ``CLIPEncoderLayer`` and its        ``q_proj``, ``k_proj``, ``v_
 ==============  =================================  ===================================================
 
 open_clip and timm classes are matched exactly, by qualified name (nothing is imported from those
-frameworks here): both paths re-derive the block's computation from its weights, and a subclass may
+frameworks here): the paths re-derive the block's computation from its weights, and a subclass may
 have changed it. The transformers layers are matched by structure, as the CLIP family (AltCLIP,
 ChineseCLIP, ...) copies ``CLIPEncoderLayer`` under other names. The given-scores and medoid insertions
 of the patches never look inside a block, so they need no block description.
@@ -71,9 +73,11 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
 class VisionBlock:
     """One supported transformer block (all tensors batch first).
 
-    - ``attention(x) -> (x + attention branch, q, k)``: the block's first half from its own weights,
-      through fused SDPA; x (B, N, D); q, k (B, H, N, Dh) exactly as the softmax sees them (after any
-      q/k norm), i.e. the block attends with ``softmax(scale * q k^T)``.
+    - ``attention(x, key_bias=None) -> (x + attention branch, q, k)``: the block's first half from its own
+      weights, through fused SDPA; x (B, N, D); q, k (B, H, N, Dh) exactly as the softmax sees them (after
+      any q/k norm), i.e. the block attends with ``softmax(scale * q k^T + key_bias)``; ``key_bias``
+      (B, 1, 1, N) in q's dtype, or None, is added to every query's logits (ToMe's proportional attention:
+      ``log(size)`` of the keys), as SDPA's additive ``attn_mask``.
     - ``mlp(x) -> x + MLP branch``: the second half, on however many tokens are left.
     - ``scale``: the logit scale of that softmax.
     - ``watch_cls_row(report) -> handles``: hooks on the block's own submodules that, while the block
@@ -132,8 +136,8 @@ class VisionTower:
 
 
 def unsupported(where: str, module: Any, why: str) -> TypeError:
-    """The error both paths raise for a block or attention module they cannot use."""
-    return TypeError(f"clipfast's [CLS]-attention scores and EViT token removal do not support {where} "
+    """The error every path raises for a block or attention module it cannot use."""
+    return TypeError(f"clipfast's [CLS]-attention scores, EViT token removal and token merging do not support {where} "
                      f"({type(module).__name__}): {why}")
 
 
@@ -236,12 +240,13 @@ def _open_clip_parts(block: nn.Module, attn: nn.Module, qk_norm: Optional[Tuple[
     q, k, v = ``in_proj(ln_1(x))`` split into heads and ``qk_norm`` (None: no norm) applied to q and k."""
     heads = attn.num_heads
 
-    def attention(x):
+    def attention(x, key_bias=None):
         packed = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
         q, k, v = (split_heads(t, heads) for t in packed.chunk(3, dim=-1))
         if qk_norm is not None:
             q, k = qk_norm[0](q), qk_norm[1](k)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if attn.training else 0.0, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout if attn.training else 0.0,
+                                             scale=scale)
         return x + block.ls_1(finish(out)), q, k
 
     def mlp(x):
@@ -300,13 +305,13 @@ def timm_block(block: nn.Module, where: str) -> VisionBlock:
                                                  "head_dim outputs, q_norm and k_norm)")
     heads = attn.num_heads
 
-    def attention(x):
+    def attention(x, key_bias=None):
         h = block.norm1(x)
         gate = attn.gate(h).sigmoid() if attn.gate is not None else None
         q, k, v = attn.qkv(h).unflatten(-1, (3, heads, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0,
-                                             scale=attn.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale)
         out = attn.norm(merge_heads(out))
         if gate is not None:
             out = out * gate
@@ -360,11 +365,11 @@ def hf_layer(layer: nn.Module, where: str) -> VisionBlock:
                                                       "out_proj Linear layers, num_heads, scale)")
     heads = attn.num_heads
 
-    def attention(x):
+    def attention(x, key_bias=None):
         h = layer.layer_norm1(x)
         q, k, v = (split_heads(proj(h), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0,
-                                             scale=attn.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias,
+                                             dropout_p=attn.dropout if attn.training else 0.0, scale=attn.scale)
         return x + attn.out_proj(merge_heads(out)), q, k
 
     def mlp(x):

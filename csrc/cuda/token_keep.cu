@@ -45,40 +45,29 @@
 #include <stdint.h>
 
 #include "clipfast/cuda_elements.cuh"
+#include "clipfast/cuda_launch.cuh"
 #include "clipfast/token_keep_cuda.h"
 
 namespace {
 
+using clipfast::allow_shared;
 using clipfast::dispatch_dtype;
+using clipfast::from_float;
+using clipfast::grid_2d;
+using clipfast::grid_size;
+using clipfast::kDefaultSharedBytes;
 using clipfast::to_float;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBlocksPerSm = 4;          // register cap 64 (without a minimum, ptxas 13.0 spills at 32 on sm_90)
-constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond
 constexpr int kRowsPerBlock = 32;        // backward: grad_tokens rows per block (4 per warp)
 constexpr int kFuseUnroll = 4;           // fused row: patch rows loaded per warp before accumulating
 constexpr int kMaxPack = 8;              // elements of a 16-byte pack (16-bit types)
-constexpr int64_t kDefaultSharedBytes = 48 * 1024;  // per block (static + dynamic) without opting in
 constexpr int64_t kStaticSharedBound = 16 * 1024;   // at least the static shared memory of any kernel here
 static_assert(sizeof(float) * kWarps * kMaxPack * 32 <= kStaticSharedBound, "fused_row_kernel's partial sums");
 
 __device__ __forceinline__ int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // V consecutive elements moved as one load / store: `bits` for copies (a 16-byte pack is one vector
 // access), `v` for arithmetic. The bit pattern 0 is +0.0 in every element type.
@@ -390,35 +379,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 // Launchers
 // ---------------------------------------------------------------------------------------------------
 
-// Whether `bytes` of dynamic shared memory fit one block of any kernel here on the current device.
-// *opt_in: 0 when they fit under the default limit, else the dynamic limit the kernel must be given
-// (cudaFuncAttributeMaxDynamicSharedMemorySize; always the same value on a device, so concurrent callers
-// agree). Returns 0, CLIPFAST_CUDA_ROW_TOO_LONG, or the error of a device query.
-int plan_shared(int64_t bytes, int* opt_in) {
-  *opt_in = 0;
-  if (bytes + kStaticSharedBound <= kDefaultSharedBytes) return 0;
-  int device = 0, max_bytes = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (error != cudaSuccess) return error;
-  const int64_t limit = max_bytes - kStaticSharedBound;
-  if (bytes > limit) return CLIPFAST_CUDA_ROW_TOO_LONG;
-  *opt_in = static_cast<int>(limit);
-  return 0;
-}
-
-template <typename Kernel>
-cudaError_t allow_shared(Kernel kernel, int opt_in) {
-  if (opt_in == 0) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, opt_in);
-}
-
-unsigned int grid_size(int64_t tasks) { return static_cast<unsigned int>(tasks < kMaxBlocks ? tasks : kMaxBlocks); }
-
-// x: pieces of a batch row, y: batch rows (gridDim.y is at most 65535).
-dim3 grid_2d(int64_t pieces, int64_t batch) {
-  return dim3(grid_size(pieces), static_cast<unsigned int>(batch < 65535 ? batch : 65535));
-}
+// plan_shared for the tables of the kernels here (their static shared memory is below kStaticSharedBound).
+int plan_shared(int64_t bytes, int* opt_in) { return clipfast::plan_shared(bytes, kStaticSharedBound, opt_in); }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

@@ -4,7 +4,9 @@ implementations of the same procedures that use the models' own (unfused) attent
 - given scores (A-CLIP): the tokens after the positional embedding, top-K by the given scores (A-CLIP's
   block rule through bilinear 2x downsampling in block mode), gathered in order after [CLS];
 - self attention (EViT): explicit softmax maps, [CLS] row averaged over heads, top-K, EViT's fused token;
-- medoids (CenterCLIP): the reference k-medoids of each segment before the chosen block.
+- medoids (CenterCLIP): the reference k-medoids of each segment before the chosen block;
+- merging (ToMe): explicit softmax with log(size) on the keys, and the port of ToMe's matching and merge
+  (:mod:`clipfast.testing.tome`) on the head-mean keys, block by block with ToMe's schedules.
 
 With everything kept the patched towers equal the unpatched ones; the patches are instance-only and
 reversible, and compile with ``fullgraph=True``.
@@ -18,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
-from clipfast import TokenMedoids, TokenRemoval
+from clipfast import TokenMedoids, TokenMerging, TokenRemoval
 from clipfast.reference.token_medoids import token_medoids_index_reference
+from clipfast.testing.tome import parse_r, tome_merge
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
@@ -426,3 +429,142 @@ def test_integer_like_patch_arguments():
     with clipfast.patch_timm_vit(vit, token_removal=TokenRemoval.given_scores(np.int64(4))) as handle:
         with handle.keep_scores(torch.rand(2, GRID * GRID)):
             assert vit.forward_features(torch.randn(2, 3, GRID * PATCH, GRID * PATCH)).shape[1] == 1 + 4
+
+
+# ---------------------------------------------------------------------------------------------- ToMe
+
+
+def _tome_port_attention(q, k, v, scale, size):
+    """ToMe's attention: explicit softmax of the scaled logits plus log(size) on the keys (proportional)."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :]
+    return torch.softmax(logits, dim=-1) @ v
+
+
+def _tome_port_merge(x, k, r, info):
+    """ToMe's step after attention: bipartite matching on the head-mean keys, then merge_wavg."""
+    if r > 0:
+        x, info["size"] = tome_merge(x, k.mean(1), r, info["size"], num_prefix_tokens=1)
+    return x
+
+
+def _heads(t, heads):
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _tome_open_clip_block(block, x, r, info):
+    attn, h = block.attn, block.ln_1(x)
+    q, k, v = (_heads(t, attn.num_heads) for t in F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
+    out = _tome_port_attention(q, k, v, attn.head_dim ** -0.5, info["size"])
+    x = _tome_port_merge(x + block.ls_1(attn.out_proj(out.transpose(1, 2).flatten(2))), k, r, info)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _tome_timm_block(block, x, r, info):
+    attn = block.attn
+    q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = attn.proj(attn.norm(_tome_port_attention(q, k, v, attn.scale, info["size"]).transpose(1, 2).flatten(2)))
+    x = _tome_port_merge(x + block.drop_path1(block.ls1(out)), k, r, info)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def _tome_hf_layer(layer, x, r, info):
+    attn, h = layer.self_attn, layer.layer_norm1(x)
+    q, k, v = (_heads(proj(h), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out = attn.out_proj(_tome_port_attention(q, k, v, attn.scale, info["size"]).transpose(1, 2).flatten(2))
+    x = _tome_port_merge(x + out, k, r, info)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def _tome_port(blocks, schedule, port_block):
+    """ToMe's patch, as its repository describes it: every block's forward replaced, the sizes in a dict
+    reset per forward (by the first block here), r taken per block from the schedule."""
+    info = {"size": None}
+
+    def block_forward(i, blk):
+        def forward(x, *args, **kwargs):
+            if i == 0:
+                info["size"] = None
+            return port_block(blk, x, schedule[i], info)
+        return forward
+
+    for i, blk in enumerate(blocks):
+        blk.forward = block_forward(i, blk)
+    return lambda: [delattr(blk, "forward") for blk in blocks]
+
+
+TOME_TOWERS = {
+    "open_clip": (_open_clip_visual, lambda m: m.transformer.resblocks, _tome_open_clip_block, lambda m, x: m(x),
+                  clipfast.patch_open_clip),
+    "timm": (_timm_vit, lambda m: m.blocks, _tome_timm_block, lambda m, x: m(x), clipfast.patch_timm_vit),
+    "hf": (_hf_clip, lambda m: m.vision_model.encoder.layers, _tome_hf_layer,
+           lambda m, x: m.get_image_features(pixel_values=x), clipfast.patch_hf_clip),
+}
+
+
+@pytest.mark.parametrize("r", [3, (3, 0.5), [0, 4, 0, 2]], ids=["constant", "inflection", "list"])
+@pytest.mark.parametrize("tower", list(TOME_TOWERS))
+def test_merging_equals_tome_port(tower, r):
+    build, blocks_of, port_block, run, patch = TOME_TOWERS[tower]
+    model, images = build(), _images()
+    schedule = parse_r(DEPTH, r)
+    assert TokenMerging(r).schedule(DEPTH) == tuple(schedule)
+    restore = _tome_port(blocks_of(model), schedule, port_block)
+    want = _image_output(run(model, images))
+    restore()
+    with patch(model, token_merging=TokenMerging(r)):
+        got = _image_output(run(model, images))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tower", list(TOME_TOWERS))
+def test_merging_nothing_is_the_unpatched_model(tower):
+    build, blocks_of, _, run, patch = TOME_TOWERS[tower]
+    model, images = build(), _images()
+    want = _image_output(run(model, images))
+    with patch(model, token_merging=TokenMerging(0)):
+        assert not any("forward" in vars(b) for b in blocks_of(model))
+        got = _image_output(run(model, images))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_merging_without_proportional_attention_and_unpatch():
+    model, images = _timm_vit(), _images()
+    want = model(images)
+    with clipfast.patch_timm_vit(model, token_merging=TokenMerging([0, 5, 5], prop_attn=False)):
+        assert "forward" not in vars(model.blocks[0]) and "forward" in vars(model.blocks[3])
+        tokens = model.forward_features(images)
+    assert tokens.shape[1] == 1 + PATCHES - 5 - 5
+    assert not any("forward" in vars(b) for b in model.blocks)
+    torch.testing.assert_close(model(images), want, rtol=0, atol=0)
+
+
+def test_merging_configurations_are_checked_at_patch_time():
+    model = _timm_vit()
+    for bad, match in ((TokenMerging(-1), "must be >= 0"), (TokenMerging([1] * (DEPTH + 1)), "counts for a"),
+                       (TokenMerging((3, 0.5, 1)), "a tuple is"), (TokenMerging(2.5), "must be an int")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            clipfast.patch_timm_vit(model, token_merging=bad)
+    with pytest.raises(ValueError, match="does not combine"):
+        clipfast.patch_timm_vit(model, token_merging=TokenMerging(2), token_removal=TokenRemoval.given_scores(4))
+    assert not any("forward" in vars(b) for b in model.blocks) and not model.patch_drop._forward_hooks
+
+
+@pytest.mark.parametrize("tower", list(TOME_TOWERS))
+def test_merging_compiles_fullgraph(tower):
+    build, _, _, run, patch = TOME_TOWERS[tower]
+    model = build()
+    images = _images().requires_grad_()
+    handle = patch(model, token_merging=TokenMerging((3, 0.5)))
+
+    def step(fn):
+        out = _image_output(fn(images))
+        return out, torch.autograd.grad(out.square().sum(), images)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: run(model, x), backend="aot_eager", fullgraph=True)
+    for got, want in zip(step(compiled), step(lambda x: run(model, x))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    handle.unpatch()

@@ -61,6 +61,7 @@ def _public_cases(requires_grad):
         ],
         **_schur_cases(requires_grad),
         **_keep_cases(requires_grad),
+        **_merge_cases(requires_grad),
         # Indices only: the API always calls it on detached tokens (the gather carries the gradient).
         "token_medoids_index": [(torch.randn(3, 12, 8), 4, "euclidean", 100, 0),
                                 (torch.randn(4, 9, 5), 3, "cosine", 5, 2)],
@@ -92,6 +93,21 @@ def _keep_cases(requires_grad):
     }
 
 
+def _merge_cases(requires_grad):
+    from clipfast.reference.token_merge import token_merge_match_reference, token_merge_reduce_reference
+
+    x = torch.randn(3, 13, 8, requires_grad=requires_grad)
+    dest = token_merge_match_reference(torch.randn(3, 13, 4), 3, 1)  # 10 output rows
+    size = 1.0 + torch.rand(3, 13)
+    _, merged_size = token_merge_reduce_reference(x.detach(), dest, size, 10)
+    return {
+        # Indices only (not differentiable): the API calls it on a detached metric.
+        "token_merge_match": [(torch.randn(3, 13, 4), 3, 1), (torch.randn(2, 8, 5), 2, 0), (torch.randn(2, 5, 3), 0, 1)],
+        "token_merge_reduce": [(x, dest, None, 10), (x, dest, size, 10)],
+        "token_merge_reduce_backward": [(torch.randn(3, 10, 8), dest, size, merged_size)],
+    }
+
+
 def _native_cases():
     a, b = _features(9, 13, 8, False)
     s, beta = torch.tensor(5.0), torch.tensor(-1.0)
@@ -106,6 +122,7 @@ def _native_cases():
         "schur_covariance_gram_backward": [(*(torch.randn(8, 8) for _ in range(3)), a, a, "row_cosine", None)],
         "token_medoids_index": [(torch.randn(3, 12, 8), 4, "euclidean", 100, 0)],
         **_keep_cases(False),
+        **_merge_cases(False),
     }
 
 

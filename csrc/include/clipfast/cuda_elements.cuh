@@ -1,4 +1,4 @@
-// Element types of the CUDA kernels: conversion to fp32 on load, and dispatch from a dtype code of
+// Element types of the CUDA kernels: conversion to fp32 on load and back on store, and dispatch from a dtype code of
 // dtype_codes.h to the launch templated on the element type. CUDA headers only (no torch).
 #pragma once
 #include <cuda_bf16.h>
@@ -12,6 +12,22 @@ namespace clipfast {
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Rounding an fp32 result once to the element type (round to nearest even).
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 template <typename T>
 struct TypeTag {
