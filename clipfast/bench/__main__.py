@@ -29,7 +29,7 @@ from clipfast.bench import report
 # The ceiling matmul at N = 65536 would need a 16 GiB output; larger N reuse the largest measured one.
 CEILING_MAX_N = 16384
 # The ops whose benchmark is the module clipfast.bench.<op stem> with cases(quick) and run(quick, out_dir, log).
-OPS = ("schur_covariance", "token_medoids", "token_keep")
+OPS = ("schur_covariance", "token_medoids", "token_keep", "token_merge")
 
 
 def run(device: str, sizes, losses, out_dir: str, log=print, exclude=()) -> tuple[list[report.Row], bool]:

@@ -7,7 +7,9 @@ alternating token sets A = even and B = odd positions, [CLS] and a distillation 
 row max and argmax, an argsort of the row maxima, the first r merged), then ``merge_wavg``: the tokens
 scaled by their sizes, merged with ``scatter_reduce(..., "sum")``, divided by the merged sizes. Written
 here from that description, with ToMe's non-stable ``argsort`` (the ops break ties to the lower index;
-random inputs have no ties). Also :func:`margin_metric`, matching inputs whose result no rounding can change.
+random inputs have no ties). Also the port's patch of a whole tower (:func:`patch_blocks` with
+:func:`open_clip_block`, :func:`timm_block` or :func:`hf_layer`), and :func:`margin_metric`, matching inputs
+whose result no rounding can change.
 """
 
 from __future__ import annotations
@@ -110,3 +112,72 @@ def margin_metric(batch, n, channels=64, num_prefix=1, seed=0, dtype=torch.float
         metric[0::2] = chosen + lengths[:, None] * offsets
         rows.append(metric * (1 + torch.rand(n, 1, generator=g, dtype=torch.float64)))  # any norms
     return torch.stack(rows).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- towers
+# ToMe's patch of a vision tower, as its repository describes it for timm (and written here alike for open_clip's
+# and transformers' blocks): every block's forward replaced by attention with an explicit softmax plus log(size)
+# on the keys (proportional attention), then the matching on the keys averaged over heads and merge_wavg, then
+# the MLP; the sizes live in a dict that the first block resets on every forward; r per block from the schedule.
+
+
+def _attention(q, k, v, scale, size):
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :]
+    return torch.softmax(logits, dim=-1) @ v
+
+
+def _merge(x, k, r, info, num_prefix_tokens=1):
+    if r > 0:
+        x, info["size"] = tome_merge(x, k.mean(1), r, info["size"], num_prefix_tokens)
+    return x
+
+
+def _heads(t, heads):
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def open_clip_block(block, x, r, info):
+    """open_clip's ``ResidualAttentionBlock`` (``nn.MultiheadAttention``) with ToMe."""
+    attn, h = block.attn, block.ln_1(x)
+    q, k, v = (_heads(t, attn.num_heads) for t in torch.nn.functional.linear(h, attn.in_proj_weight,
+                                                                              attn.in_proj_bias).chunk(3, -1))
+    out = _attention(q, k, v, attn.head_dim ** -0.5, info["size"])
+    x = _merge(x + block.ls_1(attn.out_proj(out.transpose(1, 2).flatten(2))), k, r, info)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def timm_block(block, x, r, info):
+    """timm's ``Block`` (q/k norms, LayerScale, drop path) with ToMe."""
+    attn = block.attn
+    q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = attn.proj(attn.norm(_attention(q, k, v, attn.scale, info["size"]).transpose(1, 2).flatten(2)))
+    x = _merge(x + block.drop_path1(block.ls1(out)), k, r, info)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def hf_layer(layer, x, r, info):
+    """transformers' ``CLIPEncoderLayer`` with ToMe."""
+    attn, h = layer.self_attn, layer.layer_norm1(x)
+    q, k, v = (_heads(proj(h), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out = attn.out_proj(_attention(q, k, v, attn.scale, info["size"]).transpose(1, 2).flatten(2))
+    x = _merge(x + out, k, r, info)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def patch_blocks(blocks, schedule, port_block) -> Callable[[], None]:
+    """Replace every block's forward by ``port_block(block, x, r_i, info)``; returns the undo."""
+    info = {"size": None}
+
+    def block_forward(i, blk):
+        def forward(x, *args, **kwargs):
+            if i == 0:
+                info["size"] = None
+            return port_block(blk, x, schedule[i], info)
+        return forward
+
+    for i, blk in enumerate(blocks):
+        blk.forward = block_forward(i, blk)
+    return lambda: [delattr(blk, "forward") for blk in blocks]

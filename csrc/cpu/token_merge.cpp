@@ -4,15 +4,16 @@
 // Shapes: metric (B, N, C); x (B, N, D); size (B, N) or none (all ones); dest (B, N) int64, the output
 // row of every token; N' = N - r' output rows.
 //
-// match:    unit = metric / max(|metric|, 1e-12) in the computation dtype, and the A x B cosines of every
-//           batch row by one batched GEMM (B x ceil(N/2) x floor(N/2) x C: a few hundred KB for a ViT, small
-//           next to the tokens). Then per batch row: every non-prefix A token's best non-prefix B partner
+// match:    the A x B dot products of every batch row by one batched GEMM on the metric in the computation
+//           dtype (B x ceil(N/2) x floor(N/2) x C: about a MB for a ViT, small next to the tokens), scaled to
+//           cosines by the inverse norms 1 / max(|m_i|, 1e-12) (no normalised copy of the metric). Then per batch row: every non-prefix A token's best non-prefix B partner
 //           (strict >, so ties go to the lower B), the A tokens in a stable descending sort of their best
 //           scores, the first r' merged into their partners, and every token's output row in ToMe's order.
 // reduce:   per batch row a counting sort of dest gives every output row its sources in ascending order;
 //           merged_size[o] = the sum of their sizes and merged[o] = sum size_i x_i / merged_size[o],
-//           accumulated in the computation dtype. Every output row is written once, by one task: no
-//           scatter, no zero fill, no atomics, so results do not depend on the thread count.
+//           accumulated in the computation dtype (the division as a product with the reciprocal, once
+//           per row). Every output row is written once, by one task: no scatter, no zero fill, no atomics,
+//           so results do not depend on the thread count.
 // backward: grad_x[i] = size_i / merged_size[dest_i] * grad_merged[dest_i]: each input row reads its one
 //           output row.
 //
@@ -32,6 +33,7 @@
 #include <tuple>
 #include <vector>
 
+#include "clipfast/prefetch.h"
 #include "clipfast/token_merge_checks.h"
 
 namespace clipfast {
@@ -50,9 +52,9 @@ at::Tensor token_merge_match_cpu(const at::Tensor& metric_in, int64_t r, int64_t
   const int64_t merged = token_merge_count(n, r, num_prefix);
   const auto index_options = metric_in.options().dtype(at::kLong);
   if (merged == 0) return at::arange(n, index_options).expand({batch, n}).contiguous();
-  at::Tensor unit = metric_in.detach().to(token_merge_compute_dtype(metric_in.scalar_type()));
-  unit = unit / at::linalg_vector_norm(unit, 2, {-1}, /*keepdim=*/true).clamp_min(kMetricNormEps);
-  const at::Tensor scores = at::bmm(unit.slice(1, 0, n, 2), unit.slice(1, 1, n, 2).transpose(1, 2)).contiguous();
+  const at::Tensor metric = metric_in.detach().to(token_merge_compute_dtype(metric_in.scalar_type()));
+  const at::Tensor inverse_norm = at::linalg_vector_norm(metric, 2, {-1}).clamp_min(kMetricNormEps).reciprocal();
+  const at::Tensor dots = at::bmm(metric.slice(1, 0, n, 2), metric.slice(1, 1, n, 2).transpose(1, 2)).contiguous();
   const int64_t num_a = (n + 1) / 2, num_b = n / 2;
   const int64_t prefix_a = (num_prefix + 1) / 2, prefix_b = num_prefix / 2;  // protected A and B tokens
   const int64_t kept_a = num_a - prefix_a - merged;                          // non-prefix A tokens kept
@@ -60,24 +62,26 @@ at::Tensor token_merge_match_cpu(const at::Tensor& metric_in, int64_t r, int64_t
   int64_t* dest_ptr = dest.data_ptr<int64_t>();
   // Output row of B token j: a prefix token keeps its position, the others follow the kept A tokens.
   const auto b_row = [&](int64_t j) { return j < prefix_b ? 2 * j + 1 : num_prefix + kept_a + (j - prefix_b); };
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "token_merge_match_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "token_merge_match_cpu", [&] {
     using T = scalar_t;
-    const T* scores_ptr = scores.data_ptr<T>();
+    const T* dots_ptr = dots.data_ptr<T>();
+    const T* inverse_ptr = inverse_norm.data_ptr<T>();
     at::parallel_for(0, batch, kMatchRowsPerTask, [&](int64_t begin, int64_t end) {
-      std::vector<T> best(num_a);
+      std::vector<T> best(num_a), scores(num_b);
       std::vector<int64_t> partner(num_a), order(num_a), rank(num_a);
       for (int64_t b = begin; b < end; ++b) {
-        const T* s = scores_ptr + b * num_a * num_b;
+        const T* inverse = inverse_ptr + b * n;
         for (int64_t a = 0; a < num_a; ++a) {
           if (a < prefix_a) {  // a protected source ranks last, never merged (r' leaves enough others)
             best[a] = -std::numeric_limits<T>::infinity();
             partner[a] = 0;
             continue;
           }
-          const T* row = s + a * num_b;
+          const T* row = dots_ptr + (b * num_a + a) * num_b;
+          for (int64_t j = prefix_b; j < num_b; ++j) scores[j] = row[j] * inverse[2 * a] * inverse[2 * j + 1];
           int64_t arg = prefix_b;
-          for (int64_t j = prefix_b + 1; j < num_b; ++j) arg = row[j] > row[arg] ? j : arg;
-          best[a] = row[arg];
+          for (int64_t j = prefix_b + 1; j < num_b; ++j) arg = scores[j] > scores[arg] ? j : arg;
+          best[a] = scores[arg];
           partner[a] = arg;
         }
         std::iota(order.begin(), order.end(), int64_t{0});
@@ -165,20 +169,31 @@ std::tuple<at::Tensor, at::Tensor> token_merge_reduce_cpu(const at::Tensor& x_in
         const int64_t* start = offsets_ptr + b * (num_out + 1) + o;
         const int64_t* src = sources_ptr + b * n;
         const Acc* s = size_ptr ? size_ptr + b * n : nullptr;
+        const auto weight = [&](int64_t k) { return s ? s[src[k]] : Acc(1); };
+        const auto token = [&](int64_t k) { return x_ptr + b * x_batch + src[k] * x_row; };
         Acc total = 0;
-        for (int64_t k = start[0]; k < start[1]; ++k) {
-          const int64_t i = src[k];
-          const Acc w = s ? s[i] : Acc(1);
-          const T* xi = x_ptr + b * x_batch + i * x_row;
-          if (k == start[0]) {
-            for (int64_t d = 0; d < dim; ++d) sum[d] = w * static_cast<Acc>(xi[d]);
-          } else {
-            for (int64_t d = 0; d < dim; ++d) sum[d] += w * static_cast<Acc>(xi[d]);
-          }
-          total += w;
-        }
+        for (int64_t k = start[0]; k < start[1]; ++k) total += weight(k);
+        // The mean times the reciprocal of the summed sizes (one division per row, not per element).
+        const Acc inverse = Acc(1) / total;
         T* out = out_ptr + row * dim;
-        for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(sum[d] / total);
+        // A and B tokens alternate, so sources are scattered rows: fetch the next row's first one now.
+        if (o + 1 < num_out) prefetch_row(token(start[1]), dim * int64_t(sizeof(T)));
+        if (start[1] - start[0] == 1) {  // most rows: one source, one pass
+          const Acc w = weight(start[0]);
+          const T* xi = token(start[0]);
+          for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(w * static_cast<Acc>(xi[d]) * inverse);
+        } else {
+          for (int64_t k = start[0]; k < start[1]; ++k) {
+            const Acc w = weight(k);
+            const T* xi = token(k);
+            if (k == start[0]) {
+              for (int64_t d = 0; d < dim; ++d) sum[d] = w * static_cast<Acc>(xi[d]);
+            } else {
+              for (int64_t d = 0; d < dim; ++d) sum[d] += w * static_cast<Acc>(xi[d]);
+            }
+          }
+          for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(sum[d] * inverse);
+        }
         out_size_ptr[row] = total;
       }
     });
@@ -218,6 +233,10 @@ at::Tensor token_merge_reduce_backward_cpu(const at::Tensor& grad_in, const at::
         TORCH_CHECK(o >= 0 && o < num_out, "token_merge: dest value ", o, " out of range [0, ", num_out, ")");
         const Acc w = (size_ptr ? size_ptr[row] : Acc(1)) / total_ptr[b * num_out + o];
         const T* g = g_ptr + b * g_batch + o * g_row;
+        if (row + 1 < end && (row + 1) % n != 0) {  // the next input row's output row (scattered, as above)
+          const int64_t next = dest_ptr[row + 1];
+          if (next >= 0 && next < num_out) prefetch_row(g_ptr + b * g_batch + next * g_row, dim * int64_t(sizeof(T)));
+        }
         T* out = out_ptr + row * dim;
         for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(static_cast<Acc>(g[d]) * w);
       }

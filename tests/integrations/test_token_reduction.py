@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import clipfast
 from clipfast import TokenMedoids, TokenMerging, TokenRemoval
 from clipfast.reference.token_medoids import token_medoids_index_reference
-from clipfast.testing.tome import parse_r, tome_merge
+from clipfast.testing import tome
+from clipfast.testing.tome import parse_r
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
@@ -434,72 +435,11 @@ def test_integer_like_patch_arguments():
 # ---------------------------------------------------------------------------------------------- ToMe
 
 
-def _tome_port_attention(q, k, v, scale, size):
-    """ToMe's attention: explicit softmax of the scaled logits plus log(size) on the keys (proportional)."""
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if size is not None:
-        logits = logits + size.log()[:, None, None, :]
-    return torch.softmax(logits, dim=-1) @ v
-
-
-def _tome_port_merge(x, k, r, info):
-    """ToMe's step after attention: bipartite matching on the head-mean keys, then merge_wavg."""
-    if r > 0:
-        x, info["size"] = tome_merge(x, k.mean(1), r, info["size"], num_prefix_tokens=1)
-    return x
-
-
-def _heads(t, heads):
-    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-
-def _tome_open_clip_block(block, x, r, info):
-    attn, h = block.attn, block.ln_1(x)
-    q, k, v = (_heads(t, attn.num_heads) for t in F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
-    out = _tome_port_attention(q, k, v, attn.head_dim ** -0.5, info["size"])
-    x = _tome_port_merge(x + block.ls_1(attn.out_proj(out.transpose(1, 2).flatten(2))), k, r, info)
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-
-def _tome_timm_block(block, x, r, info):
-    attn = block.attn
-    q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    out = attn.proj(attn.norm(_tome_port_attention(q, k, v, attn.scale, info["size"]).transpose(1, 2).flatten(2)))
-    x = _tome_port_merge(x + block.drop_path1(block.ls1(out)), k, r, info)
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-
-def _tome_hf_layer(layer, x, r, info):
-    attn, h = layer.self_attn, layer.layer_norm1(x)
-    q, k, v = (_heads(proj(h), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    out = attn.out_proj(_tome_port_attention(q, k, v, attn.scale, info["size"]).transpose(1, 2).flatten(2))
-    x = _tome_port_merge(x + out, k, r, info)
-    return x + layer.mlp(layer.layer_norm2(x))
-
-
-def _tome_port(blocks, schedule, port_block):
-    """ToMe's patch, as its repository describes it: every block's forward replaced, the sizes in a dict
-    reset per forward (by the first block here), r taken per block from the schedule."""
-    info = {"size": None}
-
-    def block_forward(i, blk):
-        def forward(x, *args, **kwargs):
-            if i == 0:
-                info["size"] = None
-            return port_block(blk, x, schedule[i], info)
-        return forward
-
-    for i, blk in enumerate(blocks):
-        blk.forward = block_forward(i, blk)
-    return lambda: [delattr(blk, "forward") for blk in blocks]
-
-
 TOME_TOWERS = {
-    "open_clip": (_open_clip_visual, lambda m: m.transformer.resblocks, _tome_open_clip_block, lambda m, x: m(x),
+    "open_clip": (_open_clip_visual, lambda m: m.transformer.resblocks, tome.open_clip_block, lambda m, x: m(x),
                   clipfast.patch_open_clip),
-    "timm": (_timm_vit, lambda m: m.blocks, _tome_timm_block, lambda m, x: m(x), clipfast.patch_timm_vit),
-    "hf": (_hf_clip, lambda m: m.vision_model.encoder.layers, _tome_hf_layer,
+    "timm": (_timm_vit, lambda m: m.blocks, tome.timm_block, lambda m, x: m(x), clipfast.patch_timm_vit),
+    "hf": (_hf_clip, lambda m: m.vision_model.encoder.layers, tome.hf_layer,
            lambda m, x: m.get_image_features(pixel_values=x), clipfast.patch_hf_clip),
 }
 
@@ -511,7 +451,7 @@ def test_merging_equals_tome_port(tower, r):
     model, images = build(), _images()
     schedule = parse_r(DEPTH, r)
     assert TokenMerging(r).schedule(DEPTH) == tuple(schedule)
-    restore = _tome_port(blocks_of(model), schedule, port_block)
+    restore = tome.patch_blocks(blocks_of(model), schedule, port_block)
     want = _image_output(run(model, images))
     restore()
     with patch(model, token_merging=TokenMerging(r)):
