@@ -40,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "clipfast/checks.h"
 #include "clipfast/huge_page_buffer.h"
 #include "clipfast/prefetch.h"
 #include "clipfast/token_keep_checks.h"
@@ -137,8 +138,6 @@ template <typename T>
 Rows<T> rows_of(const at::Tensor& t) {
   return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1)};
 }
-
-at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous(); }
 
 // Invariants shared by the gather and its backward (`tokens` only by shape, dtype and device).
 void assert_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor& keep_index,
@@ -259,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> token_keep_gather_backward_cpu(const at::Tens
   // Only the fused gradient needs the tokens' values.
   const at::Tensor tokens = fused ? last_dim_contiguous(tokens_in.detach()) : at::Tensor();
   const at::Tensor weights = fused ? fuse_weights_in->detach().contiguous() : at::Tensor();
-  const auto acc_dtype = token_keep_weights_dtype(tokens_in.scalar_type());
+  const auto acc_dtype = compute_dtype(tokens_in.scalar_type());
   // Written once in full, and usually large (B x 197 x 768): huge pages spare it most of its page faults.
   at::Tensor grad_tokens = empty_huge_page_backed({batch, num_prefix + length, dim}, tokens_in.options());
   at::Tensor grad_weights = at::empty({batch, fused ? length : 0}, tokens_in.options().dtype(acc_dtype));

@@ -33,6 +33,7 @@
 #include <tuple>
 #include <vector>
 
+#include "clipfast/checks.h"
 #include "clipfast/prefetch.h"
 #include "clipfast/token_merge_checks.h"
 
@@ -43,8 +44,6 @@ constexpr int64_t kPartBytes = 32 * 1024;  // output bytes of one row task
 constexpr int64_t kMatchRowsPerTask = 8;   // batch rows matched per task (each ~N^2 C / 4 FLOPs, done)
 constexpr double kMetricNormEps = 1e-12;
 
-at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous(); }
-
 at::Tensor token_merge_match_cpu(const at::Tensor& metric_in, int64_t r, int64_t num_prefix) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   assert_token_merge_match_args(metric_in, r, num_prefix);
@@ -52,7 +51,7 @@ at::Tensor token_merge_match_cpu(const at::Tensor& metric_in, int64_t r, int64_t
   const int64_t merged = token_merge_count(n, r, num_prefix);
   const auto index_options = metric_in.options().dtype(at::kLong);
   if (merged == 0) return at::arange(n, index_options).expand({batch, n}).contiguous();
-  const at::Tensor metric = metric_in.detach().to(token_merge_compute_dtype(metric_in.scalar_type()));
+  const at::Tensor metric = metric_in.detach().to(compute_dtype(metric_in.scalar_type()));
   const at::Tensor inverse_norm = at::linalg_vector_norm(metric, 2, {-1}).clamp_min(kMetricNormEps).reciprocal();
   const at::Tensor dots = at::bmm(metric.slice(1, 0, n, 2), metric.slice(1, 1, n, 2).transpose(1, 2)).contiguous();
   const int64_t num_a = (n + 1) / 2, num_b = n / 2;
@@ -143,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> token_merge_reduce_cpu(const at::Tensor& x_in
                         " does not match the tokens ", x_in.sizes());
   const at::Tensor x = last_dim_contiguous(x_in.detach());
   const at::Tensor dest = dest_in.contiguous();
-  const auto acc_dtype = token_merge_compute_dtype(x.scalar_type());
+  const auto acc_dtype = compute_dtype(x.scalar_type());
   const int64_t batch = x.size(0), n = x.size(1), dim = x.size(2);
   const at::Tensor size = size_in.has_value() ? size_in->detach().to(acc_dtype).contiguous() : at::Tensor();
   at::Tensor merged = at::empty({batch, num_out, dim}, x.options());
@@ -206,7 +205,7 @@ at::Tensor token_merge_reduce_backward_cpu(const at::Tensor& grad_in, const at::
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t num_out = grad_in.size(1);
   assert_token_merge_reduce_args("token_merge_reduce_backward", grad_in, dest_in, size_in, num_out);
-  const auto acc_dtype = token_merge_compute_dtype(grad_in.scalar_type());
+  const auto acc_dtype = compute_dtype(grad_in.scalar_type());
   TORCH_INTERNAL_ASSERT(merged_size_in.sizes() == at::IntArrayRef({grad_in.size(0), num_out}) &&
                             merged_size_in.scalar_type() == acc_dtype,
                         "token_merge_reduce_backward: merged_size must be ", acc_dtype, " (", grad_in.size(0), ", ",

@@ -13,14 +13,13 @@
 #include <optional>
 #include <tuple>
 
+#include "clipfast/checks.h"
 #include "clipfast/cuda_binding.h"
 #include "clipfast/token_keep_checks.h"
 #include "clipfast/token_keep_cuda.h"
 
 namespace clipfast {
 namespace {
-
-at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous(); }
 
 at::Tensor token_keep_index_cuda(const at::Tensor& scores_in, int64_t num_keep, int64_t grid_width, int64_t block) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -12,14 +12,13 @@
 #include <optional>
 #include <tuple>
 
+#include "clipfast/checks.h"
 #include "clipfast/cuda_binding.h"
 #include "clipfast/token_merge_checks.h"
 #include "clipfast/token_merge_cuda.h"
 
 namespace clipfast {
 namespace {
-
-at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous(); }
 
 at::Tensor sizes_of(const std::optional<at::Tensor>& size, const at::Tensor& like, const char* op) {
   if (!size.has_value()) return at::Tensor();

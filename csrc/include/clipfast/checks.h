@@ -25,6 +25,15 @@ inline void assert_one_value(const at::Tensor& t, const char* op, const char* na
   TORCH_INTERNAL_ASSERT(t.numel() == 1, op, ": ", name, " must hold one value, got shape ", t.sizes());
 }
 
+// The computation dtype of every op (clipfast/dtypes.py): float64 for float64 inputs, else float32.
+inline at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A (batch, rows, dim) tensor whose rows the kernels address through their batch and row strides: a copy only
+// when the features themselves are strided.
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous();
+}
+
 // A vector of `length` values, such as a per-row statistic computed by an earlier kernel.
 inline void assert_vector(const at::Tensor& t, int64_t length, const char* op, const char* name) {
   TORCH_INTERNAL_ASSERT(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must have shape (", length,

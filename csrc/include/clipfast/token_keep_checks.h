@@ -6,6 +6,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "clipfast/checks.h"
+
 #include <optional>
 
 namespace clipfast {
@@ -32,14 +34,9 @@ inline void assert_token_keep_index_args(const at::Tensor& scores, int64_t num_k
   }
 }
 
-// The dtype of token_keep's fuse weights and score gradients: float64 for float64 tokens, else float32.
-inline at::ScalarType token_keep_weights_dtype(at::ScalarType tokens_dtype) {
-  return tokens_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // token_keep_gather and its backward: tokens (batch, prefix + patches, dim), only by shape (each backend
 // checks the dtypes it computes); keep_index (batch, K <= patches) int64; fuse_weights (batch, patches) in
-// token_keep_weights_dtype; all on the tokens' device.
+// compute_dtype (checks.h); all on the tokens' device.
 inline void assert_token_keep_gather_args(const char* op, const at::Tensor& tokens, const at::Tensor& keep_index,
                                           const std::optional<at::Tensor>& fuse_weights, int64_t num_prefix) {
   TORCH_INTERNAL_ASSERT(tokens.dim() == 3, op, ": tokens must be (batch, prefix + patches, dim), got ",
@@ -55,7 +52,7 @@ inline void assert_token_keep_gather_args(const char* op, const at::Tensor& toke
                         " but tokens on ", tokens.device());
   if (!fuse_weights.has_value()) return;
   const at::Tensor& w = *fuse_weights;
-  const at::ScalarType weights_dtype = token_keep_weights_dtype(tokens.scalar_type());
+  const at::ScalarType weights_dtype = compute_dtype(tokens.scalar_type());
   TORCH_INTERNAL_ASSERT(w.dim() == 2 && w.size(0) == batch && w.size(1) == length, op, ": fuse_weights must be (",
                         batch, ", ", length, "), got ", w.sizes());
   TORCH_INTERNAL_ASSERT(w.scalar_type() == weights_dtype, op, ": fuse_weights must be ", weights_dtype, " for ",

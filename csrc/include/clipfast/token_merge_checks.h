@@ -6,6 +6,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "clipfast/checks.h"
+
 #include <algorithm>
 #include <optional>
 
@@ -19,9 +21,6 @@ inline int64_t token_merge_count(int64_t num_tokens, int64_t r, int64_t num_pref
 inline bool is_token_merge_dtype(at::ScalarType t) {
   return t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
-
-// The computation dtype: float64 for float64 inputs, else float32 (clipfast/dtypes.py).
-inline at::ScalarType token_merge_compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // token_merge_match: metric (batch, tokens, channels) float; r >= 0; num_prefix in [0, tokens].
 inline void assert_token_merge_match_args(const at::Tensor& metric, int64_t r, int64_t num_prefix) {
